@@ -26,10 +26,14 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 # -----------------------------------------------------------------------------
 # Names that resolve offline. Each maps to (python package holding the file, file name inside it, pip spec).
@@ -107,6 +111,251 @@ def load_policy(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# prompts and sampling
+#
+# Letters: N prompts (= groups), G samples per prompt (group size), B = N*G completions, P prompt tokens,
+# T completion tokens, V vocab.
+
+@dataclass
+class Rollout:
+    """A batch of sampled groups. Rows are laid out group after group: row b belongs to prompt b // G."""
+    prompt_ids: list            # N lists of prompt token ids (unpadded)
+    completion_ids: torch.Tensor  # (B, T) long, right-padded with pad_token_id after the first EOS
+    completion_mask: torch.Tensor  # (B, T) float, 1 up to AND including the first EOS -- from positions
+    truncated: torch.Tensor     # (B,) bool, True when no EOS was sampled within max_new_tokens
+    texts: list                 # B decoded completions (special tokens skipped)
+    group_size: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1).long()  # (B,)
+
+
+def build_prompt_ids(tokenizer, text: str, chat: bool = True, answer_prefix: str = "") -> list:
+    """Token ids of one prompt: optionally wrapped in the model's chat template (as a user turn, with the assistant
+    header appended), then an optional answer prefix that the model continues (RULER appends one after the
+    template, facts.md §5)."""
+    if chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if answer_prefix:
+        ids = list(ids) + tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+    return list(ids)
+
+
+def eos_ids(model, tokenizer) -> list:
+    """Every token id that ends a completion (generation_config may list several, e.g. Qwen3's <|im_end|>, <|endoftext|>)."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return sorted(set(eos) | {tokenizer.eos_token_id})
+
+
+def completion_mask_from_positions(completion_ids: torch.Tensor, eos: list):
+    """(B, T) mask that is 1 up to and including the first EOS of each row, and the (B,) truncated flags.
+
+    Built from the POSITION of the first EOS, never by comparing ids with pad_token_id: with pad == EOS (SmolLM2,
+    Qwen) an `ids != pad` mask would drop the sampled EOS itself from the loss, and the policy would never be
+    trained to stop (the classic bug of minimal GRPO repos, style.md)."""
+    B, T = completion_ids.shape
+    is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))  # (B, T)
+    has_eos = is_eos.any(-1)  # (B,)
+    first = torch.where(has_eos, is_eos.float().argmax(-1), torch.full_like(has_eos, T, dtype=torch.long))  # (B,)
+    pos = torch.arange(T, device=completion_ids.device)[None, :]  # (1, T)
+    return (pos <= first[:, None]).float(), ~has_eos  # (B, T), (B,)
+
+
+def group_seed(seed: int, index: int) -> int:
+    """Per-prompt sampling seed from (run seed, prompt index): results do not depend on batch composition."""
+    return (seed * 1_000_003 + index * 7_919) % (2**31 - 1)
+
+
+def left_pad(seqs: list, pad_id: int):
+    """Left-pad id lists to one length: (N, P) ids and (N, P) attention mask."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, P - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _generate_chunk(model, prompts: list, G: int, max_new_tokens: int, temperature: float, top_p: float,
+                    pad_id: int, eos: list) -> torch.Tensor:
+    """Sample G completions for each prompt of a chunk, prefilling every prompt ONCE.
+
+    The prompt minus its last token goes through the model once; its KV cache is then repeated G times
+    (`batch_repeat_interleave`) and `generate` continues from the last prompt token for all G rows. Compared with
+    `generate(num_return_sequences=G)` this saves (G-1) prefills of a long prompt -- most of the work when the
+    prompt is thousands of tokens and completions are short.
+    """
+    device = next(model.parameters()).device
+    ids, attn = left_pad(prompts, pad_id)  # (N, P), (N, P)
+    ids, attn = ids.to(device), attn.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (N, P) positions that skip left padding, as generate computes them
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1], cache=cache, use_cache=True)
+    cache.batch_repeat_interleave(G)  # (N*G, ...) every row of a group shares its prompt's keys/values
+    sampling = temperature > 0
+    out = model.generate(
+        input_ids=ids.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0), cache=cache,
+        max_new_tokens=max_new_tokens, do_sample=sampling, temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None, top_k=0 if sampling else None,  # top_k=0: plain nucleus sampling
+        pad_token_id=pad_id, eos_token_id=eos)  # (N*G, P + T')
+    return out[:, ids.shape[1]:]  # (N*G, T') the completions only
+
+
+def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_tokens: int, temperature: float = 1.0,
+                  top_p: float = 1.0, seed: int = 0, greedy_batch: int = 8, index_offset: int = 0) -> Rollout:
+    """Sample `group_size` completions for each prompt (a list of token-id lists). temperature 0 = greedy.
+
+    Sampling runs one group per `generate` call, seeded by (seed, prompt index), so a prompt's samples do not
+    depend on which other prompts share the batch. Greedy decoding has no randomness, so it batches up to
+    `greedy_batch` prompts per call (left-padded) -- the evaluation path. `index_offset` is the global index of
+    prompts[0] (train.py passes the prompt's index in the run, so its samples do not depend on the batch split).
+    """
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    pad_id, eos = tokenizer.pad_token_id, eos_ids(model, tokenizer)
+    chunk = greedy_batch if temperature <= 0 else 1
+    pieces = []
+    for start in range(0, len(prompts), chunk):
+        if temperature > 0:
+            torch.manual_seed(group_seed(seed, index_offset + start))
+        pieces.append(_generate_chunk(model, prompts[start:start + chunk], group_size, max_new_tokens,
+                                      temperature, top_p, pad_id, eos).cpu())
+    model.train(was_training)
+    T = max(p.shape[1] for p in pieces)
+    completion = torch.cat([F.pad(p, (0, T - p.shape[1]), value=pad_id) for p in pieces])  # (B, T)
+    mask, truncated = completion_mask_from_positions(completion, eos)  # (B, T), (B,)
+    completion = torch.where(mask.bool(), completion, torch.full_like(completion, pad_id))  # clean tail
+    texts = tokenizer.batch_decode(completion * mask.long() + pad_id * (1 - mask.long()), skip_special_tokens=True)
+    return Rollout([list(p) for p in prompts], completion, mask, truncated, texts, group_size)
+
+
+
+# -----------------------------------------------------------------------------
+# completion log-probs with a shared prompt
+#
+# GRPO needs log pi(y_t | x, y_<t) for every completion token, with gradients. A naive implementation runs
+# [prompt; completion] through the model G times per group. Here the prompt runs ONCE; its keys/values are shared
+# by the G completion forwards, and gradients from all G completions flow back into that one prompt forward.
+
+class SharedPrefixCache(DynamicCache):
+    """A KV cache whose `update` has no side effect that a re-run could repeat.
+
+    Two instances serve one group: the prompt forward uses one with `read_only=False` (update overwrites and returns
+    the new keys -- the prompt has no past); the completion forward uses one with `read_only=True` holding the
+    prompt's keys repeated G times (update returns cat(prompt, new) and stores nothing). Because both are idempotent,
+    gradient checkpointing may replay a layer during backward without corrupting the cache -- which is why the stock
+    DynamicCache (append on every call) is switched off by transformers under checkpointing, and this one need not be.
+    """
+
+    read_only = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if self.read_only:
+            return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        layer.keys, layer.values = key_states, value_states  # overwrite: a checkpoint replay writes the same tensors
+        return key_states, value_states
+
+    def repeated(self, config, G: int) -> "SharedPrefixCache":
+        """A read-only copy with every tensor repeated to G rows (gradients flow back through the repeat)."""
+        out = SharedPrefixCache(config=config)
+        out.read_only = True
+        for src, dst in zip(self.layers, out.layers):
+            dst.lazy_initialization(src.keys, src.values)
+            dst.keys = src.keys.expand(G, *src.keys.shape[1:])  # (G, Hkv, P, D) a view, no copy
+            dst.values = src.values.expand(G, *src.values.shape[1:])
+        return out
+
+
+@contextmanager
+def cache_under_checkpointing(model):
+    """Let decoder layers keep our (idempotent) cache when gradient checkpointing is on; restored on exit."""
+    layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
+    old = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m, o in zip(layers, old):
+            if o is None:
+                del m._can_checkpoint_with_cache
+            else:
+                m._can_checkpoint_with_cache = o
+
+
+def token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = 256) -> torch.Tensor:
+    """log softmax(lm_head(h) / temperature)[target] for every position, in chunks of `chunk` positions.
+
+    Each chunk's (G, chunk, V) logits are recomputed in backward (activation checkpointing) rather than stored, so
+    memory holds one chunk of logits instead of (G, T, V) -- with a 150k vocabulary the logits would otherwise be
+    the largest tensor of the whole step. Logits are upcast to fp32 before the softmax (bf16 log-probs are too coarse
+    for importance ratios).
+    """
+    def piece(h, y):
+        logits = lm_head(h).float() / temperature  # (G, t, V)
+        return logits.log_softmax(-1).gather(-1, y[..., None]).squeeze(-1)  # (G, t)
+    out = []
+    for s in range(0, hidden.shape[1], chunk):
+        h, y = hidden[:, s:s + chunk], targets[:, s:s + chunk]
+        out.append(checkpoint(piece, h, y, use_reentrant=False) if torch.is_grad_enabled() else piece(h, y))
+    return torch.cat(out, 1)  # (G, T)
+
+
+def group_logprobs(model, prompt_ids: list, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(G, T) log-probs of G completions of ONE prompt: one prompt forward, its KV cache shared by the G rows.
+
+    Position p of a completion is predicted by the hidden state before it: the last prompt position predicts
+    completion token 0, completion position t predicts token t+1. Padding after EOS is computed but harmless:
+    attention is causal, so it never influences a real token, and the loss mask drops it.
+    """
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    device = next(model.parameters()).device
+    G, T = completion_ids.shape
+    P = len(prompt_ids)
+    prompt = torch.tensor([prompt_ids], device=device)  # (1, P)
+    completion_ids = completion_ids.to(device)
+    with cache_under_checkpointing(model):
+        cache = SharedPrefixCache(config=model.config)
+        h_prompt = decoder(input_ids=prompt, cache=cache, use_cache=True).last_hidden_state[:, -1:]  # (1, 1, C)
+        h = h_prompt.expand(G, 1, h_prompt.shape[-1])  # (G, 1, C)
+        if T > 1:
+            pos = torch.arange(P, P + T - 1, device=device)[None].expand(G, -1)  # (G, T-1) positions after the prompt
+            h_comp = decoder(input_ids=completion_ids[:, :-1], position_ids=pos, cache=cache.repeated(model.config, G),
+                             use_cache=True).last_hidden_state  # (G, T-1, C)
+            h = torch.cat([h, h_comp], 1)  # (G, T, C)
+    return token_logprobs(lm_head, h, completion_ids, temperature)  # (G, T)
+
+
+def completion_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log-probs of every completion token of a rollout, group by group through the shared-prompt path."""
+    G = rollout.group_size
+    rows = [group_logprobs(model, p, rollout.completion_ids[i * G:(i + 1) * G], temperature)
+            for i, p in enumerate(rollout.prompt_ids)]
+    return torch.cat(rows, 0)  # (B, T)
+
+
+def full_sequence_logprobs(model, prompt_ids: list, completion_ids: torch.Tensor) -> torch.Tensor:
+    """The plain reference: G separate [prompt; completion] forwards. Used by tests and the benchmark only."""
+    device = next(model.parameters()).device
+    G, T = completion_ids.shape
+    prompt = torch.tensor([prompt_ids], device=device).expand(G, -1)  # (G, P)
+    ids = torch.cat([prompt, completion_ids.to(device)], 1)  # (G, P + T)
+    logits = model(input_ids=ids, logits_to_keep=T + 1).logits[:, :-1].float()  # (G, T, V) predicts the completion
+    return logits.log_softmax(-1).gather(-1, completion_ids.to(device)[..., None]).squeeze(-1)  # (G, T)
 
 
 if __name__ == "__main__":
