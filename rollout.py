@@ -240,6 +240,24 @@ def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_toke
 
 
 
+
+def select_groups(rollout: Rollout, groups: list) -> Rollout:
+    """A Rollout holding only the listed groups (micro-batches, DAPO's dynamic sampling)."""
+    G = rollout.group_size
+    rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)  # (len(groups) * G,)
+    return Rollout([rollout.prompt_ids[g] for g in groups], rollout.completion_ids[rows], rollout.completion_mask[rows],
+                   rollout.truncated[rows], [rollout.texts[i] for i in rows.tolist()], G)
+
+
+def concat_rollouts(parts: list, pad_id: int) -> Rollout:
+    """Join rollouts of the same group size; completions are right-padded to the longest (mask 0 there)."""
+    T = max(r.completion_ids.shape[1] for r in parts)
+    ids = torch.cat([F.pad(r.completion_ids, (0, T - r.completion_ids.shape[1]), value=pad_id) for r in parts])
+    mask = torch.cat([F.pad(r.completion_mask, (0, T - r.completion_mask.shape[1])) for r in parts])  # (B, T)
+    return Rollout([p for r in parts for p in r.prompt_ids], ids, mask, torch.cat([r.truncated for r in parts]),
+                   [t for r in parts for t in r.texts], parts[0].group_size)
+
+
 # -----------------------------------------------------------------------------
 # completion log-probs with a shared prompt
 #
