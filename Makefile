@@ -13,7 +13,7 @@ export HF_DATASETS_CACHE ?= $(CURDIR)/.cache/hf/datasets
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/mpl
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench ablation clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) train.py --algo grpo
 
+# Benchmarks print medians and ratios measured side by side (README, "Measured").
 bench: $(STAMP)
-	$(PY) bench.py
+	$(PY) bench_masking.py
+	$(PY) bench_rollout.py
+
+# The four README rows: LongAct (top-k), uniform updates, random rows, and LongAct under DAPO, same seeds.
+ablation: $(STAMP)
+	mkdir -p runs
+	for cfg in "grpo topk" "grpo none" "grpo random" "dapo topk"; do set -- $$cfg; \
+	  /usr/bin/time -f "wall %e s" $(PY) train.py --algo $$1 --mask-strategy $$2 2>&1 | tee runs/$$1-$$2.log; done
 
 clean:
 	rm -rf .cache runs __pycache__ tests/__pycache__

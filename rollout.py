@@ -200,7 +200,10 @@ def _generate_chunk(model, prompts: list, G: int, max_new_tokens: int, temperatu
     ids, attn = ids.to(device), attn.to(device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (N, P) positions that skip left padding, as generate computes them
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1], cache=cache, use_cache=True)
+    # The decoder alone: the prefill only has to fill the cache, and the LM head over every prompt position
+    # would cost a (N, P, V) logits tensor (0.8 GB for 4 x 1k tokens with a 49k vocabulary) for nothing.
+    model.get_decoder()(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1], cache=cache,
+                        use_cache=True)
     cache.batch_repeat_interleave(G)  # (N*G, ...) every row of a group shares its prompt's keys/values
     sampling = temperature > 0
     out = model.generate(
