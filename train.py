@@ -60,7 +60,7 @@ PRESETS = {
     "paper": dict(model="Qwen/Qwen3-4B", train_len=16384, calib_len=16384, calib_samples=8, prompts_per_step=32,
                   group_size=8, max_new_tokens=1024, lr=1e-6, warmup_steps=10, steps=200, weight_decay=0.1,
                   grad_checkpointing=True, eval_lengths=[16384, 32768], eval_samples=50, eval_every=50,
-                  longbench="hub", micro_groups=1, save_every=25),
+                  longbench="hub", micro_groups=1, save_every=25, max_gen_batches=10),
 }
 ALGO_DEFAULTS = {  # GRPO (DeepSeekMath) vs DAPO (arXiv 2503.14476 §3); facts.md §2-3
     "grpo": dict(eps_high=0.2, beta=0.04, aggregation="seq-mean-token-mean", dynamic_sampling=False,
