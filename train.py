@@ -385,10 +385,9 @@ def collect_batch(model, tokenizer, data, args, step: int):
         seed = step_seed(args.seed, step, attempt)
         samples = draw_samples(data, tokenizer, args, seed, B)
         r, rewards, scores = sample_and_score(model, tokenizer, samples, args, seed, index_offset=0)
-        keep = torch.ones(B, dtype=torch.bool)
-        if args.dynamic_sampling:
-            keep, _ = dapo.keep_informative_groups(scores, G)  # (B groups,) filter on the task score, as verl's "acc"
-        seen, all_equal = seen + B, all_equal + int((~keep).sum())
+        informative, _ = dapo.keep_informative_groups(scores, G)  # (B groups,) on the task score, as verl's "acc"
+        seen, all_equal = seen + B, all_equal + int((~informative).sum())  # logged for GRPO too (zero-gradient share)
+        keep = informative if args.dynamic_sampling else torch.ones(B, dtype=torch.bool)
         idx = keep.nonzero().flatten().tolist()
         parts.append((rollout.select_groups(r, idx), rewards.view(B, G)[idx], scores.view(B, G)[idx],
                       [samples[i] for i in idx]))
