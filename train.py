@@ -22,24 +22,26 @@ Choices (the paper's full text is not available to us; each is a flag):
      letter match for multiple choice). No format reward.
   4. choice: the reference model for GRPO's KL (beta > 0) is the initial policy, reloaded from --model.
   5. choice: CPU defaults are scaled down to finish in minutes (B=4 prompts x G=8, 1k-token prompts, 12 steps,
-     lr 5e-5);
-     `--preset paper` restores the paper-scale setting (see README for its memory budget).
+     lr 5e-5); `--preset paper` restores the paper-scale setting (see README for its memory budget).
   6. choice: bf16 autocast for compute with fp32 master weights and optimizer state; one optimisation pass (mu=1)
      per batch, so old log-probs equal the current ones (ratio 1) unless --mu > 1.
+
+What a correct `make demo` prints (2-core CPU, 16.7 min in all; each step ~45-65 s: half sampling, half update):
+    step    0 | reward 0.281 acc 0.281 len  16.1 ... kl 0.0000 gnorm 3.311 lr 2.5e-05 qk-train 0.30 | ...
+    step    5 | reward 1.000 acc 1.000 len   9.8 ... kl 0.2160 ...
+    niah_multikey_1@1024   83.33 -> 100.00,  niah_multikey_2@1024   16.67 -> 91.67   (README, "Measured")
+Training reward rises from ~0.3-0.7 to ~1.0 within 5 steps; the KL to the initial policy stays below ~0.4.
 
 Outputs in --out-dir/RUN: config.json, qk_stats.safetensors, masks.safetensors, metrics.jsonl (one line per step),
 samples.jsonl (a few completions per step), eval.json, ckpt/ (weights + optimizer + scheduler + RNG + step + config).
 """
 
 import argparse
-import copy
 import json
-import math
 import os
 import random
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
