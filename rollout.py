@@ -256,7 +256,7 @@ def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_toke
     completion = torch.cat([F.pad(p, (0, T - p.shape[1]), value=pad_id) for p in pieces])  # (B, T)
     mask, truncated = completion_mask_from_positions(completion, eos)  # (B, T), (B,)
     completion = torch.where(mask.bool(), completion, torch.full_like(completion, pad_id))  # clean tail
-    texts = tokenizer.batch_decode(completion * mask.long() + pad_id * (1 - mask.long()), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)  # the tail is already pad
     return Rollout([list(p) for p in prompts], completion, mask, truncated, texts, group_size)
 
 
