@@ -1,14 +1,18 @@
 """
 common.py -- the few small helpers that several files need, written once.
 
-Nothing here is LongAct-specific; each helper exists because two or more modules needed the same few lines:
-  * atomic files: a reader (or a resumed run) never sees half of a file. We write a temp file in the same folder,
-    flush and fsync it, then `os.replace` it over the target (atomic on one file system).
-  * JSON lines: append one row and flush it to disk; read rows back with errors that name the file and the line.
+Nothing here is LongAct-specific; each helper exists because two or more modules needed it:
+  * atomic files: a reader (or a resumed run) never sees half of a file. We write a temp file in
+    the same folder, flush and fsync it, then `os.replace` it over the target (atomic on one
+    file system).
+  * JSON lines: append one row and flush it to disk; read rows back with errors that name the
+    file and the line.
   * q/k projections: Llama, Mistral, Qwen2 and Qwen3 all call them `q_proj` / `k_proj`.
   * natural sort: "layers.10" after "layers.9".
   * positions from an attention mask: what `generate` computes for left-padded rows.
-  * seeds: every random choice derives from a tuple of printable parts (run seed, step, prompt index, ...).
+  * seeds: every random choice derives from a tuple of printable parts (run seed, step, ...).
+  * precision from the hardware: bf16 autocast only where the device computes bf16 natively
+    (SOURCES.md §8: on a CPU without AVX512-BF16/AMX, bf16 matmuls are emulated and much slower).
 
 Shapes: N rows, P positions.
 Test: .venv/bin/python -m pytest -q tests/test_common.py
@@ -17,14 +21,15 @@ Test: .venv/bin/python -m pytest -q tests/test_common.py
 import hashlib
 import json
 import os
+import platform
 import re
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-QK_SUFFIXES = ("q_proj", "k_proj")  # the projections whose weight rows LongAct masks (SOURCES.md §1)
+QK_SUFFIXES = ("q_proj", "k_proj")  # the projections whose rows LongAct masks (SOURCES.md §1)
 
 
 # -----------------------------------------------------------------------------
@@ -32,7 +37,8 @@ QK_SUFFIXES = ("q_proj", "k_proj")  # the projections whose weight rows LongAct 
 
 @contextmanager
 def atomic_path(path):
-    """Yield a temp path next to `path`; on success it is fsynced and renamed over `path`, on error deleted.
+    """Yield a temp path next to `path`; on success it is fsynced and renamed over `path`; on
+    an error it is deleted.
 
         with atomic_path("x.safetensors") as tmp:
             save_file(tensors, tmp)
@@ -49,6 +55,14 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_tree(folder) -> None:
+    """Flush every file below `folder` to disk (before the folder is renamed into place)."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -68,8 +82,16 @@ def append_jsonl(path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def read_json(path):
+    """A JSON file; a bad one raises naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+
+
 def read_jsonl(path) -> list:
-    """Rows of a JSON-lines file; blank lines skipped; a bad line raises naming the file and line number."""
+    """Rows of a JSON-lines file; blank lines skipped; a bad line raises naming file and line."""
     rows = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -98,7 +120,7 @@ def natural_key(name: str) -> list:
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(N, P) 0/1 attention mask -> (N, P) positions that skip left padding (0 on the padding itself).
+    """(N, P) 0/1 attention mask -> (N, P) positions that skip left padding (0 on padding).
 
     Example: [[0, 0, 1, 1, 1]] -> [[0, 0, 0, 1, 2]], as `generate` numbers a left-padded row."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -109,3 +131,69 @@ def mix_seed(*parts) -> int:
     (unlike hash()). mix_seed(run_seed, step, attempt) gives every step its own stream."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# -----------------------------------------------------------------------------
+# precision from the hardware
+
+PRECISIONS = ("auto", "fp32", "bf16")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags: native bf16 dot products
+
+
+def decide_precision(requested: str, device_type: str, cpu_capability: str = "",
+                     cpu_flags: frozenset = frozenset(), cuda_bf16: bool = False) -> tuple:
+    """(precision, reason): the pure decision, tested for each case.
+
+    auto -> "bf16" on CUDA with bf16 support, or on a CPU whose kernels run at AVX512 (or higher)
+    and that has AVX512-BF16 or AMX; "fp32" everywhere else. fp32 / bf16 are taken as asked.
+        decide_precision("auto", "cpu", "AVX2", {"avx512_bf16"}) -> ("fp32", "...AVX2...")"""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+    if requested != "auto":
+        return requested, "asked for on the command line"
+    if device_type == "cuda":
+        return ("bf16", "CUDA device with bf16 support") if cuda_bf16 else \
+               ("fp32", "CUDA device without bf16 support")
+    native = sorted(set(NATIVE_BF16_FLAGS) & set(cpu_flags))
+    if cpu_capability.startswith("AVX512") and native:
+        return "bf16", f"CPU kernels {cpu_capability} with native bf16 ({', '.join(native)})"
+    return "fp32", (f"CPU kernels {cpu_capability or 'unknown'} without native bf16 "
+                    "(bf16 would be emulated, slower than fp32)")
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_name() -> str:
+    """The CPU model name, for every timing we print."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def choose_precision(requested: str, device: str) -> tuple:
+    """decide_precision with this machine's facts. ATEN_CPU_CAPABILITY=avx2 (torch's own override)
+    makes a native-bf16 CPU report AVX2, and so choose fp32 like an AVX2-only CPU would."""
+    device_type = device.split(":")[0]
+    cuda_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    capability = torch.backends.cpu.get_cpu_capability() if device_type == "cpu" else ""
+    return decide_precision(requested, device_type, capability, cpu_flags(), cuda_bf16)
+
+
+def autocast(device: str, precision: str):
+    """bf16 autocast over fp32 weights, or a no-op context for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return nullcontext()

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models built from configs (no downloads), and the embedded model when it is installed.
+"""Shared fixtures: tiny models built from configs (no downloads), and the embedded model.
 
 Run all tests: make test   (or: .venv/bin/python -m pytest -q tests)
 """
@@ -12,7 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Keep caches in the work tree and never touch the network (facts.md §7).
+# Keep caches in the work tree and never touch the network (SOURCES.md §8).
 os.environ.setdefault("LONGACT_CACHE", str(ROOT / ".cache" / "longact"))
 os.environ.setdefault("HF_HOME", str(ROOT / ".cache" / "hf"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,13 +20,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, vocab: int = 128, layers: int = 2):
-    """A tiny causal LM of the given family: 4 query heads / 2 KV heads of dim 8, fp32, sdpa attention.
+    """A tiny causal LM of one family: 4 query heads / 2 KV heads of dim 8, fp32, sdpa attention.
 
-    kind: "llama" (no q/k bias), "qwen2" (q/k/v bias, like Qwen2), "qwen3" (q/k RMS norm after the projections).
+    kind: "llama" (no q/k bias), "qwen2" (q/k/v bias, like Qwen2), "qwen3" (q/k RMS norm after
+    the projections).
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=512,
                   bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
     cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[kind](**common)
     torch.manual_seed(seed)
@@ -40,6 +42,6 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def embedded():
-    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (converted once into .cache/longact)."""
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (converted once, .cache/longact)."""
     from rollout import load_policy
     return load_policy("smollm2-135m")
