@@ -1,0 +1,225 @@
+"""
+experiments/ab.py -- the A/B question of LongAct at a scale one CPU can run: does updating only the
+salient q/k rows beat updating all of them, and beat the same number of random rows?
+
+    python -m experiments.ab run     [--arms ...] [--seeds 0 1 2] [--grid runs/ab]   # resumable
+    python -m experiments.ab summary [--grid runs/ab] [--out figures/ab]           # table, figures
+    python -m experiments.ab pilot   [--grid runs/ab-pilot]                         # one short run
+
+Arms (SOURCES.md §1, §2): the paper's LongAct (per-head L2 saliency, masks from each step's batch),
+LongAct with the static calibration mask, random rows at the same count per head (the control that
+matters most: RL updates are sparse by nature, and random sparse subsets can match full updates),
+bottom-k rows, and all q/k rows (uniform). All under GRPO; LongAct and uniform also under DAPO.
+Every arm starts from the same model and the same evaluation samples, so the "before" evaluation is
+computed once (train.py --before-eval) and shared.
+
+Choices (this project's; SOURCES.md §9):
+  1. choice: each run is a separate `train.py` process with its own folder; a finished run has
+     eval.json with "after"; an unfinished one is resumed from its last checkpoint. The grid can be
+     finished over several sittings.
+  2. choice: the summary reports mean +- standard error over seeds per arm and evaluation cell, and
+     the smallest difference the grid can detect: 2.8 x the pooled seed-to-seed standard deviation
+     x sqrt(2 / seeds) (a two-sided test at 5% with 80% power, normal approximation).
+  3. choice: the small outputs of each finished run (config, metrics, eval, the first samples) are
+     copied to --out/runs/ for committing; weights stay in the run folder.
+
+Shapes: S seeds, A arms, K evaluation cells.
+"""
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import common
+
+ARMS = {  # name -> train.py flags (on top of SETTING)
+    "grpo-longact": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step"],
+    "grpo-longact-static": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "static"],
+    "grpo-random": ["--algo", "grpo", "--mask-strategy", "random", "--mask-schedule", "step"],
+    "grpo-bottomk": ["--algo", "grpo", "--mask-strategy", "bottomk", "--mask-schedule", "step"],
+    "grpo-uniform": ["--algo", "grpo", "--mask-strategy", "all"],
+    "dapo-longact": ["--algo", "dapo", "--mask-strategy", "topk", "--mask-schedule", "step"],
+    "dapo-uniform": ["--algo", "dapo", "--mask-strategy", "all"],
+}
+GRPO_ARMS = [a for a in ARMS if a.startswith("grpo")]
+# The setting, chosen with a pilot so that the uniform arm still improves at the end and no cell
+# sits at 0 or 100 (README, "A/B"): the harder multi-key task (a haystack of distractor needles),
+# evaluated on held-out seeds at the training length and 2x, on the trained task and an untrained
+# one, 50 samples per cell.
+SETTING = ["--train-task", "niah_multikey_2", "--train-len", "1024", "--steps", "16",
+           "--lr", "2e-5", "--warmup-steps", "2", "--prompts-per-step", "4", "--group-size", "8",
+           "--eval-tasks", "niah_multikey_2", "niah_multikey_3", "--eval-lengths", "1024", "2048",
+           "--eval-samples", "50", "--save-every", "1"]
+SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json")
+
+
+# -----------------------------------------------------------------------------
+# running
+
+def run_dir(grid: Path, arm: str, seed: int) -> Path:
+    return grid / f"{arm}-seed{seed}"
+
+
+def is_finished(folder: Path) -> bool:
+    f = folder / "eval.json"
+    return f.exists() and "after" in common.read_json(f)
+
+
+def train_argv(grid: Path, arm: str, seed: int, extra: list) -> list:
+    folder = run_dir(grid, arm, seed)
+    argv = SETTING + ARMS[arm] + ["--seed", str(seed), "--out-dir", str(grid), "--run-name",
+                                  folder.name, "--before-eval", str(grid / "before.json"), *extra]
+    if (folder / "ckpt").exists() or (folder / "ckpt.old").exists():
+        argv += ["--resume", str(folder)]
+    return argv
+
+
+def run_grid(grid: Path, arms: list, seeds: list, extra: list) -> None:
+    """Every unfinished (arm, seed) in turn, seed-major so that each sitting adds whole seeds."""
+    grid.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for arm in arms:
+            folder = run_dir(grid, arm, seed)
+            if is_finished(folder):
+                print(f"{folder.name}: finished, skipped")
+                continue
+            argv = [sys.executable, "train.py", *train_argv(grid, arm, seed, extra)]
+            print(f"{folder.name}: {' '.join(argv[1:])}", flush=True)
+            subprocess.run(argv, check=True)
+
+
+# -----------------------------------------------------------------------------
+# summary (pure functions, then files)
+
+def mean_se(xs: list) -> tuple:
+    """(mean, standard error of the mean); se is nan for a single value."""
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, float("nan")
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)  # Bessel-corrected
+    return m, math.sqrt(var / n)
+
+
+def pooled_sd(groups: list) -> float:
+    """Pooled within-arm standard deviation over arms with >= 2 seeds."""
+    num = sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in groups if len(g) > 1)
+    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
+    return math.sqrt(num / dof) if dof else float("nan")
+
+
+def collect(folder: Path) -> dict:
+    """{arm: {seed: {"after": {...}, "before": {...}, "reward": [per step]}}} of finished runs."""
+    out = {}
+    for run in sorted(p for p in folder.iterdir() if (p / "eval.json").exists()):
+        arm, _, seed = run.name.rpartition("-seed")
+        ev = common.read_json(run / "eval.json")
+        if arm not in ARMS or "after" not in ev:
+            continue
+        rewards = [r["reward"] for r in common.read_jsonl(run / "metrics.jsonl")]
+        out.setdefault(arm, {})[int(seed)] = {"after": ev["after"], "before": ev["before"],
+                                              "reward": rewards}
+    return out
+
+
+def summary_table(runs: dict) -> tuple:
+    """Markdown table of mean +- se per arm and cell, and the smallest detectable difference."""
+    cells = sorted({k for arm in runs.values() for r in arm.values() for k in r["after"]
+                    if not k.startswith("ruler_avg")})
+    before = next(iter(next(iter(runs.values())).values()))["before"]
+    lines = ["| arm | seeds | " + " | ".join(cells) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in cells) + " |",
+             "| before (shared) | - | " + " | ".join(f"{before[c]:.1f}" for c in cells) + " |"]
+    mde = {}
+    for c in cells:
+        groups = [[r["after"][c] for r in arm.values()] for arm in runs.values()]
+        seeds = max(len(g) for g in groups)
+        mde[c] = 2.8 * pooled_sd(groups) * math.sqrt(2 / seeds)
+    for arm in ARMS:
+        if arm not in runs:
+            continue
+        row = [mean_se([r["after"][c] for r in runs[arm].values()]) for c in cells]
+        lines.append(f"| {arm} | {len(runs[arm])} | " +
+                     " | ".join(f"{m:.1f} ± {se:.1f}" for m, se in row) + " |")
+    lines.append("| smallest detectable difference | - | " +
+                 " | ".join(f"{mde[c]:.1f}" for c in cells) + " |")
+    return "\n".join(lines), mde
+
+
+def plot(runs: dict, out: Path) -> None:
+    import matplotlib  # plots only: imported here so the runner works without it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for arm, seeds in runs.items():
+        curves = list(seeds.values())
+        T = min(len(c["reward"]) for c in curves)
+        stats = [mean_se([c["reward"][t] for c in curves]) for t in range(T)]  # (T,) over seeds
+        m = [s[0] for s in stats]
+        se = [0 if math.isnan(s[1]) else s[1] for s in stats]
+        a.plot(range(T), m, label=arm)
+        a.fill_between(range(T), [x - e for x, e in zip(m, se)], [x + e for x, e in zip(m, se)],
+                       alpha=0.2)
+    a.set(xlabel="step", ylabel="training reward", title="mean ± s.e. over seeds")
+    a.legend(fontsize=7)
+    cells = sorted(k for k in next(iter(next(iter(runs.values())).values()))["after"]
+                   if not k.startswith("ruler_avg"))
+    width = 0.8 / len(runs)
+    for i, (arm, seeds) in enumerate(runs.items()):
+        stats = [mean_se([r["after"][c] for r in seeds.values()]) for c in cells]
+        b.bar([j + i * width for j in range(len(cells))], [s[0] for s in stats], width,
+              yerr=[0 if math.isnan(s[1]) else s[1] for s in stats], label=arm, capsize=2)
+    b.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))], cells, rotation=15, fontsize=7)
+    b.set(ylabel="accuracy after training (%)", title="final accuracy, mean ± s.e.")
+    fig.tight_layout()
+    with common.atomic_path(out / "ab.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+
+
+def summarize(grid: Path, out: Path) -> None:
+    """Copy each finished run's small files into out/runs (for committing), rebuild the table and
+    figures from out/runs alone."""
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if grid.exists():
+        for run in grid.iterdir():
+            if run.is_dir() and is_finished(run):
+                dst = out / "runs" / run.name
+                dst.mkdir(exist_ok=True)
+                for name in SMALL_FILES:
+                    if (run / name).exists():
+                        shutil.copy(run / name, dst / name)
+                samples = (run / "samples.jsonl").read_text().splitlines()[:8]
+                common.write_text_atomic(dst / "samples.jsonl", "".join(s + "\n" for s in samples))
+    runs = collect(out / "runs")
+    if not runs:
+        raise SystemExit(f"no finished run in {out / 'runs'} or {grid}")
+    table, _ = summary_table(runs)
+    common.write_text_atomic(out / "ab_table.md", table + "\n")
+    print(table)
+    plot(runs, out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="LongAct A/B grid: arms x seeds, then a summary.")
+    p.add_argument("command", choices=["run", "summary", "pilot"])
+    p.add_argument("--grid", default="runs/ab", help="folder of the grid's runs (weights too)")
+    p.add_argument("--out", default="figures/ab", help="summary table, figures, small run files")
+    p.add_argument("--arms", nargs="+", default=GRPO_ARMS, choices=sorted(ARMS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="more train.py flags for every run (e.g. --threads 2)")
+    a = p.parse_args(argv)
+    if a.command == "run":
+        run_grid(Path(a.grid), a.arms, a.seeds, a.extra)
+    elif a.command == "pilot":
+        run_grid(Path(a.grid), ["grpo-uniform"], [0], a.extra)
+    else:
+        summarize(Path(a.grid), Path(a.out))
+
+
+if __name__ == "__main__":
+    main()
