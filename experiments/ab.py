@@ -6,9 +6,10 @@ salient q/k rows beat updating all of them, and beat the same number of random r
     python -m experiments.ab summary [--grid runs/ab] [--out figures/ab]           # table, figures
     python -m experiments.ab pilot   [--grid runs/ab-pilot]                         # one short run
 
-Arms (SOURCES.md §1, §2): the paper's LongAct (per-head L2 saliency, masks from each step's batch),
-LongAct with the static calibration mask, random rows at the same count per head (the control that
-matters most: RL updates are sparse by nature, and random sparse subsets can match full updates),
+Arms (SOURCES.md §1, §2): the paper's LongAct (per-head L2 saliency, masks from each step's
+batch), LongAct with the static calibration mask, random rows at the same count per head (the
+control that matters most: RL updates are sparse by nature, and random sparse subsets can match
+full updates),
 bottom-k rows, and all q/k rows (uniform). All under GRPO; LongAct and uniform also under DAPO.
 Every arm starts from the same model and the same evaluation samples, so the "before" evaluation is
 computed once (train.py --before-eval) and shared.
@@ -38,7 +39,8 @@ import common
 
 ARMS = {  # name -> train.py flags (on top of SETTING)
     "grpo-longact": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step"],
-    "grpo-longact-static": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "static"],
+    "grpo-longact-static": ["--algo", "grpo", "--mask-strategy", "topk",
+                            "--mask-schedule", "static"],
     "grpo-random": ["--algo", "grpo", "--mask-strategy", "random", "--mask-schedule", "step"],
     "grpo-bottomk": ["--algo", "grpo", "--mask-strategy", "bottomk", "--mask-schedule", "step"],
     "grpo-uniform": ["--algo", "grpo", "--mask-strategy", "all"],
