@@ -1,105 +1,104 @@
 """
-masking.py -- LongAct's second step: from query/key saliency statistics to the weight rows RL may update.
+masking.py -- LongAct step 2: from query/key statistics to the weight rows RL may update.
 
-The idea (LongAct, arXiv 2604.14922, abstract + third-party summaries, see facts.md §1): long inputs produce
-high-magnitude activations in a few query/key channels. Output channel c of `q_proj` is computed by row c of
-`q_proj.weight` (shape (C, I)), so "update the weights behind the salient activations" means: keep a row mask per
-q/k matrix, let RL change only the masked-in rows of W_Q and W_K, and train every other parameter normally.
-The mask is static (computed once before RL) and is not needed at inference.
+The idea (SOURCES.md §1.3): output channel c of `q_proj` is computed by row c of `q_proj.weight`
+(shape (C, I)), so "update the weights behind the salient activations" means a row mask G per q/k
+matrix and the masked update
 
-    stats  (saliency.py)  --build_masks-->  masks {module name: (C,) bool}  --attach/param_groups-->  training
+    grad W_Q <- grad W_Q * G_Q,    grad W_K <- grad W_K * G_K,
 
-Keeping the other rows *bit-identical* needs more than zeroing their gradients. With zero gradient rows and fresh
-optimizer state, Adam's moments stay exactly 0 and its update for those rows is exactly 0 (0 / (0 + eps) = 0), but:
-  * AdamW's decoupled weight decay `p *= 1 - lr * wd` is applied to EVERY parameter that has a `.grad`, whatever
-    the grad's values (torch/optim/adam.py, `_single_tensor_adam` and `_multi_tensor_adam`). With wd = 0.1 (DAPO's
-    recipe) the "frozen" rows would shrink a little every step.
-  * Adam with L2 decay (`torch.optim.Adam(weight_decay=...)`) adds `wd * p` to the gradient, and SGD momentum or a
-    resumed optimizer state carry non-zero moments: all of them move rows whose gradient is zero.
-So we (1) zero the masked gradient rows with tensor hooks, (2) put the masked matrices in their own AdamW param
-group with weight_decay 0, and (3) apply AdamW's decoupled decay ourselves, only to the trainable rows, right before
-`optimizer.step()`. AdamW decays before its update and the update does not read p, so (3) gives the trainable rows
-the exact values plain AdamW would give them (tests/test_masking.py checks bit equality against a reference run).
+keeping round(0.3 * D) rows in EVERY head of every W_Q and W_K (a GQA k_proj has fewer heads, same
+rule). W_V, W_O, the MLPs and everything else train normally; the mask is not used at inference.
+A mask may be built once before RL, or every step from that step's statistics (SOURCES.md §1.4).
 
-The training step (train.py) calls, in this order:
-    masks = build_masks(stats, ratio=0.3)                       # or load_masks(path)
-    check_masks(model, masks)                                   # shapes match the model, every q/k module covered
-    handles = attach_grad_masks(model, masks)                   # once, before the first backward
-    opt = torch.optim.AdamW(param_groups(model, masks, weight_decay=0.1), lr=...)   # fresh optimizer state
-    per step:  opt.zero_grad(); for each micro-batch: (loss / n).backward()   # masked grad rows are exact zeros
-               clip_grad_norm_(model.parameters(), 1.0)         # the norm sees zeros for masked rows (intended)
-               apply_row_weight_decay(opt)                      # AdamW's decay on trainable rows only
-               opt.step(); scheduler.step()
-    for h in handles: h.remove()                                # when done
+    stats (saliency.py) --build_masks--> masks {module name: (C,) bool} --masked_step--> training
 
-Choices (the LongAct full text is not available to us; facts.md §1):
-  1. choice: one row mask per matrix, `round(ratio * C)` rows, default ratio 0.3 (the paper's fixed 30%) and
-     strategy "topk" by saliency. "bottomk", "random" (seeded) and "all" (uniform updates) are the ablations.
-  2. choice: `per_head=True` keeps `round(ratio * D)` rows inside each head instead of the top share of the matrix
-     (which may pile into a few heads); the default is global, per matrix.
-  3. choice: ties are broken by the lower channel index (stable sort), so equal statistics give one answer.
-  4. choice: "random" draws each matrix's rows from its own generator seeded by (seed, module name): different
-     matrices get different rows, and the result does not depend on the dict's order.
-  5. choice: q/k bias rows (Qwen2) follow their weight's row mask: bias c only feeds channel c.
-  6. choice: the masked-group's trainable rows are decayed like plain `AdamW(model.parameters())` decays every
-     parameter (biases included). A train.py that exempts biases/norms from decay must extend `param_groups`.
-  7. choice: the whole mechanism assumes a fresh optimizer state at the first masked step (Adam moments of masked
-     rows start at 0). Loading optimizer state from a run without masks would move the "frozen" rows.
-  8. Global grad-norm clipping sees the masked rows as zeros; the clip factor is computed from the trainable
-     gradients only. That is what "update only the salient rows" means, and it is stated here rather than hidden.
+What happens to rows OUTSIDE this step's mask is a choice the summaries leave open (SOURCES.md §1.4,
+§8). Zeroing their gradient does not keep them fixed: AdamW's decoupled decay `p *= 1 - lr * wd`
+touches every parameter that has a `.grad` (torch/optim/adamw.py), and Adam's moments carry the
+updates of earlier steps into rows whose gradient is zero today -- which matters once masks change
+from step to step. Two semantics, one line apart in `masked_step`:
+  * "frozen" (default): rows outside this step's mask are bit-identical after the step, parameter
+    AND optimizer state. We copy those rows out of the parameter and of every optimizer state tensor
+    of the parameter's shape (Adam's exp_avg / exp_avg_sq), call optimizer.step(), and copy them
+    back. Exact for any element-wise optimizer (AdamW, SGD momentum, a bf16 stochastic-rounding
+    AdamW), also for weight decay, with no special param group.
+  * "grad": only the gradient is masked; the optimizer does the rest, so momentum and weight decay
+    still move rows that are outside today's mask.
 
-Shapes: L layers, H heads, D head dim, C = H*D output channels of one q/k matrix (its rows), I input features.
+Each training step (train.py):
+    masks = build_masks(stats, ratio=0.3, head_dim=D, seed=mix_seed(run_seed, step))
+    optimizer.zero_grad(); for each micro-batch: (loss / n).backward()
+    mask_grads(model, masks)                    # both semantics: the masked gradient of the paper
+    clip_grad_norm_(model.parameters(), 1.0)    # the norm sees zeros outside the mask (intended)
+    drift = masked_step(optimizer, model, masks, "frozen")   # max |delta| of rows outside the mask
 
-Run: python masking.py qk_stats.safetensors --ratio 0.3 --strategy topk [--per-head --head-dim 64] [--out m.safetensors]
+Choices (the LongAct full text is not available to us; SOURCES.md §9):
+  1. choice: per head (`per_head=True`, default): round(ratio * D) rows of every head; whole-matrix
+     selection (round(ratio * C) rows) is an option. Ratio 0.3 (SOURCES.md §1.3).
+  2. choice: strategies "topk" (LongAct), "bottomk", "random", "all" (uniform updates: every row).
+     Random draws each matrix's rows from a generator seeded by mix_seed(seed, module name), so
+     matrices differ and dict order does not matter; pass a per-step seed to redraw every step.
+  3. choice: ties go to the lower channel index (stable sort).
+  4. choice: q/k bias rows (Qwen2) follow their weight's rows: bias c only feeds channel c.
+  5. choice ("frozen"): state tensors created during a step (the first step of a fresh optimizer)
+     are left as the optimizer made them; with masked gradients Adam makes zeros there. Adam's step
+     counter is one scalar per parameter, so a row that was frozen for some steps is bias-corrected
+     with the parameter's step count, not its own number of updates.
+  6. choice ("frozen"): rows of state tensors are copied only for element-wise state of the
+     parameter's shape; an optimizer with factored state (Adafactor) would need more.
+  7. Global grad-norm clipping sees zeros outside the mask: the clip factor comes from the trainable
+     gradients only. That is what "update only the salient rows" means.
+Cost of "frozen": a transient copy of the rows outside the mask, for the q/k parameters and each
+of their same-shape state tensors (for AdamW: 3 x (1 - ratio) x the q/k weights).
+
+Shapes: H heads, D head dim, C = H*D output channels (rows) of one q/k matrix, I input features.
+
+Run:  python masking.py qk_stats.safetensors --ratio 0.3 --strategy topk [--out masks.safetensors]
+Test: .venv/bin/python -m pytest -q tests/test_masking.py
 """
 
 import argparse
-import hashlib
-import os
 import re
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from common import QK_SUFFIXES, atomic_path, mix_seed, natural_key
+
 # -----------------------------------------------------------------------------
-STRATEGIES = ("topk", "bottomk", "random", "all")
-QK_SUFFIXES = ("q_proj", "k_proj")  # Llama, Mistral, Qwen2, Qwen3 naming (same as saliency.py)
-GROUP_NAME = "masked_rows"  # name of the AdamW param group that holds the masked matrices
+STRATEGIES = ("topk", "bottomk", "random", "all")  # the choice list; topk is LongAct
+SEMANTICS = ("frozen", "grad")  # what rows outside the mask do; frozen is the default
+DEFAULT_RATIO = 0.3  # LongAct's share of trainable rows (SOURCES.md §1.3)
 
 
-# ----------------------------------------------------------------------------- building masks (pure)
-def _derived_seed(seed: int, name: str) -> int:
-    """A 63-bit seed from (seed, module name): stable across runs and Python versions (unlike hash())."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+# ------------------------------------------------------------------------ building masks (pure)
+def select_rows(scores: Tensor, ratio: float, largest: bool = True,
+                group: int | None = None) -> Tensor:
+    """Bool mask keeping round(ratio * n) entries with the largest (smallest) scores per group of n.
 
-
-def select_rows(scores: Tensor, ratio: float, largest: bool = True, group: int | None = None) -> Tensor:
-    """Boolean mask keeping `round(ratio * n)` entries with the largest (or smallest) scores in each group of n.
-
-    group=None: one group, the whole vector (n = C). group=D: C // D consecutive groups (heads) of n = D each.
-    Ties go to the lower index (stable sort). Example: scores [1, 5, 5, 0], ratio 0.5 -> [F, T, T, F].
+    group=None: one group, the whole vector (n = C). group=D: C // D consecutive heads of n = D.
+    Ties go to the lower index (stable sort). Example: [1, 5, 5, 0], ratio 0.5 -> [F, T, T, F].
     """
     C = scores.shape[0]
     n = C if group is None else group
     if C % n:
         raise ValueError(f"{C} channels do not split into heads of {n} (wrong head_dim?)")
-    grouped = scores.reshape(C // n, n)  # (H, D), or (1, C) when global
-    k = round(ratio * n)  # Python round: the exact count the issue asks for (half to even, e.g. 2.5 -> 2)
+    grouped = scores.reshape(C // n, n)  # (H, D), or (1, C) for the whole matrix
+    k = round(ratio * n)  # Python round: half to even, e.g. 2.5 -> 2
     order = torch.sort(grouped, dim=1, descending=largest, stable=True).indices[:, :k]  # (H, k)
     mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(1, order, True)  # (H, D)
     return mask.reshape(C)  # (C,)
 
 
-def build_masks(stats: dict[str, Tensor], ratio: float = 0.3, strategy: str = "topk", per_head: bool = False,
-                head_dim: int | None = None, seed: int = 0) -> dict[str, Tensor]:
-    """One row mask (C,) bool per matrix: True = the row may be updated by RL.
+def build_masks(stats: dict[str, Tensor], ratio: float = DEFAULT_RATIO, strategy: str = "topk",
+                per_head: bool = True, head_dim: int | None = None,
+                seed: int = 0) -> dict[str, Tensor]:
+    """One row mask (C,) bool per matrix: True = the row may be updated this step.
 
-    stats: {module name: (C,) saliency per output channel}, as saliency.collect_qk_stats returns.
-    strategy: "topk" (LongAct: most salient rows), "bottomk" (least salient), "random" (seeded by (seed, name)),
-    "all" (every row, i.e. uniform updates; ratio is then ignored). per_head needs head_dim.
+    stats: {module name: (C,) statistic per output channel} (saliency.py). strategy: one of
+    STRATEGIES ("all" keeps every row and ignores ratio). per_head (default) needs head_dim.
+    seed: only "random" uses it (train.py passes a per-step seed to redraw the rows every step).
     """
     if not (0 < ratio <= 1):  # also rejects NaN
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
@@ -111,34 +110,51 @@ def build_masks(stats: dict[str, Tensor], ratio: float = 0.3, strategy: str = "t
     for name in sorted(stats):
         s = stats[name].detach().float().cpu()  # (C,)
         if s.dim() != 1:
-            raise ValueError(f"{name}: statistics must have shape (out_features,), got {tuple(s.shape)}")
+            raise ValueError(f"{name}: statistics must have shape (out_features,), "
+                             f"got {tuple(s.shape)}")
         if not torch.isfinite(s).all():
             raise ValueError(f"{name}: statistics contain NaN/inf; recollect them")
         if strategy == "all":
             masks[name] = torch.ones_like(s, dtype=torch.bool)
             continue
         if strategy == "random":  # a random score per row, then the same selection as topk
-            s = torch.rand(s.shape, generator=torch.Generator().manual_seed(_derived_seed(seed, name)))
-        masks[name] = select_rows(s, ratio, largest=strategy != "bottomk", group=head_dim if per_head else None)
+            s = torch.rand(s.shape, generator=torch.Generator().manual_seed(mix_seed(seed, name)))
+        group = head_dim if per_head else None
+        masks[name] = select_rows(s, ratio, largest=strategy != "bottomk", group=group)
     return masks
 
 
+def mask_overlap(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    """Jaccard |a & b| / |a | b| of two mask dicts, averaged over matrices (1.0 = the same rows).
+
+    Example: {"q": [T, T, F, F]} vs {"q": [F, T, T, F]} -> 1 shared row of 3 -> 0.333.
+    Two empty masks count as identical (1.0). Both dicts must name the same matrices.
+    """
+    if set(a) != set(b):
+        raise ValueError(f"mask sets differ: only in the first {sorted(set(a) - set(b))[:3]}, "
+                         f"only in the second {sorted(set(b) - set(a))[:3]}")
+    if not a:
+        raise ValueError("no masks to compare")
+    scores = []
+    for name in a:
+        if a[name].shape != b[name].shape:
+            raise ValueError(f"{name}: shapes {tuple(a[name].shape)} and {tuple(b[name].shape)}")
+        union = int((a[name] | b[name]).sum())
+        scores.append(1.0 if union == 0 else int((a[name] & b[name]).sum()) / union)
+    return sum(scores) / len(scores)
+
+
 # ----------------------------------------------------------------------------- summaries and files
-def _natural_key(name: str) -> list:
-    """Sort key reading digit runs as numbers, so layer 2 comes before layer 10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def mask_summary(masks: dict[str, Tensor], stats: dict[str, Tensor] | None = None):
     """(per-layer shares, overall share of trainable q/k rows).
 
-    per_layer: {layer prefix, e.g. "model.layers.0.self_attn": {"q_proj": share of rows, "k_proj": ...}}; with
-    stats, also {"q_proj mass": share of the statistic's total held by the kept rows, ...}, i.e. how much of the
-    saliency the mask covers. Overall share = kept rows / all rows (rows of q and k have the same length I).
+    per_layer: {layer prefix: {"q_proj": share of rows, "k_proj": ...}}; with stats also
+    {"q_proj mass": share of the statistic's sum held by the kept rows, ...}. Overall share = kept
+    rows / all rows (rows of q and k have the same length I).
     """
     per_layer: dict[str, dict[str, float]] = {}
     kept = total = 0
-    for name, m in sorted(masks.items(), key=lambda kv: _natural_key(kv[0])):
+    for name, m in sorted(masks.items(), key=lambda kv: natural_key(kv[0])):
         prefix, proj = name.rsplit(".", 1) if "." in name else ("", name)
         row = per_layer.setdefault(prefix, {})
         row[proj] = m.float().mean().item()
@@ -150,35 +166,29 @@ def mask_summary(masks: dict[str, Tensor], stats: dict[str, Tensor] | None = Non
 
 
 def format_summary(per_layer: dict[str, dict[str, float]], overall: float) -> str:
-    """The summary as a text table, one line per layer (layer index when the prefix has `layers.<i>`)."""
+    """The summary as a text table, one line per layer (labelled by `layers.<i>` when present)."""
     names = {c for row in per_layer.values() for c in row}
-    cols = sorted(names, key=lambda c: (c.endswith("mass"), not c.startswith("q"), c))  # q, k, then the masses
+    cols = sorted(names, key=lambda c: (c.endswith("mass"), not c.startswith("q"), c))  # q, k, mass
     lines = [f"{'layer':>10} " + " ".join(f"{c:>12}" for c in cols)]
     for prefix, row in per_layer.items():
         hit = re.search(r"layers\.(\d+)", prefix)
         label = hit.group(1) if hit else prefix[-10:]
-        lines.append(f"{label:>10} " + " ".join(f"{row[c]:>12.3f}" if c in row else f"{'-':>12}" for c in cols))
+        cells = (f"{row[c]:>12.3f}" if c in row else f"{'-':>12}" for c in cols)
+        lines.append(f"{label:>10} " + " ".join(cells))
     if any(c.endswith("mass") for c in cols):
-        lines.append("(<proj> = share of rows trainable; <proj> mass = share of the statistic's sum in those rows)")
+        lines.append("(<proj> = share of rows trainable; <proj> mass = share of the statistic's "
+                     "sum in those rows)")
     lines.append(f"overall share of q/k rows trainable: {overall:.4f}")
     return "\n".join(lines)
 
 
 def save_masks(path, masks: dict[str, Tensor], meta: dict | None = None) -> None:
-    """Write masks to safetensors (bool stored as uint8) with string metadata; atomic (temp file + os.replace)."""
+    """Write masks to safetensors (bool stored as uint8) with string metadata, atomically."""
     from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.uint8).contiguous() for k, v in masks.items()}
     metadata = {"kind": "longact_row_masks", **{str(k): str(v) for k, v in (meta or {}).items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # a reader never sees a half-written file
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)  # a reader never sees a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_masks(path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -190,40 +200,42 @@ def load_masks(path) -> tuple[dict[str, Tensor], dict[str, str]]:
     masks = {}
     for name, t in load_file(str(path)).items():
         if t.dim() != 1 or (t.dtype != torch.bool and not ((t == 0) | (t == 1)).all()):
-            raise ValueError(f"{path}: {name} is not a 0/1 row mask (shape {tuple(t.shape)}, dtype {t.dtype})")
+            raise ValueError(f"{path}: {name} is not a 0/1 row mask "
+                             f"(shape {tuple(t.shape)}, dtype {t.dtype})")
         masks[name] = t.bool()
     return masks, meta
 
 
-# ----------------------------------------------------------------------------- applying masks to a model
-def check_masks(model: torch.nn.Module, masks: dict[str, Tensor], require_all_qk: bool = True) -> None:
+# ----------------------------------------------------------------------------- applying masks
+def check_masks(model: torch.nn.Module, masks: dict[str, Tensor],
+                require_all_qk: bool = True) -> None:
     """Raise ValueError naming the module and both shapes when masks do not fit the model.
 
-    Each mask must be a 1-D bool tensor with one entry per row of its module's weight (and bias). With
-    require_all_qk, every q_proj/k_proj of the model must have a mask: a forgotten module would train fully.
+    Each mask must be a 1-D bool tensor with one entry per row of its module's weight. With
+    require_all_qk, every q_proj/k_proj must have a mask: a forgotten module would train fully.
     """
     modules = dict(model.named_modules())
     for name, m in masks.items():
         if name not in modules or getattr(modules[name], "weight", None) is None:
             raise ValueError(f"mask for {name!r}: the model has no such module with a weight "
-                             f"(mask shape {tuple(m.shape)}); were the masks built for another model?")
+                             f"(mask shape {tuple(m.shape)}); were the masks built for another "
+                             "model?")
         weight = modules[name].weight
         if m.dtype != torch.bool or m.dim() != 1 or m.shape[0] != weight.shape[0]:
-            raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)} and dtype {m.dtype}, but the module's "
-                             f"weight has shape {tuple(weight.shape)}: expected a bool mask of shape "
-                             f"({weight.shape[0]},); were the masks built for another model?")
+            raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)} and dtype {m.dtype}, "
+                             f"but the module's weight has shape {tuple(weight.shape)}: expected a "
+                             f"bool mask of shape ({weight.shape[0]},); were the masks built for "
+                             "another model?")
     if require_all_qk:
         missing = [n for n in modules if n.endswith(QK_SUFFIXES) and n not in masks]
         if missing:
-            raise ValueError(f"no mask for {len(missing)} q/k modules of the model, e.g. {missing[:3]}; "
-                             "they would be fully trained")
+            raise ValueError(f"no mask for {len(missing)} q/k modules of the model, e.g. "
+                             f"{missing[:3]}; they would be fully trained")
 
 
-def masked_params(model: torch.nn.Module, masks: dict[str, Tensor]) -> list[tuple[str, torch.nn.Parameter, Tensor]]:
-    """(parameter name, parameter, row mask shaped to broadcast over it) for each weight/bias with a frozen row.
-
-    Masks that keep every row (strategy "all") are skipped: those matrices need nothing special.
-    """
+def masked_params(model: torch.nn.Module, masks: dict[str, Tensor]) -> list:
+    """[(parameter name, parameter, (C,) bool rows on its device)] for each weight/bias that has
+    rows outside its mask. Masks that keep every row ("all") are skipped: nothing to do there."""
     check_masks(model, masks, require_all_qk=False)
     out = []
     for name in sorted(masks):
@@ -231,70 +243,87 @@ def masked_params(model: torch.nn.Module, masks: dict[str, Tensor]) -> list[tupl
         if bool(m.all()):
             continue
         module = model.get_submodule(name)
-        for pname in ("weight", "bias"):  # choice 5: the bias row c follows weight row c
+        for pname in ("weight", "bias"):  # choice 4: bias row c follows weight row c
             p = getattr(module, pname, None)
             if isinstance(p, torch.nn.Parameter) and p.requires_grad:
-                rows = m.to(p.device).reshape(-1, *([1] * (p.dim() - 1)))  # (C, 1) for weights, (C,) for biases
-                out.append((f"{name}.{pname}", p, rows))
+                out.append((f"{name}.{pname}", p, m.to(p.device)))
     return out
 
 
-def attach_grad_masks(model: torch.nn.Module, masks: dict[str, Tensor]) -> list:
-    """Register gradient hooks that zero the frozen rows of every masked weight/bias; return the hook handles.
-
-    A tensor hook on a leaf parameter runs on each backward's gradient before it is added to `.grad`, so every
-    micro-batch is masked and clipping, accumulation and Adam's moments only ever see exact zeros there.
-    masked_fill (not a multiply by 0) keeps the zeros exact even if a gradient entry is inf/NaN.
-    Remove with `for h in handles: h.remove()`.
-    """
-    check_masks(model, masks)
-    handles = []
+@torch.no_grad()
+def mask_grads(model: torch.nn.Module, masks: dict[str, Tensor]) -> None:
+    """grad W <- grad W * G for every masked q/k weight and bias: call after the last backward of
+    the step and before clipping. Assigning zeros (not multiplying) is exact even for inf/NaN."""
     for _, p, rows in masked_params(model, masks):
-        frozen = ~rows  # (C, 1) or (C,), on the parameter's device
-        handles.append(p.register_hook(lambda g, frozen=frozen: g.masked_fill(frozen, 0.0)))
-    return handles
+        if p.grad is not None:
+            p.grad[~rows] = 0.0  # (C, I) or (C,): whole rows outside the mask
 
 
-def param_groups(model: torch.nn.Module, masks: dict[str, Tensor], weight_decay: float) -> list[dict]:
-    """AdamW param groups: every other trainable parameter with `weight_decay`; masked matrices with 0.
-
-    The second group carries its row masks and the decay it should have had ("row_masks", "row_weight_decay");
-    apply_row_weight_decay(optimizer) reads them. Usage: torch.optim.AdamW(param_groups(model, masks, 0.1), lr=lr).
-    """
-    special = masked_params(model, masks)
-    special_ids = {id(p) for _, p, _ in special}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in special_ids]
-    groups = [{"params": rest, "weight_decay": weight_decay}]
-    if special:
-        groups.append({"params": [p for _, p, _ in special], "weight_decay": 0.0, "name": GROUP_NAME,
-                       "row_masks": [rows for _, _, rows in special], "row_weight_decay": weight_decay})
-    return groups
+def _state_keys(optimizer, p) -> list:
+    """Keys of the optimizer's state tensors of p's shape (element-wise state, choice 6)."""
+    state = optimizer.state.get(p, {})
+    return [k for k, t in state.items() if torch.is_tensor(t) and t.shape == p.shape]
 
 
 @torch.no_grad()
-def apply_row_weight_decay(optimizer: torch.optim.Optimizer) -> None:
-    """AdamW's decoupled decay `p <- p * (1 - lr * wd)`, on the trainable rows of the masked group only.
+def masked_step(optimizer, model: torch.nn.Module, masks: dict[str, Tensor],
+                semantics: str = "frozen") -> float:
+    """optimizer.step() under a row mask; returns the max |delta| over rows outside the mask.
 
-    Call after clipping and right before optimizer.step(), at the lr the step will use (read from the group, so a
-    scheduler is respected). Same expression as torch's AdamW, so trainable rows match plain AdamW bit for bit
-    (checked for its for-loop, foreach and CPU fused implementations; the CUDA fused kernel is not checked here).
-    Like AdamW, parameters without a gradient this step are skipped.
+    "frozen": rows outside the mask come back bit-identical, in the parameter and in every
+    same-shape optimizer state tensor. "grad": the plain step (after mask_grads). Both require the
+    gradients to be masked already (mask_grads), so that clipping saw the masked gradient.
     """
-    for group in optimizer.param_groups:
-        if "row_masks" not in group or group["row_weight_decay"] == 0:
-            continue
-        lr = group["lr"]
-        lr = lr.item() if isinstance(lr, Tensor) else lr  # AdamW converts a tensor lr to a scalar the same way
-        for p, rows in zip(group["params"], group["row_masks"]):
-            if p.grad is None:
-                continue
-            decayed = p.mul(1 - lr * group["row_weight_decay"])  # exactly AdamW's `param.mul_(1 - lr * wd)`
-            p.copy_(torch.where(rows.to(p.device), decayed, p))  # frozen rows keep their exact bits
+    if semantics not in SEMANTICS:
+        raise ValueError(f"unknown semantics {semantics!r}; choose one of {SEMANTICS}")
+    saved = []  # (parameter, rows outside, its rows before, {state key: its rows before})
+    for name, p, rows in masked_params(model, masks):
+        out = ~rows  # (C,)
+        if p.grad is not None and bool(p.grad[out].any()):
+            raise ValueError(f"{name}: gradient rows outside the mask are not zero; "
+                             "call mask_grads(model, masks) before clipping and masked_step")
+        keys = _state_keys(optimizer, p) if semantics == "frozen" else []
+        state = {k: optimizer.state[p][k][out] for k in keys}  # boolean indexing copies the rows
+        saved.append((p, out, p[out], state))
+    optimizer.step()
+    drift = 0.0
+    for p, out, before, state in saved:
+        if semantics == "frozen":
+            p[out] = before  # index_put: whole rows back, bit for bit
+            for k, rows in state.items():  # looked up again: the optimizer may have replaced them
+                optimizer.state[p][k][out] = rows
+        if out.any():
+            drift = max(drift, (p[out].float() - before.float()).abs().max().item())
+    return drift
+
+
+def qk_snapshot(model: torch.nn.Module, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """{parameter name: detached copy} of every masked q/k weight and bias (rows_outside_drift)."""
+    return {name: p.detach().clone() for name, p, _ in masked_params(model, masks)}
+
+
+def rows_outside_drift(before: dict[str, Tensor], after: dict[str, Tensor],
+                       masks: dict[str, Tensor]) -> float:
+    """Max |after - before| over the rows outside each parameter's mask (0.0 = nothing moved).
+
+    before/after: {"<module>.weight" or "<module>.bias": tensor} (qk_snapshot); masks are keyed by
+    module. Example: before w = [[1, 1], [2, 2]], after [[1, 1], [2.5, 2]], mask [T, F] -> 0.5.
+    """
+    drift = 0.0
+    for name, b in before.items():
+        module = name.rsplit(".", 1)[0]
+        if module not in masks or name not in after:
+            raise ValueError(f"{name}: no mask for {module!r} or no 'after' tensor")
+        out = ~masks[module].to(b.device)  # (C,)
+        if out.any():
+            delta = (after[name][out].float() - b[out].float()).abs().max().item()
+            drift = max(drift, delta)
+    return drift
 
 
 # ----------------------------------------------------------------------------- CLI
 def read_stats(path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(stats, metadata) from a saliency file; read directly so this file does not depend on saliency.py."""
+    """(stats, metadata) from a saliency file, read directly so this file needs no saliency.py."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(str(path), framework="pt") as f:
@@ -303,26 +332,31 @@ def read_stats(path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build LongAct row masks from q/k saliency statistics.")
-    p.add_argument("stats", help="safetensors file written by saliency.py (one (C,) statistic per q/k module)")
-    p.add_argument("--ratio", type=float, default=0.3, help="share of rows kept trainable (paper: 0.3)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="topk", help="topk = LongAct; others are ablations")
-    p.add_argument("--per-head", action="store_true", help="keep the top share within each head")
-    p.add_argument("--head-dim", type=int, default=None, help="head dim for --per-head (default: file metadata)")
+    p = argparse.ArgumentParser(description="Build LongAct row masks from q/k statistics.")
+    p.add_argument("stats", help="safetensors file from saliency.py (one (C,) statistic per q/k)")
+    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="share of rows kept (0.3)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="topk", help="topk = LongAct")
+    p.add_argument("--per-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep round(ratio * D) rows in every head (default) or per whole matrix")
+    p.add_argument("--head-dim", type=int, default=None, help="default: the file's metadata")
     p.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     p.add_argument("--out", default=None, help="write the masks here (safetensors)")
     args = p.parse_args(argv)
 
     stats, meta = read_stats(args.stats)
     head_dim = args.head_dim or (int(meta["head_dim"]) if "head_dim" in meta else None)
+    if args.per_head and not head_dim:
+        p.error(f"{args.stats} has no head_dim metadata: pass --head-dim or --no-per-head")
     masks = build_masks(stats, args.ratio, args.strategy, args.per_head, head_dim, args.seed)
-    print(f"{len(masks)} matrices from {args.stats} (model {meta.get('model', '?')}, stat {meta.get('stat', '?')}); "
-          f"strategy {args.strategy}, ratio {args.ratio}, per_head {args.per_head}")
+    print(f"{len(masks)} matrices from {args.stats} (model {meta.get('model', '?')}, stat "
+          f"{meta.get('stat', '?')}); strategy {args.strategy}, ratio {args.ratio}, "
+          f"per_head {args.per_head}")
     print(format_summary(*mask_summary(masks, stats)))
     if args.out:
         save_masks(args.out, masks, {"model": meta.get("model", ""), "stat": meta.get("stat", ""),
-                                     "source": str(args.stats), "ratio": args.ratio, "strategy": args.strategy,
-                                     "per_head": args.per_head, "head_dim": head_dim, "seed": args.seed})
+                                     "source": str(args.stats), "ratio": args.ratio,
+                                     "strategy": args.strategy, "per_head": args.per_head,
+                                     "head_dim": head_dim, "seed": args.seed})
         print(f"wrote {args.out}")
     return masks
 
