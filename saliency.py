@@ -27,8 +27,8 @@ Choices (the paper's full text is not available to us; SOURCES.md §9):
      each pair's norm, so pair-level magnitudes are the same after it.
   2. choice: the default statistic `seq_l2` is M above. Options: `mean_abs` (AWQ's score: mean |x|
      over all real tokens), `l2` (one L2 norm over all real tokens of all sequences), `max_abs`.
-  3. choice: calibration text = windows of RULER's essay haystack (`evaluate.calibration_prompts`),
-     8 x 2048 tokens by default, raw text without a chat template: the paper says "long contexts".
+  3. choice: calibration text = windows of RULER's essay haystack (`tasks/haystack.py`), 8 x 2048
+     tokens by default, raw text without a chat template: the paper says "long contexts".
   4. choice: every accumulator is float32; bf16 activations (autocast) are cast before any sum.
   5. choice: padding is excluded through the attention mask and positions come from the mask (as
      `generate` numbers left-padded rows), so a padded sequence gives its unpadded statistics.
@@ -455,8 +455,8 @@ def parse_args(argv=None):
 def main(argv=None):
     from tqdm import tqdm
 
-    from evaluate import calibration_prompts
     from rollout import load_policy
+    from tasks.haystack import calibration_prompts
 
     args = parse_args(argv)
     t0 = time.time()
@@ -478,7 +478,7 @@ def main(argv=None):
             "num_samples": len(prompts), "num_tokens": len(prompts) * args.seq_len,
             "seq_len": args.seq_len, "head_dim": head_dim, "seed": args.seed,
             "autocast": args.autocast,
-            "calibration": "RULER Paul Graham essays (evaluate.calibration_prompts)"}
+            "calibration": "RULER Paul Graham essays (tasks.haystack.calibration_prompts)"}
     save_stats(args.out, stats, meta)
     # 3. how concentrated the statistic is, and in which RoPE dims the top channels sit
     per_module, metrics = concentration(stats, ratio=args.ratio, head_dim=head_dim)
