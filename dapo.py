@@ -1,31 +1,37 @@
 """
-dapo.py -- DAPO (arXiv 2503.14476) as a diff on grpo.py: one small function per change, each citing its section.
+dapo.py -- DAPO (arXiv 2503.14476; SOURCES.md §4) as a diff on grpo.py: one small function per
+change, each citing its section.
 
-Objective (DAPO §3, the boxed objective), advantages A_i as in GRPO (group z-score, grpo.group_advantages):
+Objective (DAPO §3, the boxed objective), advantages A_i as in GRPO (grpo.group_advantages):
 
-    loss = (1 / sum_i |o_i|) * sum_i sum_t -min(rho_i,t * A_i, clip(rho_i,t, 1 - eps_low, 1 + eps_high) * A_i)
+    loss = (1 / sum_i |o_i|) * sum_i sum_t -min(rho_i,t * A_i,
+                                                clip(rho_i,t, 1 - eps_low, 1 + eps_high) * A_i)
     over groups with 0 < #correct < G     (a kept group's rewards are not all equal)
 
-The changes from grpo.py (facts.md §3 for the verl recipe):
-  1. Clip-Higher (§3.1): eps_high = 0.28 > eps_low = 0.2. A token with small probability p can only rise to
-     p * (1 + eps) before its gradient is clipped; a higher ceiling lets such tokens grow and keeps entropy up.
-  2. Dynamic sampling (§3.2): `keep_informative_groups`. A group whose rewards are all equal has A = 0 and gives no
-     gradient, so it only shrinks the effective batch. The loop that refills the batch is train.py's: sample more
-     prompts until N informative groups are collected (the recipe gives up after 10 generation batches), then keep N.
-  3. Token-level loss (§3.3): `dapo_loss` = grpo's "token-mean", its denominator the number of loss tokens of the
-     whole step's batch (`num_tokens`, from grpo.batch_counts): micro-batch losses then add up to the full-batch
-     loss, and a long answer's tokens weigh as much as a short answer's.
-  4. Overlong reward shaping (§3.4): `overlong_penalty` (soft punishment, on in the recipe) adds to the reward;
-     `truncation_mask` (overlong filtering) drops truncated samples from the loss. Off by default here, as in the
-     verl recipe, which ships only the soft punishment.
+The changes from grpo.py (SOURCES.md §4 for the verl recipe):
+  1. Clip-Higher (§3.1): eps_high = 0.28 > eps_low = 0.2. A token with small probability p can only
+     rise to p * (1 + eps) before its gradient is clipped; a higher ceiling lets such tokens grow
+     and keeps entropy up.
+  2. Dynamic sampling (§3.2): `keep_informative_groups`. A group whose rewards are all equal has
+     A = 0 and gives no gradient, so it only shrinks the effective batch. The loop that refills the
+     batch is train.py's: sample more prompts until N informative groups are collected (the recipe
+     gives up after 10 generation batches), then keep N.
+  3. Token-level loss (§3.3): `dapo_loss` = grpo's "token-mean", its denominator the number of loss
+     tokens of the whole step's batch (`num_tokens`, from grpo.batch_counts): micro-batch losses
+     then add up to the full-batch loss, and a long answer's tokens weigh as much as a short one's.
+  4. Overlong reward shaping (§3.4): `overlong_penalty` (soft punishment, on in the recipe) adds to
+     the reward; `truncation_mask` (overlong filtering) drops truncated samples from the loss. Off
+     by default here, as in the verl recipe, which ships only the soft punishment.
   Removed: the KL term (§2.3) -- a long-CoT policy is meant to move far from the initial model.
 
-Worked example (tests/test_dapo.py::test_worked_example): the group of grpo.py, r = [1, 0, 0, 0] ->
-A = [1.5, -0.5, -0.5, -0.5] (eps 0), lengths [1, 2, 3, 2] = 8 tokens, o_1's single token at rho = 1.25:
-    DAPO: 1.25 < 1.28, unclipped: -1.25 * 1.5 = -1.875;  loss = (-1.875 + 0.5 * (2 + 3 + 2)) / 8 = 0.203125
-    GRPO token-mean: 1.25 > 1.2, clipped: -1.2 * 1.5 = -1.8 (zero gradient);  loss = (-1.8 + 3.5) / 8 = 0.2125
-Overlong penalty with the recipe's numbers (max_len 20480, buffer 4096, factor 1): 0 up to 16384 tokens,
--0.5 at 18432, -1 at 20480.
+Worked example (tests/test_dapo.py::test_worked_example): the group of grpo.py, r = [1, 0, 0, 0]
+-> A = [1.5, -0.5, -0.5, -0.5] (eps 0), lengths [1, 2, 3, 2] = 8 tokens, o_1's token at rho = 1.25:
+    DAPO: 1.25 < 1.28, unclipped: -1.25 * 1.5 = -1.875;
+          loss = (-1.875 + 0.5 * (2 + 3 + 2)) / 8 = 0.203125
+    GRPO token-mean: 1.25 > 1.2, clipped: -1.2 * 1.5 = -1.8 (zero gradient);
+          loss = (-1.8 + 3.5) / 8 = 0.2125
+Overlong penalty with the recipe's numbers (max_len 20480, buffer 4096, factor 1): 0 up to 16384
+tokens, -0.5 at 18432, -1 at 20480.
 
 Shapes: N prompts (= groups), G group size, B = N*G completions, T completion tokens.
 Run the tests: .venv/bin/python -m pytest -q tests/test_dapo.py
@@ -39,52 +45,61 @@ from grpo import aggregate, check_finite, clipped_surrogate, validate_inputs
 def dapo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, num_tokens=None):
     """Clip-higher (§3.1) surrogate, token-level mean over the whole batch (§3.3), no KL (§2.3).
 
-    logp/old_logp/mask (B, T), advantages (B,). num_tokens: loss tokens of the whole step's batch (None: this call's).
-    Returns (loss scalar, metrics: clip_frac_low, clip_frac_high, ratio_mean, adv_mean, num_tokens).
+    logp/old_logp/mask (B, T), advantages (B,). num_tokens: loss tokens of the whole step's batch
+    (None: this call's). Returns (loss scalar, metrics: clip_frac_low, clip_frac_high, ratio_mean,
+    adv_mean, num_tokens).
     """
     mask = validate_inputs(logp, old_logp, advantages, mask)
-    per_token, metrics = clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high)  # (B, T)
+    per_token, metrics = clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high)
     return aggregate(per_token, mask, "token-mean", num_tokens=num_tokens), metrics
 
 
 def keep_informative_groups(rewards, group_size):
-    """Dynamic sampling filter (§3.2): keep a group only if its rewards are not all equal. A group of one never is.
-
-    rewards (B,) group after group. Returns (keep BoolTensor (N,), metrics); per completion: keep.repeat_interleave(G).
+    """Dynamic sampling filter (§3.2): keep a group only if its rewards are not all equal (a group
+    of one never is). rewards (B,) group after group. Returns (keep BoolTensor (N,), metrics); per
+    completion: keep.repeat_interleave(G).
     """
     check_finite(rewards=rewards)
     B, G = rewards.numel(), group_size
     if G < 1 or B % G:
         raise ValueError(f"{B} rewards do not split into groups of {G}")
     r = rewards.view(-1, G)  # (N, G)
-    # "not all equal" is exact comparison, same test as grpo.group_advantages, so every kept group has A != 0
-    keep = (r != r[:, :1]).any(dim=1)  # (N,) the paper writes it 0 < #{correct} < G; the recipe: std > 0
-    return keep, {"frac_all_equal_groups": 1.0 - keep.float().mean().item(), "num_groups": keep.numel()}
+    # "not all equal" is an exact comparison, the test of grpo.group_advantages: kept => A != 0
+    keep = (r != r[:, :1]).any(dim=1)  # (N,) paper: 0 < #{correct} < G; the recipe: std > 0
+    return keep, {"frac_all_equal_groups": 1.0 - keep.float().mean().item(),
+                  "num_groups": keep.numel()}
 
 
 def overlong_penalty(lengths, max_len, buffer_len, factor=1.0):
-    """Soft overlong punishment (§3.4), added to the reward: 0 up to max_len - buffer_len, then linear to -factor.
+    """Soft overlong punishment (§3.4), added to the reward: 0 up to max_len - buffer_len, then
+    linear to -factor.
 
-    penalty = clamp(((max_len - buffer_len) - L) / buffer_len * factor, -factor, 0). Beyond max_len it stays at
-    -factor (the paper's third case; generation normally stops at max_len). Returns (penalty (B,), metrics).
+    penalty = clamp(((max_len - buffer_len) - L) / buffer_len * factor, -factor, 0). Beyond max_len
+    it stays at -factor (the paper's third case; generation normally stops at max_len).
+    Returns (penalty (B,), metrics).
     """
     if not 0 < buffer_len <= max_len:
-        raise ValueError(f"need 0 < buffer_len <= max_len, got buffer_len={buffer_len}, max_len={max_len}")
+        raise ValueError(f"need 0 < buffer_len <= max_len, got buffer_len={buffer_len}, "
+                         f"max_len={max_len}")
     L = lengths.to(torch.float32)  # (B,) completion lengths in tokens
-    penalty = (((max_len - buffer_len) - L) / buffer_len * factor).clamp(min=-factor, max=0.0)  # (B,)
+    penalty = ((max_len - buffer_len) - L) / buffer_len * factor  # (B,)
+    penalty = penalty.clamp(min=-factor, max=0.0)  # (B,)
     return penalty, {"frac_overlong_penalised": (penalty < 0).float().mean().item(),
                      "overlong_penalty_mean": penalty.mean().item()}
 
 
 def truncation_mask(mask, truncated):
-    """Overlong filtering (§3.4): zero the loss mask of samples cut off at max_len before their EOS. Off by default.
+    """Overlong filtering (§3.4): zero the loss mask of samples cut off at max_len before their EOS.
+    Off by default.
 
-    The paper's remark: a truncated sample gets a punitive reward by default, which is noise -- a sound reasoning
-    chain is punished only for its length -- and masking such samples out of the loss stabilised training (its
-    ablation lists this as a step of its own). Count num_tokens (grpo.batch_counts) *after* this filter.
-    mask (B, T), truncated bool (B,). Returns (mask (B, T), metrics).
+    The paper's remark: a truncated sample gets a punitive reward by default, which is noise -- a
+    sound reasoning chain is punished only for its length -- and masking such samples out of the
+    loss stabilised training (its ablation lists this as a step of its own). Count num_tokens
+    (grpo.batch_counts) *after* this filter. mask (B, T), truncated bool (B,). -> (mask, metrics).
     """
     if truncated.shape != mask.shape[:1]:
-        raise ValueError(f"truncated must be (B,) = {tuple(mask.shape[:1])}, got {tuple(truncated.shape)}")
+        raise ValueError(f"truncated must be (B,) = {tuple(mask.shape[:1])}, "
+                         f"got {tuple(truncated.shape)}")
     keep = ~truncated.bool()  # (B,)
-    return mask * keep[:, None].to(mask.dtype), {"frac_truncated": truncated.float().mean().item()}  # (B, T)
+    out = mask * keep[:, None].to(mask.dtype)  # (B, T)
+    return out, {"frac_truncated": truncated.float().mean().item()}

@@ -1,41 +1,53 @@
 """
-grpo.py -- the GRPO objective (DeepSeekMath, arXiv 2402.03300, §4.1): pure functions, tensors in, (value, metrics) out.
+grpo.py -- the GRPO objective (DeepSeekMath, arXiv 2402.03300, §4.1; SOURCES.md §3): pure functions,
+tensors in, (value, metrics) out.
 
-For N prompts with G sampled completions o_1..o_G each (B = N*G rows), rewards r_i, and per token t of o_i:
+For N prompts with G sampled completions o_1..o_G each (B = N*G rows), rewards r_i, and per
+token t of o_i:
 
-    A_i     = (r_i - mean(r of its group)) / (std(r of its group) + eps)        one advantage per completion
-    rho_i,t = exp(logp_i,t - old_logp_i,t)                                       ratio to the sampling policy
-    k3_i,t  = exp(ref_i,t - logp_i,t) - (ref_i,t - logp_i,t) - 1                 KL estimate to the reference, >= 0
+    A_i     = (r_i - mean(r of its group)) / (std(r of its group) + eps)   one per completion
+    rho_i,t = exp(logp_i,t - old_logp_i,t)                                  ratio to the sampler
+    k3_i,t  = exp(ref_i,t - logp_i,t) - (ref_i,t - logp_i,t) - 1            KL estimate, >= 0
     l_i,t   = -min(rho_i,t * A_i, clip(rho_i,t, 1 - clip_eps, 1 + clip_eps) * A_i) + beta * k3_i,t
-    loss    = (1/B) * sum_i (1/|o_i|) * sum_t l_i,t                              ("seq-mean-token-mean", the paper's)
+    loss    = (1/B) * sum_i (1/|o_i|) * sum_t l_i,t        "seq-mean-token-mean", the paper's
 
-How our version relates to the paper and to TRL / verl (facts.md §2):
-  1. Advantages follow TRL: Bessel-corrected std, eps 1e-4 (verl: 1e-6). `scale` is TRL's `scale_rewards`: "group"
-     (the paper), "batch" (std of all rewards of the step), "none" (Dr. GRPO, arXiv 2503.20783: centring only).
-  2. Choice: a group whose rewards are all equal -- a group of one included -- gets advantage exactly 0: nobody in
-     it did better or worse than a peer. (verl gives a group of one mean 0, std 1, i.e. its raw reward.)
-  3. Clip: symmetric clip_eps 0.2 (PPO, TRL). verl's "dual clip" for negative advantages (clip_ratio_c) is left out.
-  4. KL: k3 with beta 0.04 (the paper); skipped entirely when beta == 0 or ref_logp is None, as TRL does. Unclamped
-     (verl's low_var_kl clamps k3 to [-10, 10]).
-  5. Aggregations (TRL name / verl name): "seq-mean-token-mean" (grpo / same) = the paper; "token-mean" (bnpo, dapo /
-     token-mean) = sum over all tokens / number of tokens; "seq-mean-token-sum-norm" (dr_grpo / same) = sum over
-     tokens / (number of sequences * max_len), Dr. GRPO's removal of the 1/|o_i| length bias.
-  6. Micro-batch invariance: every aggregation is a sum over this call's rows divided by a count. Pass the counts of
-     the whole step's batch, `num_tokens, num_seqs = batch_counts(mask_of_the_whole_batch)`, and call backward() on
-     each micro-batch's loss with no extra scaling: the accumulated gradient is then the full-batch gradient.
-     token-mean needs num_tokens; the two seq-mean aggregations need num_seqs. Left at None, they are this call's
-     own counts -- exact for one batch only (TRL's "bnpo" normalises per micro-batch like that).
+How our version relates to the paper and to TRL / verl (SOURCES.md §3.2-3.4):
+  1. Advantages follow TRL: Bessel-corrected std, eps 1e-4 (verl: 1e-6). `scale` is TRL's
+     `scale_rewards`: "group" (the paper), "batch" (std of all rewards of the step), "none"
+     (Dr. GRPO, arXiv 2503.20783: centring only).
+  2. Choice: a group whose rewards are all equal -- a group of one included -- gets advantage
+     exactly 0: nobody in it did better or worse than a peer. (verl gives a group of one mean 0,
+     std 1, i.e. its raw reward.)
+  3. Clip: symmetric clip_eps 0.2 (PPO, TRL). verl's "dual clip" for negative advantages
+     (clip_ratio_c) is left out.
+  4. KL: k3 with beta 0.04 (the paper); skipped entirely when beta == 0 or ref_logp is None, as TRL
+     does. Choice: each token's k3 is clamped to [-10, 10] by default, verl's `low_var_kl` (§3.3).
+     k3 grows like exp(ref - logp): ONE token whose policy log-prob fell 20 nats below the
+     reference gives k3 = e^20 - 21 = 4.85e8, which would swamp the loss of the whole batch;
+     clamped, it counts 10 and sends no gradient. `kl_clamp=None` is TRL's unclamped k3. The
+     metrics report `kl_max`, the largest UNclamped token k3, so outliers stay visible.
+  5. Aggregations (TRL name / verl name): "seq-mean-token-mean" (grpo / same) = the paper;
+     "token-mean" (bnpo, dapo / token-mean) = sum over all tokens / number of tokens;
+     "seq-mean-token-sum-norm" (dr_grpo / same) = sum over tokens / (number of sequences * max_len),
+     Dr. GRPO's removal of the 1/|o_i| length bias.
+  6. Micro-batch invariance: every aggregation is a sum over this call's rows divided by a count.
+     Pass the counts of the whole step's batch, `num_tokens, num_seqs = batch_counts(mask)` of
+     that batch, and call backward() on each micro-batch's loss with no extra scaling: the summed
+     gradient is then the full-batch gradient. token-mean needs num_tokens; the two seq-mean ones
+     need num_seqs. Left at None they are this call's own counts -- exact for one batch only (TRL's
+     "bnpo" normalises per micro-batch like that).
 
-Worked example (tests/test_grpo.py::test_worked_example): one group of G = 4 with one correct answer.
+Worked example (tests/test_grpo.py::test_worked_example): one group of G = 4, one correct answer.
     r = [1, 0, 0, 0]: mean 0.25, Bessel std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
-    A = [0.75, -0.25, -0.25, -0.25] / 0.5 = [1.5, -0.5, -0.5, -0.5]      (1.49970, -0.49990 with eps = 1e-4)
+    A = [0.75, -0.25, -0.25, -0.25] / 0.5 = [1.5, -0.5, -0.5, -0.5]    (1.49970, -0.49990, eps 1e-4)
     lengths |o_i| = [1, 2, 3, 2]; first update (rho = 1), beta = 0, so every token's loss is -A_i:
-      seq-mean-token-mean         (1/4) * (-1.5 + 0.5 + 0.5 + 0.5)           = 0      the group cancels out...
-      token-mean                  (1/8) * (-1.5 + 2*0.5 + 3*0.5 + 2*0.5)     = 0.25   ...unless long answers weigh more
-      seq-mean-token-sum-norm     (-1.5 + 2*0.5 + 3*0.5 + 2*0.5) / (4 * max_len 4) = 0.125
-    Had o_1's token rho = 1.5: its loss is -min(1.5 * 1.5, 1.2 * 1.5) = -1.8, with zero gradient (clipped).
+      seq-mean-token-mean      (1/4) * (-1.5 + 0.5 + 0.5 + 0.5)                 = 0
+      token-mean               (1/8) * (-1.5 + 2*0.5 + 3*0.5 + 2*0.5)           = 0.25
+      seq-mean-token-sum-norm  (-1.5 + 2*0.5 + 3*0.5 + 2*0.5) / (4 * max_len 4) = 0.125
+    The group cancels out per sequence; counted per token, its long wrong answers weigh more.
+    Had o_1's token rho = 1.5: its loss is -min(1.5 * 1.5, 1.2 * 1.5) = -1.8, zero gradient.
 
-Shapes: N prompts (= groups), G group size, B = N*G completions, T completion tokens (right-padded).
+Shapes: N prompts (= groups), G group size, B = N*G completions, T completion tokens (right-padded)
 Run the tests: .venv/bin/python -m pytest -q tests/test_grpo.py
 """
 
@@ -46,36 +58,38 @@ AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 
 
 def check_finite(**tensors):
-    """Raise a ValueError naming the tensor that holds NaN/inf: one NaN in the loss would poison every weight."""
+    """Raise a ValueError naming the tensor holding NaN/inf: one NaN would poison every weight."""
     for name, x in tensors.items():
         if x is not None and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
-            raise ValueError(f"{name} has {bad} non-finite value(s) (NaN/inf); refusing to build a loss from it. "
-                             "Typical causes: -inf log-probs of tokens outside a top-k/top-p filter, or a NaN reward.")
+            raise ValueError(f"{name} has {bad} non-finite value(s) (NaN/inf); refusing to build a "
+                             "loss from it. Typical causes: -inf log-probs of tokens outside a "
+                             "top-k/top-p filter, or a NaN reward.")
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):
-    """A_i = (r_i - group mean) / (std + eps). rewards (B,) laid out group after group. Returns (A (B,), metrics)."""
+    """A_i = (r_i - group mean) / (std + eps); rewards (B,) group after group. -> (A, metrics)."""
     check_finite(rewards=rewards)
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     B, G = rewards.numel(), group_size
     if G < 1 or B % G:
         raise ValueError(f"{B} rewards do not split into groups of {G}")
-    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, G)  # (N, G); int/bool rewards -> float
-    # Compare with the first member instead of testing std == 0: the mean of equal floats can be off by one ulp,
-    # and that ulp divided by eps = 1e-4 would give a small non-zero "advantage" to a group that carries no signal.
+    dtype = torch.promote_types(rewards.dtype, torch.float32)  # int/bool rewards -> float
+    r = rewards.to(dtype).view(-1, G)  # (N, G)
+    # Compare with the first member instead of testing std == 0: the mean of equal floats can be
+    # off by one ulp, and that ulp / eps = 1e-4 would give a signal-less group an "advantage".
     all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # (N, 1)
-    centred = r - r.mean(dim=1, keepdim=True)  # (N, G) the group mean is GRPO's baseline (replaces PPO's critic)
+    centred = r - r.mean(dim=1, keepdim=True)  # (N, G) the group mean: GRPO's baseline (no critic)
     if scale == "none":
-        adv = centred  # Dr. GRPO: dividing by the std up-weights near-uniform groups (too easy or too hard prompts)
+        adv = centred  # Dr. GRPO: dividing by the std up-weights near-uniform groups
     else:
-        # Bessel-corrected (torch's default correction=1), as TRL and verl. A group of one has no std; it is
-        # all-equal anyway, so 0 stands in for it to avoid torch's degrees-of-freedom warning.
+        # Bessel-corrected (torch's default correction=1), as TRL and verl. A group of one has no
+        # std; it is all-equal anyway, so 0 stands in to avoid torch's degrees-of-freedom warning.
         if scale == "group":
             std = r.std(dim=1, keepdim=True) if G > 1 else torch.zeros_like(centred)  # (N, 1)
         else:
-            std = r.std() if B > 1 else r.new_zeros(())  # () one scale for the whole step, TRL scale_rewards="batch"
+            std = r.std() if B > 1 else r.new_zeros(())  # () one scale for the step, TRL "batch"
         adv = centred / (std + eps)  # (N, G)
     adv = torch.where(all_equal, 0.0, adv)  # (N, G) exactly 0, never 0/0
     metrics = {"reward_mean": r.mean().item(), "reward_std": r.std().item() if B > 1 else 0.0,
@@ -84,10 +98,9 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
 
 
 def batch_counts(mask):
-    """(num_tokens, num_seqs) of a whole step's batch: the normalisers that make micro-batch losses add up exactly.
-
-    A sequence counts if it has at least one loss token (rows emptied by DAPO's overlong filtering do not count).
-    """
+    """(num_tokens, num_seqs) of a whole step's batch: the normalisers that make micro-batch losses
+    add up exactly. A sequence counts if it has at least one loss token (rows emptied by DAPO's
+    overlong filtering do not count)."""
     lengths = mask.sum(-1)  # (B,) |o_i|
     return int(lengths.sum()), int((lengths > 0).sum())
 
@@ -98,30 +111,31 @@ def validate_inputs(logp, old_logp, advantages, mask, ref_logp=None):
         raise ValueError(f"logp, old_logp, mask must all be (B, T); got {tuple(logp.shape)}, "
                          f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
     if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages must be (B,) = {tuple(logp.shape[:1])}, got {tuple(advantages.shape)}")
+        raise ValueError(f"advantages must be (B,) = {tuple(logp.shape[:1])}, "
+                         f"got {tuple(advantages.shape)}")
     if ref_logp is not None and ref_logp.shape != logp.shape:
         raise ValueError(f"ref_logp must be {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
     check_finite(logp=logp, old_logp=old_logp, advantages=advantages, ref_logp=ref_logp)
-    return mask.bool()  # 1 for completion tokens incl. the sampled EOS, built from positions (never from pad ids)
+    return mask.bool()  # 1 for completion tokens incl. the sampled EOS, built from positions
 
 
 def clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high):
-    """Per-token -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A), 0 on padding. Returns (loss (B, T), metrics).
-
-    GRPO passes eps_low == eps_high; DAPO's clip-higher decouples them. mask must be bool (validate_inputs).
-    """
-    # Zero the log-ratio on padding *before* exp: padding log-probs are arbitrary, exp of a big difference overflows
-    # to inf, and inf * 0 = NaN would leak into the sum. torch.where also sends exactly zero gradient there.
-    log_ratio = torch.where(mask, logp - old_logp.detach(), 0.0)  # (B, T) the sampling policy is a constant
+    """Per-token -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A), 0 on padding. -> (loss (B, T),
+    metrics). GRPO passes eps_low == eps_high; DAPO's clip-higher decouples them. mask is bool."""
+    # Zero the log-ratio on padding *before* exp: padding log-probs are arbitrary, exp of a big
+    # difference overflows to inf, and inf * 0 = NaN would leak into the sum. torch.where also sends
+    # exactly zero gradient there.
+    log_ratio = torch.where(mask, logp - old_logp.detach(), 0.0)  # (B, T) pi_old is a constant
     ratio = torch.exp(log_ratio)  # (B, T) rho = pi / pi_old, 1 on the first update after sampling
     adv = advantages.detach()[:, None]  # (B, 1) every token of o_i shares the outcome advantage A_i
-    # clamp has zero gradient outside its range, and min() picks the clipped branch exactly when clipping lowers the
-    # objective: rho > 1 + eps_high with A > 0, or rho < 1 - eps_low with A < 0 (PPO, arXiv 1707.06347, eq. 7).
-    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)  # (B, T)
+    # clamp has zero gradient outside its range, and min() picks the clipped branch exactly when
+    # clipping lowers the objective: rho > 1 + eps_high with A > 0, or rho < 1 - eps_low with A < 0
+    # (PPO, arXiv 1707.06347, eq. 7).
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     loss = torch.where(mask, -surrogate, 0.0)  # (B, T) minus: optimisers minimise
     n = max(int(mask.sum()), 1)
     r = ratio.detach()
-    metrics = {  # the two sides where clipping zeroes the gradient, as TRL logs them (clip_ratio/low_mean, high_mean)
+    metrics = {  # the two sides where clipping zeroes the gradient, as TRL logs them
         "clip_frac_low": ((r < 1 - eps_low) & (adv < 0) & mask).sum().item() / n,
         "clip_frac_high": ((r > 1 + eps_high) & (adv > 0) & mask).sum().item() / n,
         "ratio_mean": (r * mask).sum().item() / n,
@@ -131,17 +145,23 @@ def clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high):
     return loss, metrics
 
 
-def k3_kl(logp, ref_logp, mask):
-    """Per-token k3 = exp(d) - d - 1 with d = ref - logp: unbiased for KL(pi || ref), >= 0 since e^d >= 1 + d.
+def k3_kl(logp, ref_logp, mask, clamp=None):
+    """Per-token k3 = exp(d) - d - 1 with d = ref - logp: unbiased for KL(pi || ref), and >= 0.
 
-    Schulman, "Approximating KL divergence" (2020); the GRPO paper's eq. 4. 0 on padding. Returns (B, T).
+    Schulman, "Approximating KL divergence" (2020); the GRPO paper's eq. 4. 0 on padding. (B, T).
+    clamp=c: verl's low_var_kl, k3 clamped to [-c, c] (note 4); clamped tokens get zero gradient.
     """
     d = torch.where(mask, ref_logp.detach() - logp, 0.0)  # (B, T) the reference model is frozen
-    return torch.exp(d) - d - 1
+    if clamp is None:
+        return torch.exp(d) - d - 1
+    # verl also clamps d to [-20, 20] first. It never changes a clamped value (k3 >= 19 there), but
+    # keeps exp finite: an inf k3 behind a zero-gradient clamp would give 0 * inf = NaN in backward.
+    d = d.clamp(-20.0, 20.0)
+    return (torch.exp(d) - d - 1).clamp(-clamp, clamp)
 
 
 def aggregate(per_token, mask, aggregation, max_len=None, num_tokens=None, num_seqs=None):
-    """Reduce a (B, T) per-token loss (0 on padding) to a scalar. See note 6 of the file docstring for the counts."""
+    """Reduce a (B, T) per-token loss (0 on padding) to a scalar. Counts: file docstring note 6."""
     lengths = mask.sum(-1)  # (B,) |o_i|
     num_tokens = int(lengths.sum()) if num_tokens is None else num_tokens
     num_seqs = int((lengths > 0).sum()) if num_seqs is None else num_seqs
@@ -150,31 +170,38 @@ def aggregate(per_token, mask, aggregation, max_len=None, num_tokens=None, num_s
         return per_token.sum() / max(num_tokens, 1)
     seq_sum = per_token.sum(-1)  # (B,)
     if aggregation == "seq-mean-token-mean":
-        # every sequence weighs the same, so a token of a short answer weighs more (the length bias Dr. GRPO removes)
+        # every sequence weighs the same, so a token of a short answer weighs more (the length bias
+        # Dr. GRPO removes)
         return (seq_sum / lengths.clamp_min(1)).sum() / max(num_seqs, 1)
     if aggregation == "seq-mean-token-sum-norm":
         if max_len is None:
-            raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_len (the max completion length)")
-        # a constant denominator: Dr. GRPO divides by the generation budget, not by the realised length
+            raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_len "
+                             "(the max completion length)")
+        # a constant denominator: Dr. GRPO divides by the generation budget, not the realised length
         return seq_sum.sum() / (max(num_seqs, 1) * max_len)
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.04,
-              aggregation="seq-mean-token-mean", max_len=None, num_tokens=None, num_seqs=None):
+              aggregation="seq-mean-token-mean", max_len=None, num_tokens=None, num_seqs=None,
+              kl_clamp=10.0):
     """The GRPO loss of the file docstring. logp/old_logp/ref_logp/mask (B, T), advantages (B,).
 
-    num_tokens / num_seqs: counts of the whole step's batch when this call sees one micro-batch (note 6).
-    Returns (loss scalar, metrics: clip_frac_low, clip_frac_high, ratio_mean, adv_mean, num_tokens, kl).
+    num_tokens / num_seqs: counts of the whole step's batch when this call sees a micro-batch
+    (note 6). kl_clamp: bound on each token's k3 (note 4; None = unclamped, as TRL).
+    Returns (loss scalar, metrics: clip_frac_low, clip_frac_high, ratio_mean, adv_mean, num_tokens,
+    kl = mean token k3 as used in the loss, kl_max = largest unclamped token k3; both 0 without KL).
     """
-    use_kl = beta != 0 and ref_logp is not None  # DAPO and Dr. GRPO run with beta = 0: no reference forward pass
+    use_kl = beta != 0 and ref_logp is not None  # DAPO, Dr. GRPO: beta = 0, no reference forward
     mask = validate_inputs(logp, old_logp, advantages, mask, ref_logp if use_kl else None)
-    per_token, metrics = clipped_surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps)  # (B, T)
+    per_token, metrics = clipped_surrogate(logp, old_logp, advantages, mask, clip_eps, clip_eps)
+    metrics["kl"], metrics["kl_max"] = 0.0, 0.0
     if use_kl:
-        kl = k3_kl(logp, ref_logp, mask)  # (B, T)
-        per_token = per_token + beta * kl  # per token, inside the aggregation, as the paper's eq. 3 and TRL
+        kl = k3_kl(logp, ref_logp, mask, kl_clamp)  # (B, T)
+        per_token = per_token + beta * kl  # per token, inside the aggregation (eq. 3, TRL)
         metrics["kl"] = kl.detach().sum().item() / max(metrics["num_tokens"], 1)
-    else:
-        metrics["kl"] = 0.0
+        if mask.any():
+            raw = k3_kl(logp.detach(), ref_logp, mask)  # (B, T) unclamped, may be inf
+            metrics["kl_max"] = raw[mask].max().item()
     loss = aggregate(per_token, mask, aggregation, max_len, num_tokens, num_seqs)
     return loss, metrics

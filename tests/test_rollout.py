@@ -1,7 +1,10 @@
-"""Tests for rollout.py: loading, sampling with a shared prompt, completion masks, shared-prompt log-probs.
+"""Tests for rollout.py: loading, batched sampling with shared prompts, completion masks, the exact
+sampling distribution, shared-prompt log-probs.
 
 Run: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
+
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -9,34 +12,61 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 import rollout
-from rollout import (completion_logprobs, completion_mask_from_positions, full_sequence_logprobs, group_logprobs,
-                     sample_groups)
+from rollout import (completion_logprobs, completion_mask_from_positions, full_sequence_logprobs,
+                     group_logprobs, sample_groups)
+
+EOS = 2
 
 
 class TinyTok:
-    """Just enough tokenizer for sample_groups on a tiny model: pad == eos == 2, as SmolLM2 and Qwen do."""
-    pad_token_id = eos_token_id = 2
+    """Just enough tokenizer for sample_groups: pad == eos == 2, as SmolLM2 and Qwen do."""
+    pad_token_id = eos_token_id = EOS
 
     def batch_decode(self, ids, skip_special_tokens=True):
-        return [" ".join(str(t) for t in row.tolist() if not (skip_special_tokens and t == 2)) for row in ids]
+        return [" ".join(str(t) for t in row.tolist() if not (skip_special_tokens and t == EOS))
+                for row in ids]
 
 
 def prompts(n=2, lengths=(12, 17), seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 128, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+    return [torch.randint(3, 128, (lengths[i % len(lengths)],), generator=g).tolist()
+            for i in range(n)]
 
 
-def tokens(r):
-    """Each completion's tokens up to its mask length (rollouts of different batches differ in padded width)."""
-    return [row[:int(m.sum())].tolist() for row, m in zip(r.completion_ids, r.completion_mask)]
+@contextmanager
+def eos_boost(model, nats):
+    """Add `nats` to the EOS logit at every step, so completions end earlier."""
+    bump = nats * F.one_hot(torch.tensor(EOS), model.config.vocab_size)  # (V,)
+    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: out + bump.to(out.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def spy_generate(model, **extra):
+    """Record every model.generate call; `extra` kwargs are added (e.g. output_scores=True)."""
+    calls, original = [], model.generate
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs, **extra)
+        calls.append(out)
+        return out.sequences if extra.get("return_dict_in_generate") else out
+
+    model.generate = spy
+    try:
+        yield calls
+    finally:
+        del model.generate  # back to the class method
 
 
 # ------------------------------------------------------------------ masks from positions
 
 def test_completion_mask_keeps_sampled_eos_when_pad_equals_eos():
-    # row 0: "5 7 EOS pad pad" (pad == EOS == 2): the mask must cover 5, 7 AND the sampled EOS -- 3 tokens.
+    # row 0: "5 7 EOS pad pad" (pad == EOS == 2): the mask covers 5, 7 AND the sampled EOS.
     # row 1: no EOS at all -> all 5 tokens count and the row is truncated.
-    # row 2: EOS first -> only that EOS counts (a length-1 completion still teaches the model to stop).
+    # row 2: EOS first -> only that EOS counts (a length-1 completion still teaches stopping).
     ids = torch.tensor([[5, 7, 2, 2, 2], [5, 6, 7, 8, 9], [2, 2, 2, 2, 2]])
     mask, truncated = completion_mask_from_positions(ids, [2])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
@@ -47,42 +77,136 @@ def test_completion_mask_keeps_sampled_eos_when_pad_equals_eos():
 
 def test_generation_stops_at_eos():
     model = tiny_model("llama")
-    # A hook that makes EOS (id 2) win every sampling step by 100 nats: every row must stop after one token,
-    # and generation must not run on to max_new_tokens.
-    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: out + 100.0 * F.one_hot(
-        torch.tensor(2), out.shape[-1]).to(out.dtype))
-    try:
-        r = sample_groups(model, TinyTok(), prompts(2), group_size=3, max_new_tokens=6, temperature=1.0, seed=0)
-    finally:
-        handle.remove()
-    assert r.completion_ids.shape == (6, 1) and (r.completion_ids == 2).all()
+    # EOS wins every step by 100 nats: every row stops after one token, generation stops there.
+    with eos_boost(model, 100.0):
+        r = sample_groups(model, TinyTok(), prompts(2), group_size=3, max_new_tokens=6, seed=0)
+    assert r.completion_ids.shape == (6, 1) and (r.completion_ids == EOS).all()
     assert r.completion_mask.tolist() == [[1.0]] * 6 and not r.truncated.any()
 
 
+def test_batched_rows_end_at_their_own_first_eos():
+    # 3 prompts of different lengths (left padding) x 4 samples in one generate call; EOS made
+    # likely enough that rows stop at different steps. Each row: mask 1 up to and including its
+    # first EOS, pad (= EOS) after it; a row without EOS is truncated and fully masked in.
+    model = tiny_model("llama")
+    with eos_boost(model, 3.5):
+        r = sample_groups(model, TinyTok(), prompts(3, lengths=(9, 14, 11)), group_size=4,
+                          max_new_tokens=8, seed=3)
+    T = r.completion_ids.shape[1]
+    for row, m, trunc in zip(r.completion_ids, r.completion_mask, r.truncated):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()
+        if trunc:
+            assert n == T == 8 and EOS not in row.tolist()
+        else:
+            assert row[n - 1] == EOS and EOS not in row[:n - 1].tolist()
+            assert (row[n:] == EOS).all()
+    assert len(set(r.lengths.tolist())) >= 3  # rows really ended at different steps
+
+
 # ------------------------------------------------------------------ sampling
+
+def test_one_generate_call_per_step_and_per_group_reference_path():
+    model, tok, ps = tiny_model("llama"), TinyTok(), prompts(3)
+    with spy_generate(model) as calls:
+        sample_groups(model, tok, ps, group_size=2, max_new_tokens=3, seed=0)
+    assert len(calls) == 1 and calls[0].shape[0] == 6  # N x G = 3 x 2 rows in one call
+    with spy_generate(model) as calls:
+        sample_groups(model, tok, ps, group_size=2, max_new_tokens=3, seed=0, per_group=True)
+    assert [c.shape[0] for c in calls] == [2, 2, 2]
+    with spy_generate(model) as calls:  # greedy evaluation: greedy_batch prompts per call
+        sample_groups(model, tok, ps, group_size=1, max_new_tokens=3, temperature=0.0,
+                      greedy_batch=2)
+    assert [c.shape[0] for c in calls] == [2, 1]
+
 
 def test_shared_prefix_greedy_equals_separate_generate_calls():
     model, tok = tiny_model("llama"), TinyTok()
     ps = prompts(3, lengths=(9, 14, 11))
     r = sample_groups(model, tok, ps, group_size=2, max_new_tokens=8, temperature=0.0)
     for i, p in enumerate(ps):
-        ref = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                             max_new_tokens=8, do_sample=False, pad_token_id=2, eos_token_id=[2])[0, len(p):]
+        x = torch.tensor([p])
+        ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8,
+                             do_sample=False, pad_token_id=EOS, eos_token_id=[EOS])[0, len(p):]
         for g in range(2):
             n = int(r.completion_mask[2 * i + g].sum())
             assert r.completion_ids[2 * i + g, :n].tolist() == ref[:n].tolist()
 
 
-def test_sampling_reproducible_and_independent_of_batch_composition():
-    model, tok = tiny_model("llama"), TinyTok()
-    ps = prompts(3)
-    a = sample_groups(model, tok, ps, group_size=4, max_new_tokens=6, temperature=1.0, seed=7)
-    b = sample_groups(model, tok, ps, group_size=4, max_new_tokens=6, temperature=1.0, seed=7)
-    c = sample_groups(model, tok, ps[2:], group_size=4, max_new_tokens=6, temperature=1.0, seed=7, index_offset=2)
-    d = sample_groups(model, tok, ps, group_size=4, max_new_tokens=6, temperature=1.0, seed=8)
+def test_batched_sampling_deterministic_for_a_seed_and_batch():
+    model, tok, ps = tiny_model("llama"), TinyTok(), prompts(3)
+    kw = dict(group_size=4, max_new_tokens=6, temperature=1.0)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    a = sample_groups(model, tok, ps, seed=7, **kw)
+    after = torch.rand(1)
+    b = sample_groups(model, tok, ps, seed=7, **kw)
+    d = sample_groups(model, tok, ps, seed=8, **kw)
     assert torch.equal(a.completion_ids, b.completion_ids)
-    assert tokens(a)[8:] == tokens(c)  # the third prompt's group is the same whether sampled alone or with others
     assert not torch.equal(a.completion_ids, d.completion_ids)
+    torch.manual_seed(123)  # the caller's random stream is untouched by sampling
+    assert torch.equal(torch.rand(1), before) and torch.equal(torch.rand(1), after)
+    # the reference path: prompt 0's group does not depend on the prompts after it
+    full = sample_groups(model, tok, ps, seed=7, per_group=True, **kw)
+    alone = sample_groups(model, tok, ps[:1], seed=7, per_group=True, **kw)
+    n = alone.completion_ids.shape[1]
+    assert torch.equal(full.completion_ids[:4, :n], alone.completion_ids)
+
+
+def test_prefill_hook_sees_each_prompt_once_and_no_decoding():
+    model, tok = tiny_model("llama"), TinyTok()
+    ps = prompts(3, lengths=(9, 14, 11))
+    masks, inside, total = [], [], []
+    count = model.model.embed_tokens.register_forward_hook(lambda m, i, o: total.append(1))
+
+    @contextmanager
+    def hook(attention_mask):  # e.g. the lead's q/k statistics collector
+        masks.append(attention_mask.clone())
+        h = model.model.embed_tokens.register_forward_hook(
+            lambda m, i, o: inside.append(i[0].clone()))
+        try:
+            yield
+        finally:
+            h.remove()
+
+    try:
+        r = sample_groups(model, tok, ps, group_size=4, max_new_tokens=5, seed=0,
+                          prefill_hook=hook)
+    finally:
+        count.remove()
+    assert len(masks) == 1 and masks[0].shape == (3, 13)  # (N, P-1), P = 14
+    assert masks[0].sum(-1).tolist() == [8, 13, 10]  # every prompt but its last token
+    assert len(inside) == 1  # one forward under the hook: the prefill of the 3 prompts, once
+    for i, p in enumerate(ps):
+        assert inside[0][i][masks[0][i].bool()].tolist() == p[:-1]
+    assert len(total) == 1 + r.completion_ids.shape[1]  # the decode steps ran outside the hook
+
+
+def test_sampling_sees_exactly_the_distribution_the_loss_scores():
+    # The model's own generation_config asks for repetition_penalty 1.3, top_k 5 and suppresses
+    # tokens 5..9 (suppress_tokens is off only when None, so no explicit neutral value can defeat
+    # it). If any of these leaked into sampling, the sampler's distribution would differ from the
+    # plain temperature softmax that completion_logprobs scores (wrong ratios from step 1).
+    model, tok = tiny_model("llama"), TinyTok()
+    cfg = model.generation_config
+    cfg.repetition_penalty, cfg.top_k, cfg.suppress_tokens = 1.3, 5, [5, 6, 7, 8, 9]
+    x = torch.tensor([prompts(1)[0]])
+    leaky = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
+                           max_new_tokens=1, output_scores=True, return_dict_in_generate=True,
+                           pad_token_id=EOS)
+    assert torch.isinf(leaky.scores[0]).sum() == 128 - 5  # plain generate: top_k 5 leaks in
+    ps = prompts(3, lengths=(9, 14, 11))  # different lengths: left padding in the batch too
+    with spy_generate(model, output_scores=True, return_dict_in_generate=True) as calls:
+        r = sample_groups(model, tok, ps, group_size=3, max_new_tokens=6, temperature=0.7,
+                          seed=1)
+    assert model.generation_config.top_k == 5  # the model's config is restored after the call
+    assert torch.isfinite(torch.stack(calls[0].scores)).all()  # nothing suppressed or cut off
+    scores = torch.stack(calls[0].scores, 1).float()  # (B, T, V) processed scores
+    sampler = scores.log_softmax(-1).gather(-1, r.completion_ids[..., None]).squeeze(-1)  # (B, T)
+    with torch.no_grad():
+        ours = completion_logprobs(model, r, temperature=0.7)  # (B, T)
+    m = r.completion_mask.bool()
+    assert (sampler[m] - ours[m]).abs().max() <= 1e-5
 
 
 # ------------------------------------------------------------------ log-probs
@@ -92,10 +216,11 @@ def test_sampling_reproducible_and_independent_of_batch_composition():
 def test_shared_prompt_logprobs_and_grads_equal_full_sequence(kind, checkpointing):
     model = tiny_model(kind).train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     g = torch.Generator().manual_seed(1)
-    p, c = torch.randint(3, 128, (40,), generator=g).tolist(), torch.randint(3, 128, (4, 7), generator=g)
-    w = torch.randn(4, 7, generator=g)  # a random loss weighting so every position's gradient matters
+    p = torch.randint(3, 128, (40,), generator=g).tolist()
+    c = torch.randint(3, 128, (4, 7), generator=g)
+    w = torch.randn(4, 7, generator=g)  # a random loss weighting: every position's gradient counts
     a = group_logprobs(model, p, c)
     (a * w).sum().backward()
     grads_a = {n: q.grad.clone() for n, q in model.named_parameters()}
@@ -121,8 +246,9 @@ def test_logprobs_equal_minus_cross_entropy():
     model = tiny_model("llama")
     p, c = prompts(1, lengths=(20,))[0], torch.randint(3, 128, (2, 6))
     ids = torch.cat([torch.tensor([p]).expand(2, -1), c], 1)  # (2, P + T)
-    logits = model(input_ids=ids).logits[:, len(p) - 1:-1]  # (2, T, V) positions that predict the completion
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), c.reshape(-1), reduction="none").view(2, 6)
+    logits = model(input_ids=ids).logits[:, len(p) - 1:-1]  # (2, T, V) predicts the completion
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), c.reshape(-1),
+                         reduction="none").view(2, 6)
     assert torch.allclose(group_logprobs(model, p, c), -ce, atol=1e-5)
 
 
@@ -133,8 +259,9 @@ def test_completion_logprobs_over_a_rollout_matches_per_group():
     with torch.no_grad():
         lp = completion_logprobs(model, r)
         for i, p in enumerate(ps):
-            assert torch.allclose(lp[3 * i:3 * i + 3], full_sequence_logprobs(model, p, r.completion_ids[3 * i:3 * i + 3]),
-                                  atol=1e-5)
+            rows = slice(3 * i, 3 * i + 3)
+            ref = full_sequence_logprobs(model, p, r.completion_ids[rows])
+            assert torch.allclose(lp[rows], ref, atol=1e-5)
 
 
 def test_token_logprobs_chunking_is_exact():
@@ -145,17 +272,25 @@ def test_token_logprobs_chunking_is_exact():
     assert torch.allclose(a, b, atol=1e-6)
 
 
-# ------------------------------------------------------------------ loading
+# ------------------------------------------------------------------ loading and bad input
 
 def test_missing_asset_package_names_install_command():
     with pytest.raises(FileNotFoundError, match="pip install --no-deps some-wheel==1.0"):
         rollout.package_dir("no_such_package_xyz", "some-wheel==1.0")
 
 
+def test_empty_prompt_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"non-empty .* lengths \[3, 0\]"):
+        sample_groups(tiny_model("llama"), TinyTok(), [[5, 6, 7], []], group_size=2,
+                      max_new_tokens=2)
+
+
 def test_embedded_model_loads_and_answers(embedded):
     model, tok = embedded
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
     assert tok.pad_token_id == tok.eos_token_id  # the case the position-based mask exists for
-    ids = rollout.build_prompt_ids(tok, "What is the capital of France? Answer in one word.")
-    r = sample_groups(model, tok, [ids], group_size=1, max_new_tokens=16, temperature=0.0)
+    chat = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                  return_dict=True)["input_ids"]
+    r = sample_groups(model, tok, [list(ids)], group_size=1, max_new_tokens=16, temperature=0.0)
     assert "paris" in r.texts[0].lower() and not r.truncated[0]

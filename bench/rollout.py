@@ -1,0 +1,420 @@
+"""
+bench/rollout.py -- rollout.py's hot paths, each measured side by side with the slower way.
+
+In long-context RL a step samples G completions of each of N long prompts, then runs forward and
+backward through them. rollout.py prefills each prompt once, shares its KV cache across its G rows,
+and samples the whole step in one `generate` call. On the embedded SmolLM2-135M-Instruct (essay
+text, SOURCES.md §7) this script measures:
+
+  1. sampling        `sample_groups`: N prompts x G rows in ONE generate call (batched)
+                     vs `sample_groups(per_group=True)`: one call per prompt (the reference path).
+                     Both prefill every prompt once; batching runs the T decode steps once for all
+                     N*G rows instead of N times for G rows. Default: the demo's N = 4 prompts of
+                     1024 tokens, G = 8, T = 32, fp32.
+  2. fwd + backward  `group_logprobs(...).sum().backward()` (one prompt forward shared by G rows)
+                     vs `full_sequence_logprobs` (G full [prompt; completion] rows in one batch;
+                     with --separate also as G single-row passes), one group, bf16 autocast.
+  3. memory          bytes saved for backward by `group_logprobs` at several prompt lengths,
+                     against a naive trainer that takes log_softmax over the logits of every
+                     position (P x V).
+It prints medians and ratios; what they mean for a run is the README's business ("Measured").
+
+Choices (engineering, not method):
+  1. Equal work when sampling: a forward hook on the LM head sets the EOS logits to -inf in part 1,
+     so every row generates exactly T tokens. (The model's generation_config cannot do this:
+     sample_groups ignores it on purpose, rollout.py choice 5.)
+  2. Interleaved timing: every round runs each contender once, alternating which goes first, after
+     one untimed warm-up round (the sampling warm-up decodes 2 tokens: it only has to meet every
+     kernel shape once); medians are reported. The prefill share of sampling is timed through
+     sample_groups' own prefill_hook, so it costs no extra forward.
+  3. Precision: sampling in fp32 by default (--bf16 for bf16 autocast); forward + backward under
+     bf16 autocast, as the training update runs (fp32 G-row naive passes need twice the memory).
+  4. Saved-tensor bytes come from `torch.autograd.graph.saved_tensors_hooks`, each storage counted
+     once (the expanded prompt KV is one storage). Tensors saved INSIDE `torch.utils.checkpoint`
+     regions are invisible to an outer hook -- the point of checkpointing: rollout's per-chunk
+     logits are recomputed in backward, not stored. Saved tensors shaped like a parameter are
+     booked as "weights" (fp32 parameters and their bf16 autocast copies), the rest as activations.
+  5. The naive memory baseline is measured on ONE row and scaled by G: a batched pass saves G times
+     the activations of one row (same weights).
+  6. Peak RSS (Linux only) is reset through /proc/self/clear_refs; glibc returns large blocks to
+     the OS (mallopt), so a freed buffer does not hide the next peak. Only part 3 does this.
+  7. Threads: with other jobs on the same cores, several OpenMP threads wait on each other at every
+     op and distort the ratios; `--threads 1` avoids it (the script warns).
+
+Run (from the repository root):
+    .venv/bin/python -m bench.rollout --threads 1
+    .venv/bin/python -m bench.rollout --threads 1 --repeats 1 --parts sampling
+"""
+
+import argparse
+import ctypes
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+if not __package__:  # run as a file, `import rollout` below would find this file itself
+    sys.exit("run from the repository root as a module: python -m bench.rollout")
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("LONGACT_CACHE", str(ROOT / ".cache" / "longact"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never wait on the network
+
+import torch  # noqa: E402  (after the environment above)
+import transformers  # noqa: E402
+
+from rollout import (eos_ids, full_sequence_logprobs, group_logprobs, load_policy,  # noqa: E402
+                     sample_groups)
+from tasks.haystack import calibration_prompts  # noqa: E402
+
+# Letters: N prompts, G group size, P prompt tokens, T completion tokens, V vocab, C hidden,
+# L layers.
+MIB = 2**20
+CHUNK = 256  # rollout.token_logprobs' default chunk of positions whose logits exist at once
+PARTS = ("sampling", "fwd-bwd", "memory")
+
+
+# -----------------------------------------------------------------------------
+# timing
+
+def bf16():
+    """bf16 autocast on CPU: fp32 master weights, bf16 matmuls."""
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def interleaved(contenders: dict, repeats: int, before=None, warmup=None) -> dict:
+    """Median seconds of each contender (name -> zero-arg function), run side by side.
+
+    One untimed warm-up round first (`warmup` may give cheaper stand-ins, same names). Odd rounds
+    reverse the order, so a slow drift of a shared machine does not always land on the same
+    contender. `before` (untimed) runs ahead of every call, e.g. to clear gradients.
+    """
+    for name, fn in (warmup or contenders).items():
+        if before:
+            before()
+        fn()
+    times = {name: [] for name in contenders}
+    for r in range(repeats):
+        for name in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
+            if before:
+                before()
+            t0 = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@contextmanager
+def eos_suppressed(model, eos: list):
+    """EOS logits -> -inf in every forward of the LM head, so all rows run to max_new_tokens."""
+    idx = torch.tensor(eos)
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda mod, inp, out: out.index_fill(-1, idx.to(out.device), float("-inf")))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class PrefillClock:
+    """A prefill_hook for sample_groups that adds up the seconds spent in prefill forwards."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @contextmanager
+    def __call__(self, attention_mask):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def bench_sampling(model, tok, prompts: list, G: int, T: int, repeats: int, use_bf16: bool):
+    """Part 1: batched vs per-group sample_groups. -> (medians, prefill medians, completions)."""
+    out, clocks = {}, {"batched": [], "per_group": []}
+
+    def run(per_group, n=T, timed=True):
+        clock = PrefillClock()
+        with bf16() if use_bf16 else nullcontext():
+            out[per_group] = sample_groups(model, tok, prompts, G, n, temperature=1.0, top_p=1.0,
+                                           seed=0, prefill_hook=clock, per_group=per_group)
+        if timed:
+            clocks["per_group" if per_group else "batched"].append(clock.seconds)
+
+    names = ("batched: 1 generate call", f"per group: {len(prompts)} generate calls")
+    contenders = dict(zip(names, (lambda: run(False), lambda: run(True))))
+    warm = dict(zip(names, (lambda: run(False, 2, False), lambda: run(True, 2, False))))
+    with eos_suppressed(model, eos_ids(model, tok)):
+        med = interleaved(contenders, repeats, warmup=warm)
+    N = len(prompts)
+    for r in out.values():  # the two did the same work: N*G rows of exactly T tokens, no EOS
+        assert r.completion_ids.shape == (N * G, T) and bool(r.truncated.all()), \
+            r.completion_ids.shape
+    prefill = {name: statistics.median(clocks[k]) for name, k in zip(names, clocks)}
+    return med, prefill, out[False].completion_ids
+
+
+def bench_fwd_bwd(model, prompt: list, completion: torch.Tensor, repeats: int, separate: bool):
+    """Part 2: forward + backward of one group, ours vs G full-sequence rows."""
+    G = completion.shape[0]
+    logps = {}
+
+    def ours():
+        with bf16():
+            lp = group_logprobs(model, prompt, completion)  # (G, T)
+        lp.sum().backward()
+        logps["ours"] = lp.detach()
+
+    def batched(rows=G):
+        with bf16():
+            lp = full_sequence_logprobs(model, prompt, completion[:rows])  # (rows, T)
+        lp.sum().backward()
+        logps["full"] = lp.detach()
+
+    def one_by_one(rows=G):
+        for g in range(rows):  # what a trainer does when G rows of P + T tokens do not fit
+            with bf16():
+                lp = full_sequence_logprobs(model, prompt, completion[g:g + 1])  # (1, T)
+            lp.sum().backward()
+
+    contenders = {"group_logprobs (shared prompt)": ours,
+                  "full_sequence_logprobs, G rows batched": batched}
+    if separate:
+        contenders["full_sequence_logprobs, G separate passes"] = one_by_one
+    # The baselines warm up on 2 rows / 1 pass: the same kernels at a fraction of the cost.
+    warm = dict(zip(contenders, (ours, lambda: batched(2), lambda: one_by_one(1))))
+    model.train()
+    med = interleaved(contenders, repeats, before=lambda: model.zero_grad(set_to_none=True),
+                      warmup=warm)
+    model.zero_grad(set_to_none=True)
+    diff = (logps["ours"] - logps["full"]).abs()  # (G, T) bf16 rounding differs between paths
+    return med, (diff.max().item(), diff.mean().item())
+
+
+# -----------------------------------------------------------------------------
+# memory
+
+class SavedTensors:
+    """Context manager recording every tensor autograd saves for backward, each storage once."""
+
+    def __init__(self, model):
+        self.param_shapes = {tuple(p.shape) for p in model.parameters()}
+        self.storages = {}  # data_ptr -> (bytes, shape, is_weight)
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.storages:
+            shape = tuple(t.shape)
+            self.storages[s.data_ptr()] = (s.nbytes(), shape, shape in self.param_shapes)
+        return t
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+    def summary(self) -> dict:
+        acts = [(b, shape) for b, shape, w in self.storages.values() if not w]
+        weights = sum(b for b, _, w in self.storages.values() if w)
+        return {"weights": weights, "acts": sum(b for b, _ in acts), "largest": max(acts)}
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, MiB; nan without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak_rss() -> float:
+    """Give freed memory back, reset the peak-RSS counter; return the RSS to measure from."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5" resets VmHWM to the current RSS (proc(5))
+    except OSError:
+        pass
+    return rss_mib("VmRSS")
+
+
+def naive_logprobs(model, prompt_ids: list, completion_ids: torch.Tensor) -> torch.Tensor:
+    """What minimal GRPO code does: logits at EVERY position, fp32 log_softmax over all of them,
+    gather, keep the completion -- the (G, P+T-1, V) log-softmax is saved for backward."""
+    G, T = completion_ids.shape
+    ids = torch.cat([torch.tensor([prompt_ids]).expand(G, -1), completion_ids], 1)  # (G, P + T)
+    logits = model(input_ids=ids).logits[:, :-1].float()  # (G, P+T-1, V)
+    logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (G, P+T-1)
+    return logp[:, len(prompt_ids) - 1:]  # (G, T)
+
+
+def measure_memory(model, fn, prompt: list, completion: torch.Tensor) -> dict:
+    """Saved-for-backward bytes of one forward of `fn`, then the peak-RSS rise over fwd + bwd."""
+    model.zero_grad(set_to_none=True)
+    start = reset_peak_rss()
+    with SavedTensors(model) as saved, bf16():
+        lp = fn(model, prompt, completion)
+    lp.sum().backward()
+    out = saved.summary()
+    out["peak_rss"] = rss_mib("VmHWM") - start
+    out["grad_bytes"] = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    del lp, saved
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def bench_memory(model, tok, lengths: list, completion: torch.Tensor) -> list:
+    """Part 3: ours at G rows vs the naive trainer on one row, for each prompt length."""
+    libc = _libc()
+    if libc is not None:
+        # M_MMAP_THRESHOLD (-3) = 1 MiB: big tensors get their own mmap and go back to the OS when
+        # freed, so a peak is not hidden by memory kept from the previous measurement.
+        libc.mallopt(-3, 1 << 20)
+    model.train()
+    rows = []
+    for P in lengths:
+        prompt = calibration_prompts(tok, P, 1, seed=1)[0]
+        ours = measure_memory(model, group_logprobs, prompt, completion)
+        naive = measure_memory(model, naive_logprobs, prompt, completion[:1])
+        rows.append((P, ours, naive))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# report
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def print_header(a, model):
+    print(f"bench/rollout: {type(model).__name__} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"  CPU: {cpu_name()}; torch CPU capability: {torch.backends.cpu.get_cpu_capability()}; "
+          f"{os.cpu_count()} cores; {torch.get_num_threads()} torch threads; "
+          f"1-min load average {os.getloadavg()[0]:.1f}")
+    print(f"  medians of {a.repeats} timed round(s) after 1 warm-up round")
+    if a.threads > 1 and os.getloadavg()[0] + a.threads > os.cpu_count() + 0.5:
+        print(f"  WARNING: {a.threads} threads on a loaded machine oversubscribe the cores; "
+              f"rerun with --threads 1 (or when the machine is idle).")
+
+
+def print_timings(title: str, med: dict):
+    """Medians side by side, then each other contender's time as a multiple of the first's."""
+    names = list(med)
+    print(f"\n{title}")
+    for name in names:
+        print(f"  {name:<44} {med[name]:8.2f} s")
+    for name in names[1:]:
+        print(f"  {name} / {names[0]}: {med[name] / med[names[0]]:.2f}x")
+
+
+def print_sampling_split(med: dict, prefill: dict, N: int, G: int, T: int):
+    """Prefill (the same work in both paths) and decode time of each path."""
+    steps = dict(zip(med, ((T, N * G), (N * T, G))))  # (decode steps, rows per step)
+    for name in med:
+        decode = med[name] - prefill[name]
+        n, rows = steps[name]
+        print(f"  {name}: prefill {prefill[name]:.2f} s, decode {decode:.2f} s "
+              f"= {n} steps of {rows} rows, {decode / n:.3f} s per step")
+
+
+def print_memory(rows: list, G: int, T: int, cfg):
+    """The saved-for-backward table and the growth per prompt token."""
+    V, C, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
+    print(f"\n3. memory saved for backward (G={G}, T={T}, V={V}, C={C}, L={L}), MiB; "
+          f"'largest' = largest activation; peak RSS+ = rise of peak RSS over fwd + bwd")
+    print(f"  {'P':>5} | {'ours: acts':>10} {'largest':>8} {'peak RSS+':>9} | "
+          f"{'naive 1 row: acts':>17} {'largest':>8} {'peak RSS+':>9} | {'naive x G acts':>14}")
+    for P, o, n in rows:
+        print(f"  {P:>5} | {o['acts'] / MIB:10.0f} {o['largest'][0] / MIB:8.1f} "
+              f"{o['peak_rss']:9.0f} | {n['acts'] / MIB:17.0f} {n['largest'][0] / MIB:8.1f} "
+              f"{n['peak_rss']:9.0f} | {G * n['acts'] / MIB:14.0f}")
+    print(f"  largest saved tensor of ours: shape {max(o['largest'] for _, o, _ in rows)[1]}; "
+          f"bound G x min(T, chunk) x V x 4 B = {G * min(T, CHUNK) * V * 4 / MIB:.0f} MiB")
+    if len(rows) > 1:
+        (P0, o0, n0), (P1, o1, n1) = rows[-2], rows[-1]
+        ours_tok = (o1["acts"] - o0["acts"]) / (P1 - P0)  # bytes per prompt token, whole group
+        naive_tok = (n1["acts"] - n0["acts"]) / (P1 - P0)  # bytes per prompt token, one row
+        print(f"  per extra prompt token ({P0}->{P1}): ours {ours_tok / 1024:.0f} KiB for the "
+              f"group; naive {naive_tok / 1024:.0f} KiB per row (x G = "
+              f"{G * naive_tok / 1024:.0f} KiB), of which fp32 log-softmax {V * 4 / 1024:.0f} KiB")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per contender (median)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch CPU threads (1 when other jobs share the cores)")
+    p.add_argument("--prompts", type=int, default=4, help="N prompts sampled per step (part 1)")
+    p.add_argument("--prompt-len", type=int, default=1024, help="P prompt tokens (parts 1-2)")
+    p.add_argument("--group", type=int, default=8, help="G completions per prompt")
+    p.add_argument("--new-tokens", type=int, default=32, help="T completion tokens (EOS off)")
+    p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (part 1)")
+    p.add_argument("--separate", action="store_true", help="part 2 also times G single-row passes")
+    p.add_argument("--memory-lengths", type=int, nargs="+", default=[512, 1024, 2048],
+                   help="prompt lengths of part 3")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    t_start = time.perf_counter()
+    model, tok = load_policy("smollm2-135m")  # fp32 weights
+    model.eval()
+    print_header(a, model)
+    prompts = calibration_prompts(tok, a.prompt_len, a.prompts, seed=0)  # exactly P tokens each
+    G, T = a.group, a.new_tokens
+    completion = None
+    if "sampling" in a.parts:
+        med, prefill, ids = bench_sampling(model, tok, prompts, G, T, a.repeats, a.bf16)
+        print_timings(f"1. sampling N={a.prompts} prompts x P={a.prompt_len} tokens, G={G}, "
+                      f"T={T} (EOS off), {'bf16 autocast' if a.bf16 else 'fp32'}", med)
+        print_sampling_split(med, prefill, a.prompts, G, T)
+        completion = ids[:G]  # the first prompt's group
+    if completion is None:
+        completion = torch.randint(0, model.config.vocab_size, (G, T), generator=torch.Generator()
+                                   .manual_seed(0))  # (G, T) timing does not depend on the ids
+    if "fwd-bwd" in a.parts:
+        med, (dmax, dmean) = bench_fwd_bwd(model, prompts[0], completion, a.repeats, a.separate)
+        print_timings(f"2. forward + backward of one group (P={a.prompt_len}, G={G}, T={T}, "
+                      f"fp32 weights, bf16 autocast)", med)
+        print(f"  |logp(ours) - logp(full)|: max {dmax:.3f}, mean {dmean:.4f} nats (bf16 rounding)")
+    if "memory" in a.parts:
+        rows = bench_memory(model, tok, a.memory_lengths, completion)
+        print_memory(rows, G, T, model.config)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s, "
+          f"1-min load average at end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
