@@ -302,13 +302,15 @@ def qk_snapshot(model: torch.nn.Module, masks: dict[str, Tensor]) -> dict[str, T
     return {name: p.detach().clone() for name, p, _ in masked_params(model, masks)}
 
 
-def rows_outside_drift(before: dict[str, Tensor], after: dict[str, Tensor],
-                       masks: dict[str, Tensor]) -> float:
+def rows_outside_drift(before: dict[str, Tensor], after, masks: dict[str, Tensor]) -> float:
     """Max |after - before| over the rows outside each parameter's mask (0.0 = nothing moved).
 
-    before/after: {"<module>.weight" or "<module>.bias": tensor} (qk_snapshot); masks are keyed by
-    module. Example: before w = [[1, 1], [2, 2]], after [[1, 1], [2.5, 2]], mask [T, F] -> 0.5.
+    before: {"<module>.weight" or "<module>.bias": tensor} (qk_snapshot); after: the same, or the
+    model itself (read in place, no copy); masks are keyed by module.
+    Example: before w = [[1, 1], [2, 2]], after [[1, 1], [2.5, 2]], mask [T, F] -> 0.5.
     """
+    if isinstance(after, torch.nn.Module):
+        after = {n: p.detach() for n, p in after.named_parameters() if n in before}
     drift = 0.0
     for name, b in before.items():
         module = name.rsplit(".", 1)[0]

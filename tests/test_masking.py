@@ -299,6 +299,7 @@ def per_step_training(kind: str, semantics: str, wd: float, optimizer: str = "ad
         state_before = {n: {k: t.clone() for k, t in opt.state[p].items()}
                         for n, p, _ in masked_params(model, masks)}
         drift = masked_step(opt, model, masks, semantics)
+        assert drift == rows_outside_drift(before, model, masks)  # the model itself as "after"
         state_after = {n: dict(opt.state[p]) for n, p, _ in masked_params(model, masks)}
         yield step, masks, before, qk_snapshot(model, masks), state_before, state_after, drift
 
