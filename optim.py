@@ -1,0 +1,174 @@
+"""
+optim.py -- AdamW for bf16 weights: fp32 math, bf16 storage, stochastic rounding on each store.
+
+Why. The paper trains Qwen3-8B (SOURCES.md §1.6). Adam with fp32 master weights, fp32 gradients
+and fp32 moments costs 4 + 4 + 8 = 16 bytes per parameter: 131 GB for 8.19 B parameters before a
+single activation, so the update cannot fit one 141 GB GPU (`python plan.py --model qwen3-8b`).
+Keeping weights, gradients and both moments in bf16 costs 2 + 2 + 2 + 2 = 8 bytes per parameter
+(66 GB), and the whole update step then plans at about 108 GB with the bf16 reference model
+(plan.py; 10% headroom means <= 127 GB). bf16 weights with fp32 moments (12 bytes per parameter)
+plan at about 140 GB: they do not fit.
+
+Why stochastic rounding. bf16 keeps 8 significant bits: a weight near 1 has an ulp of 2^-7, and
+round-to-nearest drops any change below half an ulp. At lr 1e-6 an Adam step moves a weight by
+about lr, so bf16 weights with ordinary rounding never move at all (SOURCES.md §8.8;
+tests/test_optim.py shows it). Stochastic rounding (Zamirai et al., arXiv 2010.06192) rounds up
+with probability equal to the distance from the lower neighbour, in ulps: the stored value is
+unbiased, so the expected trajectory is the exact one, plus noise that averages out over the many
+weights of a matrix. We do the whole AdamW update in fp32 and round once per store. The price:
+each weight moves in whole ulps, so one weight's path is noisy (in the test, 1000 steps at lr 1e-6
+on weights near 1: the mean move is within ~1.5% of the exact one, a single weight's error is
+~2.6x its move). Kahan-compensated summation (same paper) tracks every weight but needs a bf16
+compensation buffer: +2 bytes per parameter, ~124 GB planned for Qwen3-8B, too close to 127 GB.
+
+    w <- w (1 - lr wd)                             decoupled weight decay (AdamW)
+    m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+    w <- w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    store w, m, v: stochastic rounding where the storage is bf16, plain copy where it is fp32
+
+The same ops as torch's single-tensor AdamW, in the same order, so fp32 parameters with fp32 state
+give exactly torch.optim.AdamW(foreach=False) (a test checks it bit for bit).
+
+Choices:
+  1. choice: the moments are bf16 too (state_dtype=None: the parameter's dtype). v in bf16 needs
+     stochastic rounding as much as w: with b2 = 0.999, `0.999 v` is within half an ulp of v and
+     would never decay. The 8-bit block-wise states of Dettmers et al. (arXiv 2110.02861) would
+     save 2 more bytes per parameter; bf16 + rounding is simpler and already fits.
+  2. choice: the noise is a pure function of (seed, step of that tensor, index of the tensor in the
+     param groups): mix_seed feeds a fresh torch.Generator for each tensor and step. Resuming from
+     a state_dict (which holds the step counts) therefore continues bit for bit; no generator
+     state needs saving. The same seed on another device draws other noise (torch's CPU and CUDA
+     generators differ), so CPU and GPU runs are not bitwise equal.
+  3. choice: the update runs over flat chunks of `chunk` elements, so the fp32 temporaries of the
+     largest tensor (Qwen3's 151936 x 4096 embedding) stay around 0.5 GB instead of ~15 GB.
+  4. Every state tensor except the step count has the parameter's shape: code that freezes rows
+     (copy the frozen rows of the parameter and of every param-shaped state tensor out before
+     `step()`, back after) works unchanged. A row with zero gradient and zero moments gets an
+     update of exactly 0, and stochastic rounding of a value already in bf16 returns it exactly.
+  5. Gradients accumulate in bf16 across micro-batches (autograd adds in the gradient's dtype,
+     round-to-nearest). Those additions are of similar magnitudes, so they do not stall; the
+     gradient norm used for clipping is therefore slightly noisier than in fp32.
+
+Shapes: every function works on a tensor of any shape (flat chunks inside the optimizer).
+Run: .venv/bin/python -m pytest -q tests/test_optim.py
+"""
+
+import torch
+from torch import Tensor
+
+from common import mix_seed
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # the param-shaped state tensors (step is a plain int)
+
+
+def stochastic_round(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """fp32 -> bf16, rounding up with probability (x - lower) / ulp: unbiased, E[result] = x.
+
+    bf16 is the top 16 bits of fp32. Adding uniform noise in [0, 2^16) to the low 16 bits carries
+    into bit 16 with exactly that probability; truncating the low bits then gives the result.
+    The sign bit is untouched, so magnitudes round the same way for negative numbers. Values that
+    are already bf16 (low bits 0) come back exactly. Example: 1 + 2^-9 lies a quarter of the way
+    from 1 to 1 + 2^-7 and becomes 1 + 2^-7 with probability 1/4, 1 otherwise.
+    """
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device,
+                          generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000
+
+
+def store(dst: Tensor, src: Tensor, generator: torch.Generator | None) -> None:
+    """Write the fp32 result `src` into `dst`: stochastic rounding into bf16, a plain copy else."""
+    if dst.dtype == torch.bfloat16:
+        dst.copy_(stochastic_round(src, generator))
+    elif dst.data_ptr() != src.data_ptr():
+        dst.copy_(src)  # fp32 storage: `src` may already be `dst` itself (updated in place)
+
+
+@torch.no_grad()
+def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
+                 lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 generator: torch.Generator | None = None) -> None:
+    """One AdamW step of one tensor (or a flat slice of it), in place; arithmetic in fp32.
+
+    The op sequence is torch's `_single_tensor_adam` with decoupled decay, so fp32 storage gives
+    the same bits; bf16 storage gets one stochastic rounding per stored tensor.
+    """
+    w, m, v, g = p.float(), exp_avg.float(), exp_avg_sq.float(), grad.float()  # fp32 views/copies
+    w.mul_(1 - lr * weight_decay)  # decoupled decay, before the update (AdamW)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    w.addcdiv_(m, denom, value=-lr / bias_correction1)
+    for dst, src in ((p, w), (exp_avg, m), (exp_avg_sq, v)):
+        store(dst, src, generator)
+
+
+class AdamWSR(torch.optim.Optimizer):
+    """AdamW whose weights and moments may be bf16: fp32 math, stochastic rounding when storing.
+
+    AdamWSR(model.parameters(), lr=1e-6, weight_decay=0.1, seed=run_seed) on a bf16 model.
+    state_dtype=None keeps m and v in each parameter's dtype; torch.float32 keeps them in fp32.
+    Param groups work as in torch (per-group lr, weight_decay; a scheduler changing group["lr"]).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, seed: int = 0, state_dtype=None,
+                 chunk: int = 1 << 24):
+        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and 0 <= betas[0] < 1
+                and 0 <= betas[1] < 1 and chunk > 0):
+            raise ValueError(f"AdamWSR: invalid lr {lr}, betas {betas}, eps {eps}, "
+                             f"weight_decay {weight_decay} or chunk {chunk}")
+        self.state_dtype, self.chunk = state_dtype, chunk
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      seed=seed))
+
+    def _init_state(self, p: Tensor) -> dict:
+        if not p.is_contiguous():
+            raise ValueError(f"AdamWSR: parameter of shape {tuple(p.shape)} is not contiguous; "
+                             "the chunked update needs a flat view")
+        dtype = self.state_dtype or p.dtype
+        return {"step": 0, **{k: torch.zeros_like(p, dtype=dtype) for k in MOMENTS}}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = -1  # position of the tensor in the param groups: part of its noise seed
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue  # like AdamW: no gradient, no step (and no decay)
+                if p.grad.is_sparse:
+                    raise ValueError("AdamWSR does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p))
+                state["step"] += 1
+                gen = torch.Generator(device=p.device)
+                gen.manual_seed(mix_seed(group["seed"], state["step"], index))  # choice 2
+                flat = [t.view(-1) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
+                g = p.grad.reshape(-1)
+                for s in range(0, p.numel(), self.chunk):  # choice 3: bounded fp32 temporaries
+                    part = slice(s, s + self.chunk)
+                    adamw_update(flat[0][part], g[part], flat[1][part], flat[2][part],
+                                 state["step"], lr, beta1, beta2, group["eps"],
+                                 group["weight_decay"], gen)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts every loaded state tensor to its parameter's dtype; keep m, v in ours."""
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for p, i in zip(params, saved):
+            for k in MOMENTS:
+                if k in state_dict["state"].get(i, {}):
+                    self.state[p][k] = state_dict["state"][i][k].to(
+                        device=p.device, dtype=self.state_dtype or p.dtype, copy=True)
