@@ -324,3 +324,20 @@ def test_embedded_model_shapes(embedded, tmp_path):
     assert meta == {"model": "smollm2-135m"}
     with pytest.raises(ValueError, match="shape"):
         load_stats(tmp_path / "qk.safetensors", tiny_model("llama", layers=30))
+
+
+def test_prefill_collector_inside_rollout_sample_groups(embedded):
+    """Wired into rollout.sample_groups: the statistic equals a calibration pass over the prompts
+    minus their last token (left padding and the G-fold KV repeat change nothing)."""
+    from rollout import sample_groups
+    model, tokenizer = embedded
+    texts = ["The grass is green. The sky is blue.", "Here we go. There and back again, twice."]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]  # different lengths: left padding
+    hook, state = prefill_collector(model)
+    sample_groups(model, tokenizer, prompts, group_size=3, max_new_tokens=2, seed=0,
+                  prefill_hook=hook)
+    got = finalize_state(state)
+    want = collect_qk_stats(model, [{"input_ids": torch.tensor([p[:-1]])} for p in prompts])
+    assert state["accs"]["model.layers.0.self_attn.q_proj"]["sequences"] == 2  # not 2 x 3
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-5), name
