@@ -9,11 +9,14 @@ rank, and every masked operation of masking.py runs on the local rows only: no c
 beyond what FSDP already does, and the update of one process (to fp32 rounding, note 8).
 
     torchrun --nproc-per-node N train.py ... --fsdp
-    init_distributed() -> shard_policy(model) -> AdamW(model.parameters())
-    per step:  counts = global_counts(mask)          # the loss divides by the WHOLE step's counts
+    device = init_distributed(); shard_policy(model); AdamW(model.parameters())
+    per step:  prompts = my_share(step_prompts)      # all ranks draw all prompts with one seed
+               stats = saliency.finalize_state(reduce_qk_state(state))  # same masks everywhere
+               counts = global_counts(mask)          # the loss divides by the WHOLE step's counts
                loss.backward() per micro-batch       # FSDP sums the ranks' gradients (note 2)
                mask_grads(model, masks)              # local rows; then clip_grad_norm_ (global)
                drift = masked_step(opt, model, masks, "frozen")
+               row = mean_over_ranks(row); rank 0 (is_main()) logs it
     save_checkpoint / load_checkpoint (torch.distributed.checkpoint), export_hf for evaluation
 
 Choices (engineering: the paper says nothing about how its training was sharded, SOURCES.md §1):
@@ -119,19 +122,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _reduce(values: list, op=None, device: str = "cpu") -> list:
-    """All-reduce a short list of numbers (SUM by default); a single process returns them."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64 if any(isinstance(v, float) for v in values)
-                     else torch.int64, device=device)
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def _comm_device() -> str:
     """nccl reduces CUDA tensors only; gloo CPU ones."""
     return "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+
+
+def reduce_numbers(values: list, op: str = "sum") -> list:
+    """All-reduce a short list of numbers over ranks with "sum", "min" or "max"; one process
+    returns them unchanged. Every rank must call it with the same length (it is a collective).
+    Example: DAPO's refill loop stops when reduce_numbers([kept], "min")[0] >= B // world()."""
+    if not dist.is_initialized():
+        return list(values)
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    t = torch.tensor(values, dtype=torch.float64 if any(isinstance(v, float) for v in values)
+                     else torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=ops[op])
+    return t.tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -208,8 +214,7 @@ def check_same_masks(masks: dict) -> None:
         return
     bits = torch.cat([masks[k].flatten().long() for k in sorted(masks)])  # (sum C,)
     key = int((bits * torch.arange(1, bits.numel() + 1)).sum())  # a position-weighted checksum
-    lo, = _reduce([key], dist.ReduceOp.MIN, _comm_device())
-    hi, = _reduce([key], dist.ReduceOp.MAX, _comm_device())
+    (lo,), (hi,) = reduce_numbers([key], "min"), reduce_numbers([key], "max")
     if lo != hi:
         raise ValueError("the ranks hold different row masks; build them from all-reduced "
                          "statistics (reduce_qk_state) and the same seed on every rank")
@@ -241,7 +246,7 @@ def masked_step(optimizer, model, masks: dict, semantics: str = "frozen") -> flo
         keys = [k for k, t in state.items() if torch.is_tensor(t) and t.shape == p.shape] \
             if semantics == "frozen" else []
         saved.append((p, out, local(p)[out], {k: local(state[k])[out] for k in keys}))
-    if _reduce([len(bad)], device=_comm_device())[0]:  # every rank raises, none waits forever
+    if reduce_numbers([len(bad)])[0]:  # every rank raises, none waits forever
         raise ValueError(f"gradient rows outside the mask are not zero (e.g. {bad[:2]} on rank "
                          f"{rank()}); call fsdp.mask_grads(model, masks) before clipping")
     optimizer.step()
@@ -253,7 +258,7 @@ def masked_step(optimizer, model, masks: dict, semantics: str = "frozen") -> flo
                 local(optimizer.state[p][k])[out] = rows
         if out.any():
             drift = max(drift, (local(p)[out].float() - before.float()).abs().max().item())
-    return _reduce([drift], dist.ReduceOp.MAX, _comm_device())[0]
+    return reduce_numbers([drift], "max")[0]
 
 
 # -----------------------------------------------------------------------------
@@ -265,14 +270,13 @@ def global_counts(mask: torch.Tensor) -> tuple:
     (note 2), N ranks give the update of one process holding every rank's rows."""
     lengths = mask.sum(-1)  # (B,)
     tokens, seqs = int(lengths.sum()), int((lengths > 0).sum())  # = grpo.batch_counts(mask)
-    tokens, seqs = _reduce([tokens, seqs], device=_comm_device())
+    tokens, seqs = reduce_numbers([tokens, seqs])
     return int(tokens), int(seqs)
 
 
 def same_count(n: int, what: str) -> None:
     """Raise on every rank unless all ranks have the same `n` (note 4: unequal work hangs)."""
-    lo, = _reduce([n], dist.ReduceOp.MIN, _comm_device())
-    hi, = _reduce([n], dist.ReduceOp.MAX, _comm_device())
+    (lo,), (hi,) = reduce_numbers([n], "min"), reduce_numbers([n], "max")
     if lo != hi:
         raise ValueError(f"{what}: ranks differ ({lo} to {hi}; rank {rank()} has {n}); every rank "
                          "must process the same number, or FSDP's collectives do not match")
@@ -293,14 +297,14 @@ def mean_over_ranks(row: dict) -> dict:
     values are kept. For logging: every rank must pass the same numeric keys."""
     keys = sorted(k for k, v in row.items() if isinstance(v, (int, float))
                   and not isinstance(v, bool))
-    sums = _reduce([float(row[k]) for k in keys], device=_comm_device())
+    sums = reduce_numbers([float(row[k]) for k in keys])
     return row | {k: s / world() for k, s in zip(keys, sums)}
 
 
 def same_width(r, pad_id: int):
     """A rollout right-padded (mask 0) to the widest completion over all ranks (note 4)."""
     T = r.completion_ids.shape[1]
-    T_all = int(_reduce([T], dist.ReduceOp.MAX, _comm_device())[0])
+    T_all = int(reduce_numbers([T], "max")[0])
     if T_all == T:
         return r
     return replace(r, completion_ids=F.pad(r.completion_ids, (0, T_all - T), value=pad_id),
@@ -316,11 +320,10 @@ def reduce_qk_state(state: dict) -> dict:
         return state
     names = sorted(state["accs"])
     accs = [state["accs"][n] for n in names]
-    dev = _comm_device()
-    values = torch.cat([a["value"].float().to(dev) for a in accs])  # (sum C,)
+    values = torch.cat([a["value"].float().to(_comm_device()) for a in accs])  # (sum C,)
     dist.all_reduce(values, op=dist.ReduceOp.MAX if state["stat"] == "max_abs"
                     else dist.ReduceOp.SUM)
-    counts = _reduce([c for a in accs for c in (a["tokens"], a["sequences"])], device=dev)
+    counts = reduce_numbers([c for a in accs for c in (a["tokens"], a["sequences"])])
     for i, (a, v) in enumerate(zip(accs, values.split([a["value"].numel() for a in accs]))):
         a["value"] = v.to(a["value"].device)
         a["tokens"], a["sequences"] = int(counts[2 * i]), int(counts[2 * i + 1])
