@@ -122,6 +122,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_main(obj):
+    """Rank 0's value of a small picklable object on every rank (e.g. the run folder it chose)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _comm_device() -> str:
     """nccl reduces CUDA tensors only; gloo CPU ones."""
     return "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"

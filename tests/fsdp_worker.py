@@ -176,6 +176,7 @@ def collectives() -> dict:
             errors[what] = str(e)
     return {"counts": fsdp.global_counts(mask), "state": state["accs"]["a.q_proj"],
             "errors": errors, "share": fsdp.my_share([0, 1, 2, 3]), "width": widths(r),
+            "main": fsdp.from_main(f"run-of-rank-{r}"),
             "numbers": [fsdp.reduce_numbers([r + 1, 10 * r], op) for op in ("sum", "min", "max")],
             "mean": fsdp.mean_over_ranks({"reward": float(r), "step": 7, "tag": "x"})}
 

@@ -84,6 +84,7 @@ def test_counts_and_saliency_accumulators_are_summed_over_ranks(sharded):
         acc = r["coll"]["state"]  # values [1, 2] * (rank + 1), tokens 10 + rank, seqs 1 + rank
         assert acc["value"].tolist() == [3.0, 6.0] and acc["tokens"] == 21
         assert acc["sequences"] == 3
+        assert r["coll"]["main"] == "run-of-rank-0"  # rank 0's choice everywhere
         assert r["coll"]["numbers"] == [[3, 10], [1, 0], [2, 10]]  # sum, min, max of [1|2, 0|10]
 
 
