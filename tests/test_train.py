@@ -1,10 +1,12 @@
-"""End-to-end tests of train.py on a tiny model (random weights, the embedded tokenizer): resume exactness,
-refusal to resume with another model/mask config, masked rows frozen through real training steps, DAPO's path.
+"""End-to-end tests of train.py on a tiny model (random weights, the embedded tokenizer): resume
+exactness, refusal to resume with changed settings, masked rows frozen through real training steps,
+per-step masks and their dynamics, DAPO's mini-batches, crash and signal handling, presets.
 
 Run: .venv/bin/python -m pytest -q tests/test_train.py
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +18,13 @@ from rollout import resolve_model_path
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A 2-layer Llama with the embedded model's tokenizer (so prompts are real text), saved as an HF folder."""
+    """A 2-layer Llama with the embedded model's tokenizer (prompts are real text), an HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
     tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     path = tmp_path_factory.mktemp("tiny")
@@ -32,20 +35,21 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qa_file(tmp_path_factory):
-    """Training rows whose answer is one common letter: a random model writes it now and then, so groups have
-    mixed rewards and the policy gradient is not zero."""
+    """Training rows whose answer is one common letter: a random model writes it now and then, so
+    groups have mixed rewards and the policy gradient is not zero."""
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"context": f"Document {i}: the grass is green and the sky is blue.", "question": "Which letter?",
-             "answer": "e"} for i in range(8)]
+    rows = [{"context": f"Document {i}: the grass is green and the sky is blue.",
+             "question": "Which letter?", "answer": "e"} for i in range(8)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 
 def args_for(tiny_dir, qa_file, out, name, steps, *extra):
     return ["--model", tiny_dir, "--train-data", qa_file, "--train-len", "128", "--calib-len", "32",
-            "--calib-samples", "2", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6",
-            "--steps", str(steps), "--no-eval", "--no-bf16", "--out-dir", str(out), "--run-name", name,
-            "--threads", "2", "--lr", "1e-3", "--warmup-steps", "2", *extra]
+            "--calib-samples", "2", "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "6", "--steps", str(steps), "--no-eval", "--precision", "fp32",
+            "--out-dir", str(out), "--run-name", name, "--threads", "2", "--lr", "1e-3",
+            "--warmup-steps", "2", *extra]
 
 
 def weights(run_dir):
@@ -53,36 +57,40 @@ def weights(run_dir):
 
 
 def test_resume_gives_identical_weights(tiny_dir, qa_file, tmp_path):
-    # GRPO with a KL reference and mu = 2 (old log-probs computed once): every piece of state must survive a resume.
+    # GRPO with a KL reference and mu = 2 (old log-probs computed once), per-step masks: every
+    # piece of state must survive a resume.
     extra = ("--beta", "0.04", "--mu", "2", "--micro-groups", "1")
     straight = train.main(args_for(tiny_dir, qa_file, tmp_path, "straight", 4, *extra))
     half = train.main(args_for(tiny_dir, qa_file, tmp_path, "half", 2, *extra))
-    resumed = train.main(args_for(tiny_dir, qa_file, tmp_path, "half", 4, *extra, "--resume", str(half)))
+    resumed = train.main(args_for(tiny_dir, qa_file, tmp_path, "half", 4, *extra,
+                                  "--resume", str(half)))
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    start = load_file(str(__import__("pathlib").Path(tiny_dir) / "model.safetensors"))
+    start = load_file(str(Path(tiny_dir) / "model.safetensors"))
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training did move the weights
     config = json.loads((straight / "config.json").read_text())
     assert config["algo"] == "grpo" and config["steps"] == 4
-    assert torch.load(straight / "ckpt" / "trainer_state.pt", weights_only=False)["config"]["ratio"] == 0.3
+    state = torch.load(straight / "ckpt" / "trainer_state.pt", weights_only=False)
+    assert state["config"]["ratio"] == 0.3
     assert len((straight / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_resume_refuses_changed_mask_config(tiny_dir, qa_file, tmp_path):
     run = train.main(args_for(tiny_dir, qa_file, tmp_path, "r", 1, "--beta", "0"))
     with pytest.raises(SystemExit, match="mask_strategy"):
-        train.main(args_for(tiny_dir, qa_file, tmp_path, "r", 2, "--beta", "0", "--mask-strategy", "random",
-                            "--resume", str(run)))
+        train.main(args_for(tiny_dir, qa_file, tmp_path, "r", 2, "--beta", "0",
+                            "--mask-strategy", "random", "--resume", str(run)))
     with pytest.raises(SystemExit, match="already holds a checkpoint"):
         train.main(args_for(tiny_dir, qa_file, tmp_path, "r", 2, "--beta", "0"))
 
 
 def test_masked_rows_frozen_through_training_dapo(tiny_dir, qa_file, tmp_path):
-    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "dapo", 3, "--algo", "dapo", "--weight-decay", "0.1",
-                              "--micro-groups", "1"))
-    start = load_file(str(__import__("pathlib").Path(tiny_dir) / "model.safetensors"))
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "dapo", 3, "--algo", "dapo",
+                              "--weight-decay", "0.1", "--micro-groups", "1",
+                              "--mask-schedule", "static"))
+    start = load_file(str(Path(tiny_dir) / "model.safetensors"))
     end = weights(run)
     masks = load_file(str(run / "masks.safetensors"))
     changed_rows = 0
@@ -102,3 +110,83 @@ def test_bad_training_row_names_row_and_field(tiny_dir, tmp_path):
                    json.dumps({"context": "x", "answer": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"row 2: missing field 'question'"):
         train.main(args_for(tiny_dir, str(bad), tmp_path, "bad", 1))
+
+
+def rows_of(run, name="metrics.jsonl"):
+    return [json.loads(x) for x in (run / name).read_text().splitlines()]
+
+
+def test_default_run_uses_per_step_masks_and_logs_their_dynamics(tiny_dir, qa_file, tmp_path):
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "step", 3, "--weight-decay", "0.1"))
+    config = json.loads((run / "config.json").read_text())
+    assert (config["mask_schedule"], config["stat"], config["per_head"]) == ("step", "seq_l2", True)
+    rows = rows_of(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["mask_jaccard_step0"] == 1.0 and rows[0]["mask_jaccard_prev"] == 1.0
+    for r in rows:
+        assert 0.0 <= r["mask_jaccard_step0_static"] <= 1.0
+        assert r["drift_outside_mask"] == 0.0  # frozen: rows outside each step's mask never move
+    assert any(r["mask_jaccard_prev"] < 1.0 for r in rows[1:])  # the prompts change, so do masks
+
+
+def test_grad_semantics_lets_rows_outside_the_mask_drift(tiny_dir, qa_file, tmp_path):
+    # AdamW decays every parameter with a gradient: a masked gradient alone does not freeze rows
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "grad", 2, "--weight-decay", "0.1",
+                              "--mask-semantics", "grad"))
+    assert all(r["drift_outside_mask"] > 0 for r in rows_of(run))
+
+
+def test_resume_refuses_changed_optimisation_settings(tiny_dir, qa_file, tmp_path):
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "lr", 1, "--beta", "0"))
+    with pytest.raises(SystemExit, match=r"'lr': \(0\.001, 0\.002\)"):
+        train.main(args_for(tiny_dir, qa_file, tmp_path, "lr", 2, "--beta", "0", "--lr", "2e-3",
+                            "--resume", str(run)))
+
+
+def test_resume_after_a_crash_does_not_duplicate_rows(tiny_dir, qa_file, tmp_path):
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "crash", 2, "--beta", "0"))
+    # a SIGKILL after step 2 was logged but before its checkpoint: rows past the checkpoint
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        with open(run / name, "a") as f:
+            f.write(json.dumps({"step": 2, "stale": True}) + "\n")
+    train.main(args_for(tiny_dir, qa_file, tmp_path, "crash", 3, "--beta", "0",
+                        "--resume", str(run)))
+    rows = rows_of(run)
+    assert [r["step"] for r in rows] == [0, 1, 2] and not any("stale" in r for r in rows)
+    assert not any("stale" in r for r in rows_of(run, "samples.jsonl"))
+
+
+def test_second_signal_stops_at_once():
+    with train.StopFlag() as stop:
+        stop.handler(15, None)  # first: finish the step, then save
+        assert stop.set
+        with pytest.raises(KeyboardInterrupt):
+            stop.handler(15, None)  # second: now
+
+
+def test_dapo_mini_batches_step_the_optimizer_per_group_off_policy(tiny_dir, qa_file, tmp_path):
+    # one group per mini-batch: the second optimizer step of each batch sees ratios != 1
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "mini", 3, "--algo", "dapo",
+                              "--no-dynamic-sampling", "--mini-batch-groups", "1",
+                              "--lr", "3e-2", "--gen-groups", "1", "--max-new-tokens", "2",
+                              "--prompts-per-step", "4"))
+    rows = rows_of(run)
+    assert all(r["opt_steps"] == 4 for r in rows)  # 4 groups per step, 1 per mini-batch
+    assert all(r["ratio_dev_max"] > 0 for r in rows)  # later mini-batches are off-policy
+    # one mini-batch per rollout batch: the policy that sampled is the one that is scored
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "one", 1, "--algo", "dapo",
+                              "--no-dynamic-sampling", "--mini-batch-groups", "0"))
+    assert rows_of(run)[0]["ratio_dev_max"] == 0.0 and rows_of(run)[0]["opt_steps"] == 1
+
+
+def test_presets_and_algorithms_set_their_defaults_and_flags_win():
+    a = train.parse_args(["--algo", "dapo"])
+    assert (a.beta, a.eps_high, a.aggregation) == (0.0, 0.28, "token-mean")
+    assert a.dynamic_sampling
+    assert a.mini_batch_groups == 2 and a.overlong_buffer == 0.25
+    p = train.parse_args(["--preset", "paper", "--algo", "dapo"])
+    assert (p.model, p.overlong_buffer, p.mini_batch_groups) == ("Qwen/Qwen3-4B", 0.2, 2)
+    assert train.parse_args(["--preset", "paper-8b"]).optimizer == "bf16-sr"
+    assert train.parse_args(["--algo", "dapo", "--beta", "0.01"]).beta == 0.01
+    g = train.parse_args([])
+    assert (g.beta, g.kl_clamp, g.mask_schedule, g.mask_semantics) == (0.04, 10.0, "step", "frozen")
