@@ -48,9 +48,13 @@ from pathlib import Path
 
 import torch
 
+import common
+import evaluate
 import masking
 import saliency
 from common import append_jsonl, atomic_path, qk_modules, read_jsonl
+from rollout import load_policy
+from tasks.haystack import calibration_prompts
 
 CONDITIONS = ("massive", "least", "random")  # plus "original" (n = 0), always measured first
 STRATEGY = {"massive": "topk", "least": "bottomk", "random": "random"}  # masking.py's names
@@ -201,7 +205,6 @@ def calibration_stats(model, tokenizer, args, path: Path) -> dict:
         if any(meta.get(k) != v for k, v in want.items()):
             raise ValueError(f"{path}: statistics of another configuration ({meta}); delete it")
         return stats
-    from tasks.haystack import calibration_prompts
     prompts = calibration_prompts(tokenizer, args.calib_len, args.calib_samples, seed=args.seed)
     stats = saliency.collect_qk_stats(model, saliency.make_batches(prompts, 1), stat=args.stat)
     saliency.save_stats(path, stats, {"stat": args.stat, "seq_len": args.calib_len,
@@ -249,7 +252,8 @@ def parse_args(argv=None):
                                             "evaluate RULER (a resumable dose-response).")
     g = p.add_argument_group("model and benchmark")
     g.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or HF folder")
-    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights")
+    g.add_argument("--precision", choices=common.PRECISIONS, default="auto",
+                   help="bf16 or fp32 weights; auto = bf16 where the device has it natively")
     g.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="RULER tasks")
     g.add_argument("--lengths", nargs="+", type=int, default=[1024], help="RULER lengths")
     g.add_argument("--samples", type=int, default=20, help="samples per task and length")
@@ -278,15 +282,14 @@ def main(argv=None):
         plot_summary(rows, figure)
         print(f"wrote {figure}")
         return rows
-    import evaluate
-    from rollout import load_policy
-
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    args.precision, why = common.choose_precision(args.precision, "cpu")
+    print(f"precision: {args.precision} ({why})")
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model, tokenizer = load_policy(args.model, dtype=dtype)
     model.eval()
     head_dim = saliency.head_dim_of(model.config)
-    config = {k: getattr(args, k) for k in ("model", "dtype", "tasks", "lengths", "samples", "seed",
-                                            "stat", "calib_len", "calib_samples")}
+    config = {k: getattr(args, k) for k in ("model", "precision", "tasks", "lengths", "samples",
+                                            "seed", "stat", "calib_len", "calib_samples")}
     stats_path = out.with_name(out.stem + ".qk_stats.safetensors")
     cache = {}
 

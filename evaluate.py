@@ -27,9 +27,9 @@ Choices:
   2. choice: unparsed LongBench answers score 0 (result.py's default, no 0.25 credit for a guess).
      result.py's medium bucket (which tests `== "short"` twice in the published version) is computed
      correctly here.
-  3. choice: the command line evaluates with bf16 weights by default (--dtype): the prefill of long
-     prompts dominates and bf16 halves its memory traffic; greedy answers can differ from fp32 only
-     at near-ties.
+  3. choice: the command line picks its precision from the hardware (--precision auto, common.py):
+     bf16 weights where the device computes bf16 natively (the prefill of long prompts dominates and
+     bf16 halves its memory traffic), fp32 elsewhere; greedy answers differ only at near-ties.
 
 Seeds: Samples are pure functions of (task, length, seed, index); evaluation seeds are <
 TRAIN_SEED_START (tasks/__init__.py). Sampled completions (LongBench's temperature 0.1) are seeded
@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import common
 from common import mix_seed, write_json_atomic
 from rollout import load_policy, sample_groups
 from tasks import TRAIN_SEED_START, is_training_seed, longbench, ruler
@@ -355,8 +356,9 @@ def parse_args(argv=None):
                    help=f"evaluation seed, < {TRAIN_SEED_START} (training uses the seeds above)")
     p.add_argument("--out", default=None,
                    help="results JSON (default runs/eval/<bench>_<model>_s<seed>.json)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="weights for evaluation (choice 3)")
+    p.add_argument("--precision", choices=common.PRECISIONS, default="auto",
+                   help="bf16 or fp32 weights; auto = bf16 where the device has it natively")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     g = p.add_argument_group("RULER")
@@ -399,7 +401,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tokenizer = load_policy(args.model, dtype=getattr(torch, args.dtype))
+    precision, why = common.choose_precision(args.precision, args.device)
+    print(f"precision: {precision} ({why})")
+    model, tokenizer = load_policy(args.model, device=args.device,
+                                   dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     if args.bench == "ruler":
         table, records = evaluate_ruler(model, tokenizer, args.tasks, args.lengths, args.samples,
                                         args.seed, args.batch)

@@ -66,7 +66,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from transformers import AutoModelForCausalLM
 
 import masking
 from common import fsync_tree
@@ -158,7 +164,6 @@ def shard_policy(model, param_dtype: torch.dtype | None = None):
     param_dtype: FSDP's mixed precision (e.g. torch.bfloat16: parameters all-gathered in bf16,
     gradients reduced in fp32); None computes in the parameters' dtype (use autocast as before).
     Call on every rank, before the optimizer is built (the parameters become DTensors)."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
         if param_dtype is not None else MixedPrecisionPolicy()
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -194,7 +199,6 @@ def local_row_mask(param, mask: torch.Tensor) -> torch.Tensor:
 
     Example: C = 5 rows over 2 ranks -> torch.chunk gives rank 0 rows 0..2, rank 1 rows 3..4; with
     C = 1, rank 1 holds no row and gets an empty mask."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     if mask.dim() != 1 or mask.shape[0] != param.shape[0]:
         raise ValueError(f"row mask of shape {tuple(mask.shape)} for a parameter of shape "
                          f"{tuple(param.shape)}: expected ({param.shape[0]},)")
@@ -357,8 +361,6 @@ def save_checkpoint(folder, model, optimizer, extra: dict) -> None:
     """Sharded weights + optimizer state (torch.distributed.checkpoint, every rank writes its own
     shards) and `extra` (step, scheduler, config: rank 0's, torch.save) into `folder`, atomically.
     Call on every rank."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     final = Path(folder)
     tmp = final.with_name(final.name + ".tmp")
     if is_main():
@@ -375,8 +377,6 @@ def save_checkpoint(folder, model, optimizer, extra: dict) -> None:
 def load_checkpoint(folder, model, optimizer) -> dict:
     """Load what save_checkpoint wrote into a sharded model and its optimizer (same number of
     ranks); returns `extra`. Call on every rank, after shard_policy and building the optimizer."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     folder = Path(folder)
     if not (folder / "extra.pt").exists():
         raise FileNotFoundError(f"{folder}: no complete distributed checkpoint (extra.pt missing)")
@@ -391,8 +391,6 @@ def export_hf(model, tokenizer, folder) -> None:
     """A plain Hugging Face folder (safetensors + config [+ tokenizer]) from a sharded model: the
     full state dict is gathered on rank 0's CPU, loaded into an unsharded copy built on the meta
     device (no second full allocation) and saved. Call on every rank; rank 0 writes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoModelForCausalLM
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
     if is_main():

@@ -62,6 +62,8 @@ import argparse
 import re
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from common import QK_SUFFIXES, atomic_path, mix_seed, natural_key
@@ -184,7 +186,6 @@ def format_summary(per_layer: dict[str, dict[str, float]], overall: float) -> st
 
 def save_masks(path, masks: dict[str, Tensor], meta: dict | None = None) -> None:
     """Write masks to safetensors (bool stored as uint8) with string metadata, atomically."""
-    from safetensors.torch import save_file
     tensors = {k: v.detach().to("cpu", torch.uint8).contiguous() for k, v in masks.items()}
     metadata = {"kind": "longact_row_masks", **{str(k): str(v) for k, v in (meta or {}).items()}}
     with atomic_path(path) as tmp:  # a reader never sees a half-written file
@@ -193,8 +194,6 @@ def save_masks(path, masks: dict[str, Tensor], meta: dict | None = None) -> None
 
 def load_masks(path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(masks {name: (C,) bool}, metadata) from a file written by save_masks."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     masks = {}
@@ -326,8 +325,6 @@ def rows_outside_drift(before: dict[str, Tensor], after, masks: dict[str, Tensor
 # ----------------------------------------------------------------------------- CLI
 def read_stats(path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(stats, metadata) from a saliency file, read directly so this file needs no saliency.py."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return load_file(str(path)), meta

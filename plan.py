@@ -48,6 +48,8 @@ Test: .venv/bin/python -m pytest -q tests/test_plan.py
 import argparse
 from dataclasses import dataclass, fields
 
+import transformers
+
 GB = 1e9
 QWEN3 = {  # config.json of the hub repositories Qwen/Qwen3-4B and Qwen/Qwen3-8B
     "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
@@ -99,7 +101,6 @@ class Settings:
 def model_config(name: str):
     """A transformers config: "qwen3-4b" / "qwen3-8b" (or their hub ids) from QWEN3, offline;
     anything else through AutoConfig.from_pretrained (a local folder, or the hub when online)."""
-    import transformers
     key = HUB_NAMES.get(name, name.lower())
     if key in QWEN3:
         return transformers.Qwen3Config(**QWEN3[key])

