@@ -41,9 +41,11 @@ bench: $(STAMP)
 	$(PY) -m bench.rollout --threads 1
 
 # The causal channel-removal test on the embedded model (resumable; README, "Causal test").
+CAUSAL := --tasks niah_single_2 niah_multikey_1 --lengths 1024 2048 --samples 10 --ns 1 4 16 \
+          --out figures/causal/causal.jsonl
 causal: $(STAMP)
-	$(PY) causal.py --out figures/causal/causal.jsonl
-	$(PY) causal.py --out figures/causal/causal.jsonl --summary
+	$(PY) causal.py $(CAUSAL)
+	$(PY) causal.py $(CAUSAL) --summary
 
 # The A/B grid: five GRPO arms x 3 seeds, resumable; then the table and figures (README, "A/B").
 ab: $(STAMP)
