@@ -12,8 +12,9 @@ Everything that touches the policy's forward pass lives here, so `train.py`, `sa
 Why the prompt is shared. In long-context RL (LongAct: 16k-token prompts, G = 8, SOURCES.md §1) a
 group is G completions of ONE long prompt. `generate(num_return_sequences=G)` and a naive training
 forward process that prompt G times. Here:
-  * sampling prefills each prompt once, repeats its KV cache to G rows, then decodes all N x G rows
-    in ONE `generate` call;
+  * sampling prefills each prompt once, then decodes all N x G rows in ONE `generate` call; each
+    decode step reads a group's prompt keys/values once for its G rows (cascade attention, below),
+    instead of once per row from a cache repeated G times;
   * log-probs run the prompt once (with gradients) and the G completion forwards attend to its
     keys/values, so backward sends the G completions' gradients into that one prompt forward. Exact:
     tests/test_rollout.py compares with the plain full-sequence version, also under checkpointing.
@@ -45,9 +46,16 @@ Choices (the paper is silent on all of these; they are engineering, not method):
      `ids != pad_token_id`: pad == EOS for SmolLM2 and Qwen, and the sampled EOS stays in the loss.
   7. Log-probs are computed from fp32 logits, chunked over positions and recomputed in backward, so
      the (G, T, V) logits never exist at once; `temperature` divides the logits as the sampler did.
+  8. Cascade decoding is installed for the one generate call only (the model's attention
+     implementation is swapped and restored); it handles one new token per row over full-attention
+     layers. Sliding-window or linear-attention caches and 1-token prompts take the repeated cache;
+     several new tokens at once fall back to plain sdpa over the repeated keys (never happens in
+     our decoding). `cascade=False` keeps the repeated cache; both give the same completions and
+     logits to fp32 rounding (tests/test_rollout.py).
 
 Shapes: N prompts (= groups), G group size, B = N*G completions, P prompt tokens (padded),
-T completion tokens, C hidden, V vocab.
+T completion tokens, C hidden, V vocab; in attention H query heads, Hkv KV heads, rep = H / Hkv,
+D head dim, P' = P-1 prefilled prompt positions, S suffix positions (decoded so far).
 Run: python rollout.py --model smollm2-135m    (loads the policy and prints its shape)
 Test: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
@@ -63,7 +71,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers import (AttentionInterface, AutoModelForCausalLM, AutoTokenizer, Cache,
+                          DynamicCache, GenerationConfig)
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from common import mix_seed, package_dir, positions_from_mask
 
@@ -229,13 +241,147 @@ def only_config(model, config: GenerationConfig):
         model.generation_config = old
 
 
+# -----------------------------------------------------------------------------
+# cascade decoding: each group's prompt keys/values read once per step
+#
+# After the prefill, the G rows of a group share the same P' = P-1 prompt keys/values (K/V). The
+# plain way repeats them G times (`batch_repeat_interleave`), and every decode step then reads --
+# and DynamicCache's torch.cat copies -- G copies of the prompt: decode cost grows with G x P'.
+# Cascade (shared-prefix) attention splits each row's keys into [prompt prefix ; own suffix]:
+#     s = [q K_pre^T ; q K_suf^T] * scale,   p = softmax(s) (ONE softmax over both parts),
+#     out = p_pre V_pre + p_suf V_suf,
+# which is exactly softmax attention over the concatenated keys (same math, other order of sums).
+# The prefix product is done per GROUP: the G rows' queries (and GQA's rep query heads per KV head)
+# are stacked into one matrix against the group's ONE copy of the prefix K/V, so the prompt is read
+# once per group and step. Published as "Hydragen" (arXiv 2402.05099) and as "Cascade Inference"
+# in FlashInfer's documentation.
+
+class CascadeLayer(DynamicLayer):
+    """One layer's cache: the prompt K/V once per group + each row's own suffix K/V.
+
+    prefix_keys/values (N, Hkv, P', D) stay fixed; `keys`/`values` (inherited, grown by
+    DynamicLayer.update) hold the suffix (N*G, Hkv, S, D): the last prompt token, fed by generate's
+    first step, then the generated tokens. `update` returns the suffix only; `cascade_attention`
+    adds the prefix. The reported length is P' + S, what transformers' position and mask
+    bookkeeping (get_seq_length, get_mask_sizes) expects of a cache holding the whole sequence.
+    """
+
+    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor):
+        super().__init__()
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values  # (N, Hkv, P', D)
+        self.lazy_initialization(prefix_keys, prefix_values)  # suffix starts empty
+
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix_keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.prefix_length + super().get_seq_length()
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("CascadeLayer: rows cannot be regrouped or cropped; "
+                                  "use the repeated cache (cascade=False)")
+
+    crop = batch_repeat_interleave = batch_select_indices = reorder_cache = _unsupported
+
+
+class CascadeCache(Cache):
+    """A KV cache of CascadeLayers (one per decoder layer), built from the prefill's cache."""
+
+    def __init__(self, prefill: DynamicCache):
+        super().__init__(layers=[CascadeLayer(x.keys, x.values) for x in prefill.layers])
+
+    @staticmethod
+    def supports(cache: DynamicCache) -> bool:
+        """Only plain full-attention layers (no sliding window, no linear attention) qualify."""
+        return len(cache.layers) > 0 and all(type(x) is DynamicLayer and x.get_seq_length() > 0
+                                             for x in cache.layers)
+
+
+def _repeat_rows(x: torch.Tensor, G: int) -> torch.Tensor:
+    return x.repeat_interleave(G, 0)  # (N*G, ...) row b belongs to group b // G
+
+
+def cascade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      **kwargs):
+    """Attention of one new token per row over [group prefix ; row suffix]; the prefix read once.
+
+    query (B, H, 1, D) with B = N*G rows; key/value (B, Hkv, S, D) the suffix from CascadeLayer;
+    the prefix (N, Hkv, P', D) comes from `module.cascade_layer` (set by `cascade_decoding`).
+    attention_mask: sdpa's boolean (B, 1, 1, P' + S) mask (True = attend) or None (nothing
+    masked). Left padding lives in the prefix and is the same for a group's G rows, so group n's
+    prefix mask is row n*G's. Returns (B, 1, H, D) like transformers' sdpa function.
+    Falls back to materialising the repeated keys (plain sdpa, same result, no saving) when a
+    module has no cascade_layer, or more than one query token arrives (never during our decoding).
+    Sampling only: attention dropout is not applied (sample_groups runs the model in eval mode).
+    """
+    layer = getattr(module, "cascade_layer", None)
+    if layer is None or query.shape[2] != 1 or kwargs.get("sliding_window") is not None:
+        if layer is not None:  # the explicit fallback: the prefix repeated to every row
+            G = query.shape[0] // layer.prefix_keys.shape[0]
+            key = torch.cat([_repeat_rows(layer.prefix_keys, G), key], -2)  # (B, Hkv, P'+S, D)
+            value = torch.cat([_repeat_rows(layer.prefix_values, G), value], -2)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    B, H, _, D = query.shape
+    N, Hkv, Pp, _ = layer.prefix_keys.shape
+    G, rep, S = B // N, H // Hkv, key.shape[-2]
+    scaling = D ** -0.5 if scaling is None else scaling
+    # Query head h uses KV head h // rep (transformers' repeat_kv), so (B, H) -> (N, G, Hkv, rep).
+    q = query.reshape(N, G, Hkv, rep, D)  # (N, G, Hkv, rep, D)
+    q_group = q.transpose(1, 2).reshape(N, Hkv, G * rep, D)  # (N, Hkv, G*rep, D)
+    s_pre = q_group @ layer.prefix_keys.transpose(-1, -2) * scaling  # (N, Hkv, G*rep, P')
+    s_suf = query.reshape(B, Hkv, rep, D) @ key.transpose(-1, -2) * scaling  # (B, Hkv, rep, S)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, -1]  # (B, 1, P'+S) the one query row
+        s_pre = s_pre.masked_fill(~mask[::G, :, None, :Pp], float("-inf"))  # (N, 1, 1, P')
+        s_suf = s_suf.masked_fill(~mask[:, :, None, Pp:], float("-inf"))  # (B, 1, 1, S)
+    s_suf = s_suf.reshape(N, G, Hkv, rep, S).transpose(1, 2).reshape(N, Hkv, G * rep, S)
+    probs = torch.cat([s_pre, s_suf], -1).float().softmax(-1)  # (N, Hkv, G*rep, P'+S) one softmax
+    probs = probs.to(value.dtype)
+    p_pre, p_suf = probs[..., :Pp], probs[..., Pp:]  # (N, Hkv, G*rep, P'), (..., S)
+    out = (p_pre @ layer.prefix_values).reshape(N, Hkv, G, rep, D)  # (N, Hkv, G, rep, D)
+    p_suf = p_suf.reshape(N, Hkv, G, rep, S).transpose(1, 2).reshape(B, Hkv, rep, S)
+    out = out.transpose(1, 2).reshape(B, Hkv, rep, D) + p_suf @ value  # (B, Hkv, rep, D)
+    return out.reshape(B, 1, H, D), None  # (B, q=1, H, D)
+
+
+# Registered under one name for attention and masks: the mask is sdpa's (boolean or None).
+AttentionInterface.register("cascade", cascade_attention)
+AttentionMaskInterface.register("cascade", sdpa_mask)
+
+
+@contextmanager
+def cascade_decoding(model, cache: CascadeCache):
+    """For one generate call: attention modules read their prefix from `cache`, through
+    `cascade_attention`; the attention implementation and the modules are restored on exit."""
+    modules = [layer.self_attn for layer in model.get_decoder().layers]
+    configs = list({id(c): c for c in [model.config] + [m.config for m in modules]}.values())
+    old = [c._attn_implementation for c in configs]
+    for m in modules:
+        m.cascade_layer = cache.layers[m.layer_idx]
+    for c in configs:
+        c._attn_implementation = "cascade"
+    try:
+        yield
+    finally:
+        for c, o in zip(configs, old):
+            c._attn_implementation = o
+        for m in modules:
+            del m.cascade_layer
+
+
 @torch.no_grad()
-def _generate_chunk(model, prompts: list, G: int, config: GenerationConfig, prefill_hook=None):
+def _generate_chunk(model, prompts: list, G: int, config: GenerationConfig, prefill_hook=None,
+                    cascade: bool = True):
     """G completions for each prompt of a chunk in ONE `generate` call; each prompt prefilled once.
 
-    The prompts minus their last token go through the decoder once (under `prefill_hook`); the KV
-    cache is repeated G times (`batch_repeat_interleave`) and `generate` continues from the last
-    prompt token for all N*G rows. Returns (N*G, T') completion ids.
+    The prompts minus their last token go through the decoder once (under `prefill_hook`), then
+    `generate` continues from the last prompt token for all N*G rows. cascade=True: the rows read
+    their group's prompt keys/values once per step (CascadeCache + cascade_attention); where the
+    cache does not qualify (sliding-window layers, a 1-token prompt) the repeated cache is used.
+    cascade=False: the prompt cache is repeated G times (`batch_repeat_interleave`).
+    Returns (N*G, T') completion ids.
     """
     device = next(model.parameters()).device
     ids, attn = left_pad(prompts, config.pad_token_id)  # (N, P), (N, P)
@@ -248,8 +394,13 @@ def _generate_chunk(model, prompts: list, G: int, config: GenerationConfig, pref
         with prefill_hook(attn[:, :-1]) if prefill_hook else nullcontext():
             model.get_decoder()(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
                                 position_ids=pos[:, :-1], cache=cache, use_cache=True)
+    decoding = nullcontext()
+    if cascade and CascadeCache.supports(cache):
+        cache = CascadeCache(cache)  # prefix (N, ...) per group, suffix (N*G, ...) per row
+        decoding = cascade_decoding(model, cache)
+    elif ids.shape[1] > 1:
         cache.batch_repeat_interleave(G)  # (N*G, ...) a group's rows share its prompt's keys/values
-    with only_config(model, config):
+    with only_config(model, config), decoding:
         out = model.generate(input_ids=ids.repeat_interleave(G, 0),
                              attention_mask=attn.repeat_interleave(G, 0), cache=cache,
                              generation_config=config)  # (N*G, P + T')
@@ -258,7 +409,8 @@ def _generate_chunk(model, prompts: list, G: int, config: GenerationConfig, pref
 
 def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_tokens: int,
                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                  prefill_hook=None, greedy_batch: int = 8, per_group: bool = False) -> Rollout:
+                  prefill_hook=None, greedy_batch: int = 8, per_group: bool = False,
+                  cascade: bool = True) -> Rollout:
     """`group_size` completions for each prompt (lists of token ids). temperature 0 = greedy.
 
     Sampling: all N x G rows in one `generate` call, seeded by mix_seed(seed, "sample"); the global
@@ -267,6 +419,8 @@ def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_toke
     seeded by mix_seed(seed, "sample", index). Greedy: `greedy_batch` prompts per call.
     prefill_hook: optional callable(attention_mask (N', P-1)) -> context manager, entered around
     each prefill forward only (never around decoding); it sees every prompt's tokens exactly once.
+    cascade: decode with each group's prompt keys/values read once per step (cascade_attention;
+    the default); False repeats the prompt cache to every row, the older way (same results).
     """
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, "
@@ -285,7 +439,7 @@ def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_toke
                 torch.manual_seed(mix_seed(seed, "sample", start) if per_group
                                   else mix_seed(seed, "sample"))
             pieces.append(_generate_chunk(model, prompts[start:start + chunk], group_size, config,
-                                          prefill_hook).cpu())
+                                          prefill_hook, cascade).cpu())
     model.train(was_training)
     T = max(p.shape[1] for p in pieces)
     completion = torch.cat([F.pad(p, (0, T - p.shape[1]), value=pad_id) for p in pieces])  # (B, T)

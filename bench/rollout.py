@@ -6,11 +6,13 @@ backward through them. rollout.py prefills each prompt once, shares its KV cache
 and samples the whole step in one `generate` call. On the embedded SmolLM2-135M-Instruct (essay
 text, SOURCES.md §7) this script measures:
 
-  1. sampling        `sample_groups`: N prompts x G rows in ONE generate call (batched)
+  1. sampling        `sample_groups`: N prompts x G rows in ONE generate call (batched, cascade
+                     decoding: a group's prompt keys/values read once per step for its G rows)
                      vs `sample_groups(per_group=True)`: one call per prompt (the reference path).
                      Both prefill every prompt once; batching runs the T decode steps once for all
-                     N*G rows instead of N times for G rows. Default: the demo's N = 4 prompts of
-                     1024 tokens, G = 8, T = 32, fp32.
+                     N*G rows instead of N times for G rows. --repeated-cache adds both paths
+                     on a prompt cache repeated to every row (cascade=False, the older way).
+                     Default: the demo's N = 4 prompts of 1024 tokens, G = 8, T = 32, fp32.
   2. fwd + backward  `group_logprobs(...).sum().backward()` (one prompt forward shared by G rows)
                      vs `full_sequence_logprobs` (G full [prompt; completion] rows in one batch;
                      with --separate also as G single-row passes), one group, bf16 autocast.
@@ -134,29 +136,38 @@ class PrefillClock:
             self.seconds += time.perf_counter() - t0
 
 
-def bench_sampling(model, tok, prompts: list, G: int, T: int, repeats: int, use_bf16: bool):
-    """Part 1: batched vs per-group sample_groups. -> (medians, prefill medians, completions)."""
-    out, clocks = {}, {"batched": [], "per_group": []}
+def bench_sampling(model, tok, prompts: list, G: int, T: int, repeats: int, use_bf16: bool,
+                   repeated: bool = False):
+    """Part 1: batched vs per-group sample_groups, both with cascade decoding (the default); with
+    `repeated` also both on the repeated prompt cache (cascade=False).
+    -> (medians, prefill medians, (decode steps, rows per step) of each path, completions)."""
+    N = len(prompts)
+    paths = {"batched: 1 generate call (cascade)": dict(per_group=False),
+             f"per group: {N} generate calls (cascade)": dict(per_group=True)}
+    steps = [(T, N * G), (N * T, G)]  # (decode steps, rows per step) of each path
+    if repeated:
+        paths["batched, repeated prompt cache"] = dict(per_group=False, cascade=False)
+        paths["per group, repeated prompt cache"] = dict(per_group=True, cascade=False)
+        steps += [(T, N * G), (N * T, G)]
+    out, clocks = {}, {name: [] for name in paths}
 
-    def run(per_group, n=T, timed=True):
+    def run(name, n=T, timed=True):
         clock = PrefillClock()
         with bf16() if use_bf16 else nullcontext():
-            out[per_group] = sample_groups(model, tok, prompts, G, n, temperature=1.0, top_p=1.0,
-                                           seed=0, prefill_hook=clock, per_group=per_group)
+            out[name] = sample_groups(model, tok, prompts, G, n, temperature=1.0, top_p=1.0,
+                                      seed=0, prefill_hook=clock, **paths[name])
         if timed:
-            clocks["per_group" if per_group else "batched"].append(clock.seconds)
+            clocks[name].append(clock.seconds)
 
-    names = ("batched: 1 generate call", f"per group: {len(prompts)} generate calls")
-    contenders = dict(zip(names, (lambda: run(False), lambda: run(True))))
-    warm = dict(zip(names, (lambda: run(False, 2, False), lambda: run(True, 2, False))))
+    contenders = {name: (lambda name=name: run(name)) for name in paths}
+    warm = {name: (lambda name=name: run(name, 2, False)) for name in paths}
     with eos_suppressed(model, eos_ids(model, tok)):
         med = interleaved(contenders, repeats, warmup=warm)
-    N = len(prompts)
-    for r in out.values():  # the two did the same work: N*G rows of exactly T tokens, no EOS
+    for r in out.values():  # the paths did the same work: N*G rows of exactly T tokens, no EOS
         assert r.completion_ids.shape == (N * G, T) and bool(r.truncated.all()), \
             r.completion_ids.shape
-    prefill = {name: statistics.median(clocks[k]) for name, k in zip(names, clocks)}
-    return med, prefill, out[False].completion_ids
+    prefill = {name: statistics.median(clocks[name]) for name in paths}
+    return med, prefill, dict(zip(paths, steps)), out[next(iter(paths))].completion_ids
 
 
 def bench_fwd_bwd(model, prompt: list, completion: torch.Tensor, repeats: int, separate: bool):
@@ -327,9 +338,8 @@ def print_timings(title: str, med: dict):
         print(f"  {name} / {names[0]}: {med[name] / med[names[0]]:.2f}x")
 
 
-def print_sampling_split(med: dict, prefill: dict, N: int, G: int, T: int):
-    """Prefill (the same work in both paths) and decode time of each path."""
-    steps = dict(zip(med, ((T, N * G), (N * T, G))))  # (decode steps, rows per step)
+def print_sampling_split(med: dict, prefill: dict, steps: dict):
+    """Prefill (the same work in every path) and decode time of each path."""
     for name in med:
         decode = med[name] - prefill[name]
         n, rows = steps[name]
@@ -371,6 +381,8 @@ def main():
     p.add_argument("--group", type=int, default=8, help="G completions per prompt")
     p.add_argument("--new-tokens", type=int, default=32, help="T completion tokens (EOS off)")
     p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (part 1)")
+    p.add_argument("--repeated-cache", action="store_true",
+                   help="part 1 also times both paths on the repeated prompt cache")
     p.add_argument("--separate", action="store_true", help="part 2 also times G single-row passes")
     p.add_argument("--memory-lengths", type=int, nargs="+", default=[512, 1024, 2048],
                    help="prompt lengths of part 3")
@@ -384,10 +396,11 @@ def main():
     G, T = a.group, a.new_tokens
     completion = None
     if "sampling" in a.parts:
-        med, prefill, ids = bench_sampling(model, tok, prompts, G, T, a.repeats, a.bf16)
+        med, prefill, steps, ids = bench_sampling(model, tok, prompts, G, T, a.repeats, a.bf16,
+                                                  a.repeated_cache)
         print_timings(f"1. sampling N={a.prompts} prompts x P={a.prompt_len} tokens, G={G}, "
                       f"T={T} (EOS off), {'bf16 autocast' if a.bf16 else 'fp32'}", med)
-        print_sampling_split(med, prefill, a.prompts, G, T)
+        print_sampling_split(med, prefill, steps)
         completion = ids[:G]  # the first prompt's group
     if completion is None:
         completion = torch.randint(0, model.config.vocab_size, (G, T), generator=torch.Generator()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
+from transformers import DynamicCache
 
 import rollout
 from rollout import (completion_logprobs, completion_mask_from_positions, full_sequence_logprobs,
@@ -294,3 +295,147 @@ def test_embedded_model_loads_and_answers(embedded):
                                   return_dict=True)["input_ids"]
     r = sample_groups(model, tok, [list(ids)], group_size=1, max_new_tokens=16, temperature=0.0)
     assert "paris" in r.texts[0].lower() and not r.truncated[0]
+
+
+# ------------------------------------------------------------------ cascade decoding
+
+def cascade_vs_repeated(model, ps, G=4, T=8, temperature=0.0, seed=0):
+    """Sample the same batch with the cascade and the repeated cache: {cascade: (Rollout,
+    (B, T', V) raw logits per step, the cache generate got)}."""
+    out = {}
+    for cascade in (True, False):
+        with spy_generate(model, output_logits=True, return_dict_in_generate=True) as calls:
+            r = sample_groups(model, TinyTok(), ps, group_size=G, max_new_tokens=T,
+                              temperature=temperature, seed=seed, cascade=cascade)
+        out[cascade] = (r, torch.stack(calls[0].logits, 1), calls[0].cache)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cascade_decoding_gives_the_repeated_cache_completions_and_logits(kind, temperature):
+    # 3 left-padded prompts of different lengths x 4 rows: greedy, and sampling with one seed.
+    model = tiny_model(kind)
+    ps = prompts(3, lengths=(9, 14, 11))
+    out = cascade_vs_repeated(model, ps, temperature=temperature, seed=5)
+    (ra, la, cache_a), (rb, lb, cache_b) = out[True], out[False]
+    assert isinstance(cache_a, rollout.CascadeCache) and type(cache_b) is DynamicCache
+    assert cache_a.layers[0].prefix_keys.shape == (3, 2, 13, 8)  # (N, Hkv, P-1, D) once per group
+    assert cache_a.get_seq_length() == cache_b.get_seq_length() == 13 + la.shape[1]
+    assert torch.equal(ra.completion_ids, rb.completion_ids)
+    assert (la - lb).abs().max() <= 1e-5
+    assert model.config._attn_implementation == "sdpa"  # restored after the call
+    assert not any(hasattr(m, "cascade_layer") for m in model.modules())
+
+
+def test_cascade_attention_handles_every_decode_step(monkeypatch):
+    # Every attention call of every decode step takes the per-group path (one query token, a
+    # prefix attached), none the fallback: 2 layers x 5 steps.
+    model, seen = tiny_model("llama"), []
+    inner = rollout.cascade_attention
+
+    def counting(module, query, *args, **kwargs):
+        seen.append((query.shape[2], hasattr(module, "cascade_layer")))
+        return inner(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(rollout.AttentionInterface._global_mapping, "cascade", counting)
+    with eos_boost(model, -100.0):  # EOS never wins: exactly 5 steps
+        sample_groups(model, TinyTok(), prompts(2), group_size=3, max_new_tokens=5, seed=0)
+    assert seen == [(1, True)] * 10
+
+
+def test_cascade_attention_equals_softmax_over_repeated_keys():
+    # N=2 groups of G=3 rows, 4 query heads on 2 KV heads (rep 2), prefix 5, suffix 2, group 1's
+    # first two prefix positions are left padding. Reference: the textbook formula on keys
+    # [prefix repeated to every row ; suffix].
+    g = torch.Generator().manual_seed(0)
+    N, G, H, Hkv, Pp, S, D = 2, 3, 4, 2, 5, 2, 8
+    pk, pv = torch.randn(2, N, Hkv, Pp, D, generator=g)
+    sk, sv = torch.randn(2, N * G, Hkv, S, D, generator=g)
+    q = torch.randn(N * G, H, 1, D, generator=g)
+    keep = torch.ones(N * G, 1, 1, Pp + S, dtype=torch.bool)
+    keep[G:, ..., :2] = False  # group 1's padding, the same for its 3 rows
+    layer = rollout.CascadeLayer(pk, pv)
+    module = torch.nn.Module()
+    module.cascade_layer = layer
+    out, _ = rollout.cascade_attention(module, q, sk, sv, keep, scaling=0.5)  # (B, 1, H, D)
+    k = torch.cat([pk.repeat_interleave(G, 0), sk], 2).repeat_interleave(2, 1)  # (B, H, 7, D)
+    v = torch.cat([pv.repeat_interleave(G, 0), sv], 2).repeat_interleave(2, 1)
+    w = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~keep, float("-inf")).softmax(-1)
+    assert out.shape == (N * G, 1, H, D)
+    assert torch.allclose(out, (w @ v).transpose(1, 2), atol=1e-6)
+    assert torch.allclose(w[G:, ..., :2], torch.zeros(()))  # padding got no weight
+
+
+def test_cascade_layer_reports_prefix_plus_suffix_length():
+    pk = torch.zeros(2, 1, 5, 4)  # (N, Hkv, P', D): 5 prompt positions, 2 groups
+    layer = rollout.CascadeLayer(pk, pk)
+    assert layer.get_seq_length() == 5 and layer.get_mask_sizes(1) == (6, 0)
+    keys, _ = layer.update(torch.ones(6, 1, 1, 4), torch.ones(6, 1, 1, 4))  # 6 rows = 2 x G=3
+    assert keys.shape == (6, 1, 1, 4)  # update returns the suffix only
+    assert layer.get_seq_length() == 6 and layer.get_mask_sizes(1) == (7, 0)
+    with pytest.raises(NotImplementedError, match="cascade=False"):
+        layer.batch_select_indices(torch.tensor([0]))
+
+
+def test_cascade_falls_back_to_repeated_keys_for_several_query_tokens():
+    # Two new tokens per row at once (never happens in our decoding): the explicit fallback
+    # materialises [prefix repeated ; suffix] and must give the repeated cache's hidden states.
+    model, G = tiny_model("qwen3"), 2
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))  # (N, P')
+    new = torch.randint(3, 128, (2 * G, 2), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(7, 9)[None].expand(2 * G, -1)  # (B, 2)
+    hidden = []
+    for cascade in (True, False):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model.model(input_ids=ids, cache=cache, use_cache=True)
+            if cascade:
+                cache = rollout.CascadeCache(cache)
+                ctx = rollout.cascade_decoding(model, cache)
+            else:
+                cache.batch_repeat_interleave(G)
+                ctx = contextmanager(lambda: (yield))()
+            with ctx:
+                hidden.append(model.model(input_ids=new, position_ids=pos, cache=cache,
+                                          use_cache=True).last_hidden_state)
+    assert torch.allclose(hidden[0], hidden[1], atol=1e-5)
+
+
+def test_sliding_window_layers_use_the_repeated_cache():
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      use_sliding_window=True, sliding_window=4, max_window_layers=0,
+                      eos_token_id=EOS, pad_token_id=EOS)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    out = cascade_vs_repeated(model, prompts(2, lengths=(9, 12)), G=2, T=5)
+    assert type(out[True][2]) is DynamicCache  # cascade asked for, not applicable: plain path
+    assert torch.equal(out[True][0].completion_ids, out[False][0].completion_ids)
+
+
+def test_cascade_under_bf16_autocast_matches_the_repeated_cache():
+    # bf16 rounds the two summation orders differently, so a near-tie may pick another token;
+    # compare the logits of every step whose history is still the same in both runs.
+    model = tiny_model("qwen3")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cascade_vs_repeated(model, prompts(3, lengths=(9, 14, 11)))
+    (ra, la, _), (rb, lb, _) = out[True], out[False]
+    agree = (ra.completion_ids == rb.completion_ids).long().cumprod(1)  # (B, T) same so far
+    history = torch.cat([torch.ones_like(agree[:, :1]), agree[:, :-1]], 1).bool()  # (B, T)
+    assert history[:, 0].all() and history.float().mean() > 0.5
+    assert (la - lb).abs()[history].max() < 0.01
+
+
+def test_cascade_decoding_restores_the_model_after_an_error():
+    model = tiny_model("llama")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([[5, 6, 7]]), cache=cache, use_cache=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with rollout.cascade_decoding(model, rollout.CascadeCache(cache)):
+            assert model.config._attn_implementation == "cascade"
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, "cascade_layer") for m in model.modules())
