@@ -19,8 +19,12 @@ Choices (this project's; SOURCES.md §9):
      eval.json with "after"; an unfinished one is resumed from its last checkpoint. The grid can be
      finished over several sittings.
   2. choice: the summary reports mean +- standard error over seeds per arm and evaluation cell, and
-     the smallest difference the grid can detect: 2.8 x the pooled seed-to-seed standard deviation
-     x sqrt(2 / seeds) (a two-sided test at 5% with 80% power, normal approximation).
+     the smallest difference the grid can detect: (t_0.975 + t_0.80) x the pooled seed-to-seed
+     standard deviation x sqrt(2 / seeds), with Student's t at 2 (seeds - 1) degrees of freedom (a
+     two-sided test at 5% with 80% power). Each arm is compared with uniform and with random rows by
+     the pooled two-sample t interval (95%); only an interval that excludes 0 counts as a
+     difference. A cell's evaluation samples are the same for every run, so the spread over seeds
+     is the training's own noise plus which borderline samples flip.
   3. choice: the small outputs of each finished run (config, metrics, eval, the first samples) are
      copied to --out/runs/ for committing; weights stay in the run folder.
 
@@ -48,13 +52,14 @@ ARMS = {  # name -> train.py flags (on top of SETTING)
     "dapo-uniform": ["--algo", "dapo", "--mask-strategy", "all"],
 }
 GRPO_ARMS = [a for a in ARMS if a.startswith("grpo")]
-# The setting, chosen with a pilot so that the uniform arm still improves at the end and no cell
-# sits at 0 or 100 (README, "A/B"): the harder multi-key task (a haystack of distractor needles),
-# evaluated on held-out seeds at the training length and 2x, on the trained task and an untrained
-# one, 50 samples per cell.
-SETTING = ["--train-task", "niah_multikey_2", "--train-len", "1024", "--steps", "16",
-           "--lr", "2e-5", "--warmup-steps", "2", "--prompts-per-step", "4", "--group-size", "8",
-           "--eval-tasks", "niah_multikey_2", "niah_multikey_3", "--eval-lengths", "1024", "2048",
+# The setting, chosen with pilots so that the uniform arm still improves at the end and no cell
+# sits at 0 or 100 (README, "A/B"; SOURCES.md §9): the multi-key task (a haystack of distractor
+# needles) at 512 tokens, where a run takes minutes, not a quarter of an hour; 12 steps at lr 1e-5,
+# because 16 steps took the trained task to 98% at both lengths. Evaluation on held-out seeds at
+# the training length and 2x, on the trained task and an untrained one, 50 samples per cell.
+SETTING = ["--train-task", "niah_multikey_2", "--train-len", "512", "--steps", "12",
+           "--lr", "1e-5", "--warmup-steps", "2", "--prompts-per-step", "4", "--group-size", "8",
+           "--eval-tasks", "niah_multikey_2", "niah_multikey_3", "--eval-lengths", "512", "1024",
            "--eval-samples", "50", "--save-every", "1"]
 SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json")
 
@@ -107,6 +112,20 @@ def mean_se(xs: list) -> tuple:
     return m, math.sqrt(var / n)
 
 
+# Student's t quantiles by degrees of freedom (two-sided 95% = 0.975, power 80% = 0.80), from any
+# statistics table; a df between entries takes the next smaller df (the wider interval).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
+T_80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889,
+        9: 0.883, 10: 0.879, 12: 0.873, 15: 0.866, 20: 0.860, 30: 0.854, 60: 0.848}
+
+
+def t_quantile(table: dict, dof: int) -> float:
+    if dof < 1:
+        return float("nan")
+    return table[max(k for k in table if k <= dof)]
+
+
 def pooled_sd(groups: list) -> float:
     """Pooled within-arm standard deviation over arms with >= 2 seeds."""
     num = sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in groups if len(g) > 1)
@@ -115,7 +134,8 @@ def pooled_sd(groups: list) -> float:
 
 
 def collect(folder: Path) -> dict:
-    """{arm: {seed: {"after": {...}, "before": {...}, "reward": [per step]}}} of finished runs."""
+    """{arm: {seed: {"after", "before", "reward": [per step], "minutes": {phase: min}}}} of the
+    finished runs in `folder`."""
     out = {}
     for run in sorted(p for p in folder.iterdir() if (p / "eval.json").exists()):
         arm, _, seed = run.name.rpartition("-seed")
@@ -123,33 +143,104 @@ def collect(folder: Path) -> dict:
         if arm not in ARMS or "after" not in ev:
             continue
         rewards = [r["reward"] for r in common.read_jsonl(run / "metrics.jsonl")]
+        phases = common.read_json(run / "phases.json") if (run / "phases.json").exists() else {}
         out.setdefault(arm, {})[int(seed)] = {"after": ev["after"], "before": ev["before"],
-                                              "reward": rewards}
+                                              "reward": rewards,
+                                              "minutes": {k: v / 60 for k, v in phases.items()}}
     return out
+
+
+def cells_of(runs: dict) -> list:
+    """Evaluation cells ("task@length") in natural order (512 before 1024), averages left out."""
+    return sorted({k for arm in runs.values() for r in arm.values() for k in r["after"]
+                   if not k.startswith("ruler_avg")}, key=common.natural_key)
+
+
+def after_scores(runs: dict, arm: str, cell: str) -> list:
+    return [r["after"][cell] for r in runs[arm].values()]  # (S,) one score per seed
+
+
+def detectable(runs: dict, cell: str) -> float:
+    """Smallest difference between two arms this grid detects in `cell` (choice 2)."""
+    groups = [after_scores(runs, arm, cell) for arm in runs]
+    seeds = max(len(g) for g in groups)
+    dof = 2 * (seeds - 1)
+    return ((t_quantile(T_975, dof) + t_quantile(T_80, dof)) * pooled_sd(groups)
+            * math.sqrt(2 / seeds))
+
+
+def difference(xs: list, ys: list) -> tuple:
+    """mean(xs) - mean(ys) and the half-width of its pooled two-sample 95% t interval."""
+    d = sum(xs) / len(xs) - sum(ys) / len(ys)
+    dof = len(xs) + len(ys) - 2
+    half = t_quantile(T_975, dof) * pooled_sd([xs, ys]) * math.sqrt(1 / len(xs) + 1 / len(ys))
+    return d, half
 
 
 def summary_table(runs: dict) -> tuple:
     """Markdown table of mean +- se per arm and cell, and the smallest detectable difference."""
-    cells = sorted({k for arm in runs.values() for r in arm.values() for k in r["after"]
-                    if not k.startswith("ruler_avg")})
+    cells = cells_of(runs)
     before = next(iter(next(iter(runs.values())).values()))["before"]
     lines = ["| arm | seeds | " + " | ".join(cells) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in cells) + " |",
              "| before (shared) | - | " + " | ".join(f"{before[c]:.1f}" for c in cells) + " |"]
-    mde = {}
-    for c in cells:
-        groups = [[r["after"][c] for r in arm.values()] for arm in runs.values()]
-        seeds = max(len(g) for g in groups)
-        mde[c] = 2.8 * pooled_sd(groups) * math.sqrt(2 / seeds)
-    for arm in ARMS:
-        if arm not in runs:
-            continue
-        row = [mean_se([r["after"][c] for r in runs[arm].values()]) for c in cells]
+    mde = {c: detectable(runs, c) for c in cells}
+    for arm in (a for a in ARMS if a in runs):
+        row = [mean_se(after_scores(runs, arm, c)) for c in cells]
         lines.append(f"| {arm} | {len(runs[arm])} | " +
                      " | ".join(f"{m:.1f} ± {se:.1f}" for m, se in row) + " |")
     lines.append("| smallest detectable difference | - | " +
                  " | ".join(f"{mde[c]:.1f}" for c in cells) + " |")
     return "\n".join(lines), mde
+
+
+def differences_table(runs: dict, baselines=("grpo-uniform", "grpo-random")) -> str:
+    """Each arm minus each baseline, per cell: difference [95% interval]; '*' where the interval
+    excludes 0 (the only differences the README may claim)."""
+    cells = cells_of(runs)
+    lines = ["| arm - baseline | " + " | ".join(cells) + " |",
+             "| --- | " + " | ".join("---:" for _ in cells) + " |"]
+    for base in (b for b in baselines if b in runs):
+        for arm in (a for a in ARMS if a in runs and a != base):
+            parts = []
+            for c in cells:
+                d, half = difference(after_scores(runs, arm, c), after_scores(runs, base, c))
+                star = "*" if abs(d) > half else ""
+                parts.append(f"{d:+.1f} [{d - half:+.1f}, {d + half:+.1f}]{star}")
+            lines.append(f"| {arm} - {base} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def timing_table(runs: dict) -> str:
+    """Wall minutes per run (mean over seeds) by phase, and the grid's total."""
+    phases = ["statistics", "training", "eval after", "total"]
+    lines = ["| arm | runs | " + " | ".join(phases) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in phases) + " |"]
+    total = 0.0
+    for arm in (a for a in ARMS if a in runs):
+        mins = [r["minutes"] for r in runs[arm].values() if r["minutes"]]
+        if not mins:
+            continue
+        total += sum(m.get("total", 0.0) for m in mins)
+        lines.append(f"| {arm} | {len(mins)} | " + " | ".join(
+            f"{sum(m.get(p, 0.0) for m in mins) / len(mins):.1f}" for p in phases) + " |")
+    lines.append(f"| grid (sum of run totals) | - | " + " | ".join("" for _ in phases[:-1]) +
+                 f" | {total:.1f} |")
+    return "\n".join(lines)
+
+
+def reward_trend(runs: dict, k: int = 4) -> str:
+    """Mean training reward over the first and the last k steps per arm (is it still rising?)."""
+    lines = [f"| arm | reward, first {k} steps | reward, last {k} steps | last {k} minus the {k} "
+             "before |", "| --- | ---: | ---: | ---: |"]
+    for arm in (a for a in ARMS if a in runs):
+        curves = [r["reward"] for r in runs[arm].values()]  # (S, steps)
+        T = min(len(c) for c in curves)
+        avg = [sum(c[t] for c in curves) / len(curves) for t in range(T)]  # (steps,) over seeds
+        first, last = sum(avg[:k]) / k, sum(avg[T - k:]) / k
+        prev = sum(avg[T - 2 * k:T - k]) / k
+        lines.append(f"| {arm} | {first:.3f} | {last:.3f} | {last - prev:+.3f} |")
+    return "\n".join(lines)
 
 
 def plot(runs: dict, out: Path) -> None:
@@ -168,8 +259,7 @@ def plot(runs: dict, out: Path) -> None:
                        alpha=0.2)
     a.set(xlabel="step", ylabel="training reward", title="mean ± s.e. over seeds")
     a.legend(fontsize=7)
-    cells = sorted(k for k in next(iter(next(iter(runs.values())).values()))["after"]
-                   if not k.startswith("ruler_avg"))
+    cells = cells_of(runs)
     width = 0.8 / len(runs)
     for i, (arm, seeds) in enumerate(runs.items()):
         stats = [mean_se([r["after"][c] for r in seeds.values()]) for c in cells]
@@ -200,8 +290,9 @@ def summarize(grid: Path, out: Path) -> None:
     if not runs:
         raise SystemExit(f"no finished run in {out / 'runs'} or {grid}")
     table, _ = summary_table(runs)
-    common.write_text_atomic(out / "ab_table.md", table + "\n")
-    print(table)
+    text = "\n\n".join([table, differences_table(runs), reward_trend(runs), timing_table(runs)])
+    common.write_text_atomic(out / "ab_table.md", text + "\n")
+    print(text)
     plot(runs, out)
 
 

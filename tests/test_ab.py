@@ -41,8 +41,39 @@ def test_summary_table_and_detectable_difference(tmp_path):
     table, mde = ab.summary_table(runs)
     assert "| grpo-longact | 2 | 42.0 ± 2.0 |" in table
     assert "| before (shared) | - | 10.0 |" in table
-    # pooled sd = sqrt((8 + 8) / 2) = 2 sqrt(2); 2.8 * 2 sqrt(2) * sqrt(2 / 2) = 7.92
-    assert mde["t@1024"] == pytest.approx(2.8 * 2 * math.sqrt(2))
+    # pooled sd = sqrt((8 + 8) / 2) = 2 sqrt(2); dof 2: (t_.975 + t_.80) = 4.303 + 1.061
+    assert mde["t@1024"] == pytest.approx((4.303 + 1.061) * 2 * math.sqrt(2) * math.sqrt(2 / 2))
+
+
+def test_differences_flag_only_intervals_that_exclude_zero(tmp_path):
+    for arm, vals in (("grpo-longact", [40.0, 41.0, 42.0]), ("grpo-uniform", [30.0, 31.0, 32.0]),
+                      ("grpo-random", [35.0, 45.0, 40.0])):
+        for seed, v in enumerate(vals):
+            fake_run(tmp_path, arm, seed, v)
+    runs = ab.collect(tmp_path)
+    # longact - uniform: +10, pooled sd 1, half = 2.776 * 1 * sqrt(2/3) = 2.27 -> flagged
+    d, half = ab.difference([40.0, 41.0, 42.0], [30.0, 31.0, 32.0])
+    assert d == pytest.approx(10.0) and half == pytest.approx(2.776 * math.sqrt(2 / 3))
+    table = ab.differences_table(runs)
+    assert "| grpo-longact - grpo-uniform | +10.0 [+7.7, +12.3]* |" in table
+    # longact - random: +1, pooled sd sqrt((2 + 50) / 4) -> wide interval, not flagged
+    row = next(line for line in table.splitlines() if line.startswith("| grpo-longact - grpo-ra"))
+    assert "*" not in row
+
+
+def test_cells_in_natural_order_and_trend_and_timing(tmp_path):
+    run = fake_run(tmp_path, "grpo-uniform", 0, 50.0)
+    ev = json.loads((run / "eval.json").read_text())
+    for part in ("before", "after"):
+        ev[part]["t@512"] = 20.0
+    (run / "eval.json").write_text(json.dumps(ev))
+    (run / "phases.json").write_text(json.dumps({"training": 120.0, "total": 300.0}))
+    runs = ab.collect(tmp_path)
+    assert ab.cells_of(runs) == ["t@512", "t@1024"]
+    trend = ab.reward_trend(runs, k=1)  # rewards 0, 0.1, 0.2: first 0, last 0.2, +0.1
+    assert "| grpo-uniform | 0.000 | 0.200 | +0.100 |" in trend
+    timing = ab.timing_table(runs)
+    assert "| grpo-uniform | 1 | 0.0 | 2.0 | 0.0 | 5.0 |" in timing and "| 5.0 |" in timing
 
 
 def test_unfinished_runs_resume_and_finished_ones_are_skipped(tmp_path):
