@@ -14,7 +14,7 @@ export HF_DATASETS_CACHE ?= $(CURDIR)/.cache/hf/datasets
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/mpl
 
-.PHONY: setup test demo bench causal ab plan clean
+.PHONY: setup test demo bench causal ab ab-dapo plan clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ causal: $(STAMP)
 # The A/B grid: five GRPO arms x 3 seeds, resumable; then the table and figures (README, "A/B").
 ab: $(STAMP)
 	$(PY) -m experiments.ab run
+	$(PY) -m experiments.ab summary
+
+# The DAPO pair (LongAct and uniform) x 3 seeds on the same setting, then the summary again.
+ab-dapo: $(STAMP)
+	$(PY) -m experiments.ab run --arms dapo-longact dapo-uniform
 	$(PY) -m experiments.ab summary
 
 # The memory plan of Qwen3-8B at the paper setting (no weights, no GPU).

@@ -187,24 +187,29 @@ def summary_table(runs: dict) -> tuple:
     mde = {c: detectable(runs, c) for c in cells}
     for arm in (a for a in ARMS if a in runs):
         row = [mean_se(after_scores(runs, arm, c)) for c in cells]
-        lines.append(f"| {arm} | {len(runs[arm])} | " +
-                     " | ".join(f"{m:.1f} ± {se:.1f}" for m, se in row) + " |")
+        lines.append(f"| {arm} | {len(runs[arm])} | " + " | ".join(
+            f"{m:.1f}" if math.isnan(se) else f"{m:.1f} ± {se:.1f}" for m, se in row) + " |")
     lines.append("| smallest detectable difference | - | " +
-                 " | ".join(f"{mde[c]:.1f}" for c in cells) + " |")
+                 " | ".join("n/a" if math.isnan(mde[c]) else f"{mde[c]:.1f}" for c in cells) + " |")
     return "\n".join(lines), mde
 
 
-def differences_table(runs: dict, baselines=("grpo-uniform", "grpo-random")) -> str:
-    """Each arm minus each baseline, per cell: difference [95% interval]; '*' where the interval
-    excludes 0 (the only differences the README may claim)."""
+def differences_table(runs: dict,
+                      baselines=("grpo-uniform", "grpo-random", "dapo-uniform")) -> str:
+    """Each arm minus each baseline of the same algorithm, per cell: difference [95% interval];
+    '*' where the interval excludes 0 (the only differences the README may claim)."""
     cells = cells_of(runs)
     lines = ["| arm - baseline | " + " | ".join(cells) + " |",
              "| --- | " + " | ".join("---:" for _ in cells) + " |"]
     for base in (b for b in baselines if b in runs):
-        for arm in (a for a in ARMS if a in runs and a != base):
+        algo = base.split("-")[0]
+        for arm in (a for a in ARMS if a in runs and a != base and a.startswith(algo + "-")):
             parts = []
             for c in cells:
                 d, half = difference(after_scores(runs, arm, c), after_scores(runs, base, c))
+                if math.isnan(half):  # one seed in an arm: no interval yet
+                    parts.append(f"{d:+.1f}")
+                    continue
                 star = "*" if abs(d) > half else ""
                 parts.append(f"{d:+.1f} [{d - half:+.1f}, {d + half:+.1f}]{star}")
             lines.append(f"| {arm} - {base} | " + " | ".join(parts) + " |")

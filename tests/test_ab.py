@@ -83,3 +83,11 @@ def test_unfinished_runs_resume_and_finished_ones_are_skipped(tmp_path):
     assert argv[-2:] == ["--resume", str(run)] and "--before-eval" in argv
     assert not ab.is_finished(run)
     assert ab.is_finished(fake_run(tmp_path, "grpo-uniform", 0, 1.0))
+
+
+def test_arms_are_compared_within_their_algorithm(tmp_path):
+    for arm in ("grpo-longact", "grpo-uniform", "dapo-longact", "dapo-uniform"):
+        for seed in range(2):
+            fake_run(tmp_path, arm, seed, 50.0 + seed)
+    rows = [line.split(" |")[0] for line in ab.differences_table(ab.collect(tmp_path)).splitlines()]
+    assert rows[2:] == ["| grpo-longact - grpo-uniform", "| dapo-longact - dapo-uniform"]
