@@ -144,16 +144,26 @@ def collect(folder: Path) -> dict:
             continue
         rewards = [r["reward"] for r in common.read_jsonl(run / "metrics.jsonl")]
         phases = common.read_json(run / "phases.json") if (run / "phases.json").exists() else {}
-        out.setdefault(arm, {})[int(seed)] = {"after": ev["after"], "before": ev["before"],
+        out.setdefault(arm, {})[int(seed)] = {"after": with_mean(ev["after"]),
+                                              "before": with_mean(ev["before"]),
                                               "reward": rewards,
                                               "minutes": {k: v / 60 for k, v in phases.items()}}
     return out
 
 
+ALL = "mean of cells"  # a run's mean over its task@length cells: 4x the samples of one cell
+
+
+def with_mean(scores: dict) -> dict:
+    cells = [k for k in scores if "@" in k and not k.startswith("ruler_avg")]
+    return scores | {ALL: sum(scores[k] for k in cells) / len(cells)}
+
+
 def cells_of(runs: dict) -> list:
-    """Evaluation cells ("task@length") in natural order (512 before 1024), averages left out."""
+    """Evaluation cells ("task@length") in natural order (512 before 1024), averages left out,
+    then the mean of the cells."""
     return sorted({k for arm in runs.values() for r in arm.values() for k in r["after"]
-                   if not k.startswith("ruler_avg")}, key=common.natural_key)
+                   if "@" in k and not k.startswith("ruler_avg")}, key=common.natural_key) + [ALL]
 
 
 def after_scores(runs: dict, arm: str, cell: str) -> list:
@@ -249,29 +259,39 @@ def reward_trend(runs: dict, k: int = 4) -> str:
 
 
 def plot(runs: dict, out: Path) -> None:
+    """Left: training reward per step, mean +- se over seeds per arm. Right: accuracy after
+    training per arm and cell, mean +- se, with the shared 'before' as a black tick."""
     import matplotlib  # plots only: imported here so the runner works without it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for arm, seeds in runs.items():
-        curves = list(seeds.values())
-        T = min(len(c["reward"]) for c in curves)
-        stats = [mean_se([c["reward"][t] for c in curves]) for t in range(T)]  # (T,) over seeds
+    arms = [arm for arm in ARMS if arm in runs]  # fixed order and colour per arm
+    colour = {arm: f"C{i}" for i, arm in enumerate(ARMS)}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.8))
+    for arm in arms:
+        curves = [r["reward"] for r in runs[arm].values()]  # (S, steps)
+        T = min(len(c) for c in curves)
+        stats = [mean_se([c[t] for c in curves]) for t in range(T)]  # (T,) over seeds
         m = [s[0] for s in stats]
         se = [0 if math.isnan(s[1]) else s[1] for s in stats]
-        a.plot(range(T), m, label=arm)
+        a.plot(range(T), m, label=f"{arm} ({len(curves)} seeds)", color=colour[arm])
         a.fill_between(range(T), [x - e for x, e in zip(m, se)], [x + e for x, e in zip(m, se)],
-                       alpha=0.2)
-    a.set(xlabel="step", ylabel="training reward", title="mean ± s.e. over seeds")
+                       alpha=0.15, color=colour[arm])
+    a.set(xlabel="step", ylabel="training reward", title="training reward, mean ± s.e. over seeds")
     a.legend(fontsize=7)
     cells = cells_of(runs)
-    width = 0.8 / len(runs)
-    for i, (arm, seeds) in enumerate(runs.items()):
-        stats = [mean_se([r["after"][c] for r in seeds.values()]) for c in cells]
+    before = next(iter(runs[arms[0]].values()))["before"]
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        stats = [mean_se(after_scores(runs, arm, c)) for c in cells]  # (K,) over seeds
         b.bar([j + i * width for j in range(len(cells))], [s[0] for s in stats], width,
-              yerr=[0 if math.isnan(s[1]) else s[1] for s in stats], label=arm, capsize=2)
-    b.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))], cells, rotation=15, fontsize=7)
-    b.set(ylabel="accuracy after training (%)", title="final accuracy, mean ± s.e.")
+              yerr=[0 if math.isnan(s[1]) else s[1] for s in stats], label=arm, capsize=2,
+              color=colour[arm])
+    b.hlines([before[c] for c in cells], [j - width / 2 for j in range(len(cells))],
+             [j + 0.8 - width / 2 for j in range(len(cells))], colors="k", label="before")
+    b.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))], cells, fontsize=8)
+    b.set(ylabel="accuracy (%)", ylim=(0, 105),
+          title="accuracy after training, mean ± s.e. over seeds (black: before)")
+    b.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     with common.atomic_path(out / "ab.png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -69,7 +69,8 @@ def test_cells_in_natural_order_and_trend_and_timing(tmp_path):
     (run / "eval.json").write_text(json.dumps(ev))
     (run / "phases.json").write_text(json.dumps({"training": 120.0, "total": 300.0}))
     runs = ab.collect(tmp_path)
-    assert ab.cells_of(runs) == ["t@512", "t@1024"]
+    assert ab.cells_of(runs) == ["t@512", "t@1024", ab.ALL]
+    assert runs["grpo-uniform"][0]["after"][ab.ALL] == 35.0  # (20 + 50) / 2, averages left out
     trend = ab.reward_trend(runs, k=1)  # rewards 0, 0.1, 0.2: first 0, last 0.2, +0.1
     assert "| grpo-uniform | 0.000 | 0.200 | +0.100 |" in trend
     timing = ab.timing_table(runs)
