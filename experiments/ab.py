@@ -18,13 +18,15 @@ Choices (this project's; SOURCES.md §9):
   1. choice: each run is a separate `train.py` process with its own folder; a finished run has
      eval.json with "after"; an unfinished one is resumed from its last checkpoint. The grid can be
      finished over several sittings.
-  2. choice: the summary reports mean +- standard error over seeds per arm and evaluation cell, and
-     the smallest difference the grid can detect: (t_0.975 + t_0.80) x the pooled seed-to-seed
-     standard deviation x sqrt(2 / seeds), with Student's t at 2 (seeds - 1) degrees of freedom (a
-     two-sided test at 5% with 80% power). Each arm is compared with uniform and with random rows by
-     the pooled two-sample t interval (95%); only an interval that excludes 0 counts as a
-     difference. A cell's evaluation samples are the same for every run, so the spread over seeds
-     is the training's own noise plus which borderline samples flip.
+  2. choice: seeds are blocks. Within a seed every arm trains on the same prompts and starts from
+     the same model, so the comparison of two arms uses their per-seed differences (a paired t
+     interval, 95%, Student's t at seeds - 1 degrees of freedom); only an interval that excludes 0
+     counts as a difference. The smallest difference the grid can detect is (t_0.975 + t_0.80) x
+     the standard deviation of those differences (pooled over the arms' pairings with uniform) /
+     sqrt(seeds): a two-sided test at 5% with 80% power. The unpaired version (pooled seed-to-seed
+     standard deviation x sqrt(2 / seeds), 2 (seeds - 1) degrees of freedom) is printed too. A
+     cell's evaluation samples are the same for every run: the spread is the training's noise plus
+     which borderline samples flip.
   3. choice: the small outputs of each finished run (config, metrics, eval, the first samples) are
      copied to --out/runs/ for committing; weights stay in the run folder.
 
@@ -48,10 +50,14 @@ ARMS = {  # name -> train.py flags (on top of SETTING)
     "grpo-random": ["--algo", "grpo", "--mask-strategy", "random", "--mask-schedule", "step"],
     "grpo-bottomk": ["--algo", "grpo", "--mask-strategy", "bottomk", "--mask-schedule", "step"],
     "grpo-uniform": ["--algo", "grpo", "--mask-strategy", "all"],
+    # q/k nearly frozen: 1 row of 64 per head (the most salient). Not one of the method's arms:
+    # it tells whether the choice of q/k rows can matter at all in this setting.
+    "grpo-longact-1row": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step",
+                          "--ratio", "0.015625"],
     "dapo-longact": ["--algo", "dapo", "--mask-strategy", "topk", "--mask-schedule", "step"],
     "dapo-uniform": ["--algo", "dapo", "--mask-strategy", "all"],
 }
-GRPO_ARMS = [a for a in ARMS if a.startswith("grpo")]
+GRPO_ARMS = [a for a in ARMS if a.startswith("grpo") and a != "grpo-longact-1row"]
 # The setting, chosen with pilots so that the uniform arm still improves at the end and no cell
 # sits at 0 or 100 (README, "A/B"; SOURCES.md §9): the multi-key task (a haystack of distractor
 # needles) at 512 tokens, where a run takes minutes, not a quarter of an hour; 12 steps at lr 1e-5,
@@ -171,7 +177,7 @@ def after_scores(runs: dict, arm: str, cell: str) -> list:
 
 
 def detectable(runs: dict, cell: str) -> float:
-    """Smallest difference between two arms this grid detects in `cell` (choice 2)."""
+    """Smallest difference between two arms an unpaired comparison detects in `cell`."""
     groups = [after_scores(runs, arm, cell) for arm in runs]
     seeds = max(len(g) for g in groups)
     dof = 2 * (seeds - 1)
@@ -179,11 +185,29 @@ def detectable(runs: dict, cell: str) -> float:
             * math.sqrt(2 / seeds))
 
 
-def difference(xs: list, ys: list) -> tuple:
-    """mean(xs) - mean(ys) and the half-width of its pooled two-sample 95% t interval."""
-    d = sum(xs) / len(xs) - sum(ys) / len(ys)
-    dof = len(xs) + len(ys) - 2
-    half = t_quantile(T_975, dof) * pooled_sd([xs, ys]) * math.sqrt(1 / len(xs) + 1 / len(ys))
+def paired(runs: dict, arm: str, base: str, cell: str) -> list:
+    """Per-seed differences arm - base in `cell`, over the seeds both have."""
+    seeds = sorted(set(runs[arm]) & set(runs[base]))
+    return [runs[arm][s]["after"][cell] - runs[base][s]["after"][cell] for s in seeds]  # (S,)
+
+
+def detectable_paired(runs: dict, cell: str, base: str = "grpo-uniform") -> float:
+    """Smallest difference the paired comparison detects in `cell` (choice 2): the SD of the
+    per-seed differences from `base`, pooled over every other arm of its algorithm."""
+    algo = base.split("-")[0]
+    diffs = [paired(runs, a, base, cell) for a in runs if a != base and a.startswith(algo + "-")]
+    diffs = [d for d in diffs if len(d) > 1]
+    if base not in runs or not diffs:
+        return float("nan")
+    seeds = max(len(d) for d in diffs)
+    dof = seeds - 1
+    return (t_quantile(T_975, dof) + t_quantile(T_80, dof)) * pooled_sd(diffs) / math.sqrt(seeds)
+
+
+def difference(ds: list) -> tuple:
+    """Mean of per-seed differences and the half-width of its paired 95% t interval."""
+    d = sum(ds) / len(ds)
+    half = t_quantile(T_975, len(ds) - 1) * pooled_sd([ds]) / math.sqrt(len(ds))
     return d, half
 
 
@@ -194,20 +218,23 @@ def summary_table(runs: dict) -> tuple:
     lines = ["| arm | seeds | " + " | ".join(cells) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in cells) + " |",
              "| before (shared) | - | " + " | ".join(f"{before[c]:.1f}" for c in cells) + " |"]
-    mde = {c: detectable(runs, c) for c in cells}
+    mde = {c: detectable_paired(runs, c) for c in cells}
     for arm in (a for a in ARMS if a in runs):
         row = [mean_se(after_scores(runs, arm, c)) for c in cells]
         lines.append(f"| {arm} | {len(runs[arm])} | " + " | ".join(
             f"{m:.1f}" if math.isnan(se) else f"{m:.1f} ± {se:.1f}" for m, se in row) + " |")
-    lines.append("| smallest detectable difference | - | " +
-                 " | ".join("n/a" if math.isnan(mde[c]) else f"{mde[c]:.1f}" for c in cells) + " |")
+    unpaired = {c: detectable(runs, c) for c in cells}
+    for name, values in (("smallest detectable difference, paired by seed", mde),
+                         ("smallest detectable difference, unpaired", unpaired)):
+        lines.append(f"| {name} | - | " + " | ".join(
+            "n/a" if math.isnan(values[c]) else f"{values[c]:.1f}" for c in cells) + " |")
     return "\n".join(lines), mde
 
 
 def differences_table(runs: dict,
                       baselines=("grpo-uniform", "grpo-random", "dapo-uniform")) -> str:
-    """Each arm minus each baseline of the same algorithm, per cell: difference [95% interval];
-    '*' where the interval excludes 0 (the only differences the README may claim)."""
+    """Each arm minus each baseline of the same algorithm, per cell: mean per-seed difference
+    [paired 95% interval]; '*' where the interval excludes 0 (the only differences to claim)."""
     cells = cells_of(runs)
     lines = ["| arm - baseline | " + " | ".join(cells) + " |",
              "| --- | " + " | ".join("---:" for _ in cells) + " |"]
@@ -216,7 +243,7 @@ def differences_table(runs: dict,
         for arm in (a for a in ARMS if a in runs and a != base and a.startswith(algo + "-")):
             parts = []
             for c in cells:
-                d, half = difference(after_scores(runs, arm, c), after_scores(runs, base, c))
+                d, half = difference(paired(runs, arm, base, c))
                 if math.isnan(half):  # one seed in an arm: no interval yet
                     parts.append(f"{d:+.1f}")
                     continue

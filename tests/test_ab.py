@@ -41,8 +41,25 @@ def test_summary_table_and_detectable_difference(tmp_path):
     table, mde = ab.summary_table(runs)
     assert "| grpo-longact | 2 | 42.0 ± 2.0 |" in table
     assert "| before (shared) | - | 10.0 |" in table
-    # pooled sd = sqrt((8 + 8) / 2) = 2 sqrt(2); dof 2: (t_.975 + t_.80) = 4.303 + 1.061
-    assert mde["t@1024"] == pytest.approx((4.303 + 1.061) * 2 * math.sqrt(2) * math.sqrt(2 / 2))
+    # unpaired: pooled sd = sqrt((8 + 8) / 2) = 2 sqrt(2); dof 2: t_.975 + t_.80 = 4.303 + 1.061
+    unpaired = (4.303 + 1.061) * 2 * math.sqrt(2) * math.sqrt(2 / 2)
+    assert ab.detectable(runs, "t@1024") == pytest.approx(unpaired)
+    # paired by seed: both seeds differ by exactly 10, so the differences have no spread
+    assert ab.paired(runs, "grpo-longact", "grpo-uniform", "t@1024") == [10.0, 10.0]
+    assert mde["t@1024"] == 0.0
+
+
+def test_paired_detectable_difference_by_hand(tmp_path):
+    for arm, vals in (("grpo-longact", [40.0, 44.0, 45.0]), ("grpo-uniform", [30.0, 32.0, 35.0])):
+        for seed, v in enumerate(vals):
+            fake_run(tmp_path, arm, seed, v)
+    runs = ab.collect(tmp_path)
+    # differences 10, 12, 10: sd = sqrt((4/9 + 16/9 + 4/9) / 2) = sqrt(4/3); dof 2
+    sd = math.sqrt(4 / 3)
+    expected = (4.303 + 1.061) * sd / math.sqrt(3)
+    assert ab.detectable_paired(runs, "t@1024") == pytest.approx(expected)
+    d, half = ab.difference(ab.paired(runs, "grpo-longact", "grpo-uniform", "t@1024"))
+    assert d == pytest.approx(32 / 3) and half == pytest.approx(4.303 * sd / math.sqrt(3))
 
 
 def test_differences_flag_only_intervals_that_exclude_zero(tmp_path):
@@ -51,13 +68,13 @@ def test_differences_flag_only_intervals_that_exclude_zero(tmp_path):
         for seed, v in enumerate(vals):
             fake_run(tmp_path, arm, seed, v)
     runs = ab.collect(tmp_path)
-    # longact - uniform: +10, pooled sd 1, half = 2.776 * 1 * sqrt(2/3) = 2.27 -> flagged
-    d, half = ab.difference([40.0, 41.0, 42.0], [30.0, 31.0, 32.0])
-    assert d == pytest.approx(10.0) and half == pytest.approx(2.776 * math.sqrt(2 / 3))
-    table = ab.differences_table(runs)
-    assert "| grpo-longact - grpo-uniform | +10.0 [+7.7, +12.3]* |" in table
-    # longact - random: +1, pooled sd sqrt((2 + 50) / 4) -> wide interval, not flagged
-    row = next(line for line in table.splitlines() if line.startswith("| grpo-longact - grpo-ra"))
+    # longact - uniform: +10 at every seed -> a zero-width interval, flagged
+    assert "| grpo-longact - grpo-uniform | +10.0 [+10.0, +10.0]* |" in ab.differences_table(runs)
+    # longact - random: 5, -4, 2 -> mean 1, sd sqrt(21), half 4.303 sqrt(21 / 3): not flagged
+    d, half = ab.difference(ab.paired(runs, "grpo-longact", "grpo-random", "t@1024"))
+    assert d == pytest.approx(1.0) and half == pytest.approx(4.303 * math.sqrt(7))
+    row = next(line for line in ab.differences_table(runs).splitlines()
+               if line.startswith("| grpo-longact - grpo-ra"))
     assert "*" not in row
 
 
