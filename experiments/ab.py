@@ -176,9 +176,9 @@ def after_scores(runs: dict, arm: str, cell: str) -> list:
     return [r["after"][cell] for r in runs[arm].values()]  # (S,) one score per seed
 
 
-def detectable(runs: dict, cell: str) -> float:
-    """Smallest difference between two arms an unpaired comparison detects in `cell`."""
-    groups = [after_scores(runs, arm, cell) for arm in runs]
+def detectable(runs: dict, cell: str, algo: str = "grpo") -> float:
+    """Smallest difference between two arms of `algo` an unpaired comparison detects in `cell`."""
+    groups = [after_scores(runs, arm, cell) for arm in runs if arm.startswith(algo + "-")]
     seeds = max(len(g) for g in groups)
     dof = 2 * (seeds - 1)
     return ((t_quantile(T_975, dof) + t_quantile(T_80, dof)) * pooled_sd(groups)
@@ -224,8 +224,8 @@ def summary_table(runs: dict) -> tuple:
         lines.append(f"| {arm} | {len(runs[arm])} | " + " | ".join(
             f"{m:.1f}" if math.isnan(se) else f"{m:.1f} ± {se:.1f}" for m, se in row) + " |")
     unpaired = {c: detectable(runs, c) for c in cells}
-    for name, values in (("smallest detectable difference, paired by seed", mde),
-                         ("smallest detectable difference, unpaired", unpaired)):
+    for name, values in (("smallest detectable GRPO difference, paired by seed", mde),
+                         ("smallest detectable GRPO difference, unpaired", unpaired)):
         lines.append(f"| {name} | - | " + " | ".join(
             "n/a" if math.isnan(values[c]) else f"{values[c]:.1f}" for c in cells) + " |")
     return "\n".join(lines), mde
