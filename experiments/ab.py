@@ -50,14 +50,16 @@ ARMS = {  # name -> train.py flags (on top of SETTING)
     "grpo-random": ["--algo", "grpo", "--mask-strategy", "random", "--mask-schedule", "step"],
     "grpo-bottomk": ["--algo", "grpo", "--mask-strategy", "bottomk", "--mask-schedule", "step"],
     "grpo-uniform": ["--algo", "grpo", "--mask-strategy", "all"],
-    # q/k nearly frozen: 1 row of 64 per head (the most salient). Not one of the method's arms:
-    # it tells whether the choice of q/k rows can matter at all in this setting.
-    "grpo-longact-1row": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step",
-                          "--ratio", "0.015625"],
     "dapo-longact": ["--algo", "dapo", "--mask-strategy", "topk", "--mask-schedule", "step"],
     "dapo-uniform": ["--algo", "dapo", "--mask-strategy", "all"],
 }
-GRPO_ARMS = [a for a in ARMS if a.startswith("grpo") and a != "grpo-longact-1row"]
+GRPO_ARMS = [a for a in ARMS if a.startswith("grpo")]  # `make ab`'s default arms
+CONTROLS = {  # run on request (--arms), summarised with the rest
+    # q/k nearly frozen: 1 row of 64 per head (the most salient): can the choice of rows matter?
+    "grpo-longact-1row": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step",
+                          "--ratio", "0.015625"],
+}
+ARMS |= CONTROLS
 # The setting, chosen with pilots so that the uniform arm still improves at the end and no cell
 # sits at 0 or 100 (README, "A/B"; SOURCES.md §9): the multi-key task (a haystack of distractor
 # needles) at 512 tokens, where a run takes minutes, not a quarter of an hour; 12 steps at lr 1e-5,
@@ -206,9 +208,8 @@ def detectable_paired(runs: dict, cell: str, base: str = "grpo-uniform") -> floa
 
 def difference(ds: list) -> tuple:
     """Mean of per-seed differences and the half-width of its paired 95% t interval."""
-    d = sum(ds) / len(ds)
-    half = t_quantile(T_975, len(ds) - 1) * pooled_sd([ds]) / math.sqrt(len(ds))
-    return d, half
+    d, se = mean_se(ds)
+    return d, t_quantile(T_975, len(ds) - 1) * se
 
 
 def summary_table(runs: dict) -> tuple:
