@@ -12,9 +12,9 @@ Everything that touches the policy's forward pass lives here, so `train.py`, `sa
 Why the prompt is shared. In long-context RL (LongAct: 16k-token prompts, G = 8, SOURCES.md §1) a
 group is G completions of ONE long prompt. `generate(num_return_sequences=G)` and a naive training
 forward process that prompt G times. Here:
-  * sampling prefills each prompt once, then decodes all N x G rows in ONE `generate` call; each
-    decode step reads a group's prompt keys/values once for its G rows (cascade attention, below),
-    instead of once per row from a cache repeated G times;
+  * sampling prefills each prompt once (alone, unpadded: `prefill`), then decodes all N x G rows
+    in ONE `generate` call; each decode step reads a group's prompt keys/values once for its G
+    rows (cascade attention, below), instead of once per row from a cache repeated G times;
   * log-probs run the prompt once (with gradients) and the G completion forwards attend to its
     keys/values, so backward sends the G completions' gradients into that one prompt forward. Exact:
     tests/test_rollout.py compares with the plain full-sequence version, also under checkpointing.
@@ -52,6 +52,11 @@ Choices (the paper is silent on all of these; they are engineering, not method):
      several new tokens at once fall back to plain sdpa over the repeated keys (never happens in
      our decoding). `cascade=False` keeps the repeated cache; both give the same completions and
      logits to fp32 rounding (tests/test_rollout.py).
+  9. `generate` runs our loop, `decode` (through its `custom_generate` argument): transformers
+     still builds the logits processors and stopping criteria from the config; the loop draws each
+     token with `draw`, one uniform number per row against the cumulative distribution, instead of
+     torch.multinomial's V exponential numbers per row. Same distribution, other samples for a
+     seed; `hf_loop=True` keeps transformers' loop (the benchmark's "previous code").
 
 Shapes: N prompts (= groups), G group size, B = N*G completions, P prompt tokens (padded),
 T completion tokens, C hidden, V vocab; in attention H query heads, Hkv KV heads, rep = H / Hkv,
@@ -69,11 +74,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import (AttentionInterface, AutoModelForCausalLM, AutoTokenizer, Cache,
                           DynamicCache, GenerationConfig)
 from transformers.cache_utils import DynamicLayer
+from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -242,6 +249,88 @@ def only_config(model, config: GenerationConfig):
 
 
 # -----------------------------------------------------------------------------
+# the decoding loop: transformers prepares, we decode
+#
+# `generate(custom_generate=decode)` keeps everything transformers does before decoding -- the
+# configuration, the logits processors built from it (temperature, top_p), the stopping criteria
+# (EOS, max_new_tokens), the cache -- and runs `decode` below instead of its own loop. The loop is
+# the textbook one; it differs from transformers' `_sample` in one place, how a token is drawn.
+
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """(B,) one token per row of (B, V) probabilities, by inverting the cumulative distribution.
+
+    Token i owns the interval [cdf_{i-1}, cdf_i) of [0, total); a uniform u lands in it with
+    probability p_i: exactly the categorical distribution (to float64 rounding), from ONE random
+    number per row. torch.multinomial, which transformers' loop calls, draws V exponential numbers
+    per row on the CPU: 0.75 ms a row at V = 49152 on our CPU, 15% of a 32-row decode step (README,
+    "Sampling"). A token of probability 0 owns an empty interval and is never drawn.
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V) in float64: fp32 sums of 49k terms drift by ~1e-5
+    total = cdf[:, -1:]  # (B, 1) 1 up to the softmax's rounding
+    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total  # (B, 1)
+    token = torch.searchsorted(cdf, u, right=True)  # (B, 1) the first i with cdf_i > u
+    last = (cdf < total).sum(-1, keepdim=True)  # (B, 1) the first i with cdf_i = total (p_i > 0)
+    return torch.minimum(token, last).squeeze(-1)  # (B,) u * total may round up to total
+
+
+def synced() -> bool:
+    """True under torch.distributed with several ranks (train.py --fsdp): every rank must then run
+    the same forwards, since each sharded forward gathers weights from all ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_running(running: torch.Tensor) -> bool:
+    """Does any row still decode -- on any rank, when synced: a rank whose rows are done keeps
+    decoding padding until all are (transformers' loop does the same with synced_gpus)."""
+    flag = running.any().float()  # () on the rows' device
+    if synced():
+        dist.all_reduce(flag)  # sum over ranks
+    return bool(flag > 0)
+
+
+def decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
+           **model_kwargs):
+    """generate's decoding loop (its `custom_generate`): one token per row per step until every row
+    has stopped. input_ids (B, L) left-padded; model_kwargs carries the `attention_mask` (B, L) and
+    the `cache`, which holds the first L' <= L tokens (our prefill: all but the last).
+    Greedy (do_sample False): argmax, as transformers. Sampling: `draw` on the softmax of the
+    processed scores. Finished rows get pad_token_id. Several ranks (FSDP) decode until all are
+    done (`any_running`); each returns its own steps. Returns (B, L + T') ids, or transformers'
+    output object when the config asks for a dict (the tests read `scores`, `logits`, `cache`).
+    """
+    cfg = generation_config
+    cache, mask = model_kwargs.get("cache"), model_kwargs.get("attention_mask")  # mask (B, L)
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    mask = None if mask is None or bool(mask.all()) else mask  # no padding: no mask to build
+    (B, L0), device = input_ids.shape, input_ids.device
+    running = torch.ones(B, dtype=torch.bool, device=device)  # (B,)
+    scores, raw, steps = [], [], 0  # steps: this rank's, however long other ranks decode on
+    while any_running(running):
+        past, L = cache.get_seq_length(), input_ids.shape[1]  # positions cached, positions known
+        pos = (torch.arange(past, L, device=device).expand(B, -1) if mask is None
+               else positions_from_mask(mask)[:, past:])  # (B, L - past)
+        logits = model(input_ids=input_ids[:, past:], attention_mask=mask, cache=cache,
+                       position_ids=pos, use_cache=True,
+                       logits_to_keep=1).logits[:, -1].float()  # (B, V)
+        s = logits_processor(input_ids, logits)  # (B, V) temperature, top_p, ... as configured
+        token = draw(s.softmax(-1)) if cfg.do_sample else s.argmax(-1)  # (B,)
+        token = torch.where(running, token, cfg.pad_token_id)  # (B,) finished rows: padding
+        input_ids = torch.cat([input_ids, token[:, None]], -1)  # (B, L + 1)
+        mask = None if mask is None else F.pad(mask, (0, 1), value=1)  # (B, L + 1)
+        steps += bool(running.any())
+        running &= ~stopping_criteria(input_ids, s)  # (B,) EOS drawn, or max_new_tokens reached
+        if cfg.return_dict_in_generate:
+            scores.append(s)
+            raw.append(logits)
+    input_ids = input_ids[:, :L0 + steps]  # (B, L0 + T') without the synced ranks' extra steps
+    if not cfg.return_dict_in_generate:
+        return input_ids
+    return GenerateDecoderOnlyOutput(
+        sequences=input_ids, scores=tuple(scores[:steps]) if cfg.output_scores else None,
+        logits=tuple(raw[:steps]) if cfg.output_logits else None, cache=cache)
+
+
+# -----------------------------------------------------------------------------
 # cascade decoding: each group's prompt keys/values read once per step
 #
 # After the prefill, the G rows of a group share the same P' = P-1 prompt keys/values (K/V). The
@@ -372,28 +461,63 @@ def cascade_decoding(model, cache: CascadeCache):
 
 
 @torch.no_grad()
+def prefill(model, prompts: list, pad_id: int, prefill_hook=None) -> DynamicCache:
+    """The keys/values of each prompt minus its last token, left-padded to P-1 positions:
+    (N, Hkv, P-1, D) per layer.
+
+    Each prompt runs through the decoder ALONE (no LM head: its (P, V) logits would be thrown
+    away), unpadded, so attention takes sdpa's plain causal kernel; a padded batch needs a padding
+    mask, which sends sdpa to a slower path (README, "Sampling"). Positions 0..P_i-2 are those of
+    the padded batch, so are the keys and values; the pad slots hold zeros that the decoding mask
+    hides. Caches other than plain full-attention layers (sliding windows, linear attention), a
+    1-token prompt among longer ones, and several ranks (one forward on every rank, whatever its
+    number of prompts) take the padded batch instead.
+    prefill_hook(attention_mask) is entered around each forward: (1, P_i-1) ones per prompt, or
+    the batch's (N, P-1) mask.
+    """
+    device = next(model.parameters()).device
+    decoder, P = model.get_decoder(), max(len(p) for p in prompts)
+    plain = all(type(x) is DynamicLayer for x in DynamicCache(config=model.config).layers)
+    if not plain or min(len(p) for p in prompts) < 2 or synced():
+        ids, attn = (x.to(device) for x in left_pad(prompts, pad_id))  # (N, P), (N, P)
+        cache = DynamicCache(config=model.config)
+        with prefill_hook(attn[:, :-1]) if prefill_hook else nullcontext():
+            decoder(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], cache=cache,
+                    position_ids=positions_from_mask(attn)[:, :-1], use_cache=True)
+        return cache
+    parts = []
+    for p in prompts:
+        x = torch.tensor([p[:-1]], device=device)  # (1, P_i - 1)
+        parts.append(DynamicCache(config=model.config))
+        with prefill_hook(torch.ones_like(x)) if prefill_hook else nullcontext():
+            decoder(input_ids=x, cache=parts[-1], use_cache=True)
+    cache = DynamicCache(config=model.config)
+    for i in range(len(cache.layers)):
+        left = [P - 1 - c.layers[i].keys.shape[-2] for c in parts]  # pad slots of each prompt
+        k = torch.cat([F.pad(c.layers[i].keys, (0, 0, n, 0)) for c, n in zip(parts, left)])
+        v = torch.cat([F.pad(c.layers[i].values, (0, 0, n, 0)) for c, n in zip(parts, left)])
+        cache.update(k, v, i)  # (N, Hkv, P-1, D) each
+    return cache
+
+
+@torch.no_grad()
 def _generate_chunk(model, prompts: list, G: int, config: GenerationConfig, prefill_hook=None,
-                    cascade: bool = True):
+                    cascade: bool = True, hf_loop: bool = False):
     """G completions for each prompt of a chunk in ONE `generate` call; each prompt prefilled once.
 
-    The prompts minus their last token go through the decoder once (under `prefill_hook`), then
+    `prefill` fills the cache with the prompts minus their last token (under `prefill_hook`), then
     `generate` continues from the last prompt token for all N*G rows. cascade=True: the rows read
     their group's prompt keys/values once per step (CascadeCache + cascade_attention); where the
     cache does not qualify (sliding-window layers, a 1-token prompt) the repeated cache is used.
     cascade=False: the prompt cache is repeated G times (`batch_repeat_interleave`).
+    hf_loop=False: `decode` runs the loop; True: transformers' own loop (torch.multinomial).
     Returns (N*G, T') completion ids.
     """
     device = next(model.parameters()).device
     ids, attn = left_pad(prompts, config.pad_token_id)  # (N, P), (N, P)
     ids, attn = ids.to(device), attn.to(device)
-    pos = positions_from_mask(attn)  # (N, P) positions that skip left padding, as generate counts
-    cache = DynamicCache(config=model.config)
-    if ids.shape[1] > 1:
-        # The decoder alone: the prefill only fills the cache; the LM head over every prompt
-        # position would cost a (N, P, V) logits tensor for nothing.
-        with prefill_hook(attn[:, :-1]) if prefill_hook else nullcontext():
-            model.get_decoder()(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
-                                position_ids=pos[:, :-1], cache=cache, use_cache=True)
+    cache = (prefill(model, prompts, config.pad_token_id, prefill_hook) if ids.shape[1] > 1
+             else DynamicCache(config=model.config))
     decoding = nullcontext()
     if cascade and CascadeCache.supports(cache):
         cache = CascadeCache(cache)  # prefix (N, ...) per group, suffix (N*G, ...) per row
@@ -403,14 +527,15 @@ def _generate_chunk(model, prompts: list, G: int, config: GenerationConfig, pref
     with only_config(model, config), decoding:
         out = model.generate(input_ids=ids.repeat_interleave(G, 0),
                              attention_mask=attn.repeat_interleave(G, 0), cache=cache,
-                             generation_config=config)  # (N*G, P + T')
+                             generation_config=config,
+                             custom_generate=None if hf_loop else decode)  # (N*G, P + T')
     return out[:, ids.shape[1]:]  # (N*G, T') the completions only
 
 
 def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_tokens: int,
                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                   prefill_hook=None, greedy_batch: int = 8, per_group: bool = False,
-                  cascade: bool = True) -> Rollout:
+                  cascade: bool = True, hf_loop: bool = False) -> Rollout:
     """`group_size` completions for each prompt (lists of token ids). temperature 0 = greedy.
 
     Sampling: all N x G rows in one `generate` call, seeded by mix_seed(seed, "sample"); the global
@@ -421,6 +546,8 @@ def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_toke
     each prefill forward only (never around decoding); it sees every prompt's tokens exactly once.
     cascade: decode with each group's prompt keys/values read once per step (cascade_attention;
     the default); False repeats the prompt cache to every row, the older way (same results).
+    hf_loop: decode with transformers' own loop, whose torch.multinomial draws other samples from
+    the same distribution (choice 9); False (default) uses `decode`.
     """
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, "
@@ -439,7 +566,7 @@ def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_toke
                 torch.manual_seed(mix_seed(seed, "sample", start) if per_group
                                   else mix_seed(seed, "sample"))
             pieces.append(_generate_chunk(model, prompts[start:start + chunk], group_size, config,
-                                          prefill_hook, cascade).cpu())
+                                          prefill_hook, cascade, hf_loop).cpu())
     model.train(was_training)
     T = max(p.shape[1] for p in pieces)
     completion = torch.cat([F.pad(p, (0, T - p.shape[1]), value=pad_id) for p in pieces])  # (B, T)

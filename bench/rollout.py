@@ -6,13 +6,15 @@ backward through them. rollout.py prefills each prompt once, shares its KV cache
 and samples the whole step in one `generate` call. On the embedded SmolLM2-135M-Instruct (essay
 text, SOURCES.md §7) this script measures:
 
-  1. sampling        `sample_groups`: N prompts x G rows in ONE generate call (batched, cascade
-                     decoding: a group's prompt keys/values read once per step for its G rows)
-                     vs `sample_groups(per_group=True)`: one call per prompt (the reference path).
-                     Both prefill every prompt once; batching runs the T decode steps once for all
-                     N*G rows instead of N times for G rows. --repeated-cache adds both paths
-                     on a prompt cache repeated to every row (cascade=False, the older way).
-                     Default: the demo's N = 4 prompts of 1024 tokens, G = 8, T = 32, fp32.
+  1. sampling        `sample_groups` today: each prompt prefilled alone, then N prompts x G rows
+                     in ONE generate call, decoded by rollout.decode with cascade attention (a
+                     group's prompt keys/values read once per step for its G rows), vs its
+                     per-group path (one call per prompt), vs the previous code: one call per
+                     prompt, the prompt cache repeated to every row, transformers' own loop
+                     (torch.multinomial). --more splits the gain: the batched call on
+                     transformers' loop, and on the repeated cache. --ragged gives the prompts
+                     different lengths. Default: the demo's N = 4 prompts of 1024 tokens, G = 8,
+                     T = 32, fp32 (--bf16: under bf16 autocast).
   2. fwd + backward  `group_logprobs(...).sum().backward()` (one prompt forward shared by G rows)
                      vs `full_sequence_logprobs` (G full [prompt; completion] rows in one batch;
                      with --separate also as G single-row passes), one group, bf16 autocast.
@@ -46,6 +48,7 @@ Choices (engineering, not method):
 Run (from the repository root):
     .venv/bin/python -m bench.rollout --threads 1
     .venv/bin/python -m bench.rollout --threads 1 --repeats 1 --parts sampling
+    .venv/bin/python -m bench.rollout --parts sampling --more --ragged 40    (alone on the machine)
 """
 
 import argparse
@@ -137,18 +140,21 @@ class PrefillClock:
 
 
 def bench_sampling(model, tok, prompts: list, G: int, T: int, repeats: int, use_bf16: bool,
-                   repeated: bool = False):
-    """Part 1: batched vs per-group sample_groups, both with cascade decoding (the default); with
-    `repeated` also both on the repeated prompt cache (cascade=False).
+                   more: bool = False):
+    """Part 1: today's batched sample_groups, its per-group path, and the previous code (one call
+    per prompt, prompt cache repeated to every row, transformers' decoding loop); with `more` also
+    the batched call on transformers' loop and on the repeated cache, to split the gains.
     -> (medians, prefill medians, (decode steps, rows per step) of each path, completions)."""
     N = len(prompts)
-    paths = {"batched: 1 generate call (cascade)": dict(per_group=False),
-             f"per group: {N} generate calls (cascade)": dict(per_group=True)}
-    steps = [(T, N * G), (N * T, G)]  # (decode steps, rows per step) of each path
-    if repeated:
-        paths["batched, repeated prompt cache"] = dict(per_group=False, cascade=False)
-        paths["per group, repeated prompt cache"] = dict(per_group=True, cascade=False)
-        steps += [(T, N * G), (N * T, G)]
+    paths = {"batched: 1 generate call (default)": dict(),
+             f"per group: {N} generate calls": dict(per_group=True),
+             "previous code: per group, repeated cache, transformers' loop":
+                 dict(per_group=True, cascade=False, hf_loop=True)}
+    steps = [(T, N * G), (N * T, G), (N * T, G)]  # (decode steps, rows per step) of each path
+    if more:
+        paths["batched, transformers' loop (torch.multinomial)"] = dict(hf_loop=True)
+        paths["batched, repeated prompt cache"] = dict(cascade=False)
+        steps += [(T, N * G), (T, N * G)]
     out, clocks = {}, {name: [] for name in paths}
 
     def run(name, n=T, timed=True):
@@ -381,8 +387,11 @@ def main():
     p.add_argument("--group", type=int, default=8, help="G completions per prompt")
     p.add_argument("--new-tokens", type=int, default=32, help="T completion tokens (EOS off)")
     p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (part 1)")
-    p.add_argument("--repeated-cache", action="store_true",
-                   help="part 1 also times both paths on the repeated prompt cache")
+    p.add_argument("--more", action="store_true",
+                   help="part 1 also times the batched call on transformers' loop and on the "
+                        "repeated prompt cache")
+    p.add_argument("--ragged", type=int, default=0,
+                   help="prompt i is shortened by i x RAGGED tokens (left padding in the batch)")
     p.add_argument("--separate", action="store_true", help="part 2 also times G single-row passes")
     p.add_argument("--memory-lengths", type=int, nargs="+", default=[512, 1024, 2048],
                    help="prompt lengths of part 3")
@@ -393,13 +402,15 @@ def main():
     model.eval()
     print_header(a, model)
     prompts = calibration_prompts(tok, a.prompt_len, a.prompts, seed=0)  # exactly P tokens each
+    prompts = [p[i * a.ragged:] for i, p in enumerate(prompts)]  # P - i x ragged tokens
     G, T = a.group, a.new_tokens
     completion = None
     if "sampling" in a.parts:
         med, prefill, steps, ids = bench_sampling(model, tok, prompts, G, T, a.repeats, a.bf16,
-                                                  a.repeated_cache)
-        print_timings(f"1. sampling N={a.prompts} prompts x P={a.prompt_len} tokens, G={G}, "
-                      f"T={T} (EOS off), {'bf16 autocast' if a.bf16 else 'fp32'}", med)
+                                                  a.more)
+        print_timings(f"1. sampling N={a.prompts} prompts x P={[len(p) for p in prompts]} "
+                      f"tokens, G={G}, T={T} (EOS off), {'bf16 autocast' if a.bf16 else 'fp32'}",
+                      med)
         print_sampling_split(med, prefill, steps)
         completion = ids[:G]  # the first prompt's group
     if completion is None:

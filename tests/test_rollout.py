@@ -175,12 +175,10 @@ def test_prefill_hook_sees_each_prompt_once_and_no_decoding():
                           prefill_hook=hook)
     finally:
         count.remove()
-    assert len(masks) == 1 and masks[0].shape == (3, 13)  # (N, P-1), P = 14
-    assert masks[0].sum(-1).tolist() == [8, 13, 10]  # every prompt but its last token
-    assert len(inside) == 1  # one forward under the hook: the prefill of the 3 prompts, once
-    for i, p in enumerate(ps):
-        assert inside[0][i][masks[0][i].bool()].tolist() == p[:-1]
-    assert len(total) == 1 + r.completion_ids.shape[1]  # the decode steps ran outside the hook
+    # one prefill forward per prompt, alone and unpadded: every prompt but its last token, once
+    assert [m.shape for m in masks] == [(1, 8), (1, 13), (1, 10)] and all(m.all() for m in masks)
+    assert [x[0].tolist() for x in inside] == [p[:-1] for p in ps]
+    assert len(total) == 3 + r.completion_ids.shape[1]  # the decode steps ran outside the hook
 
 
 def test_sampling_sees_exactly_the_distribution_the_loss_scores():
@@ -439,3 +437,69 @@ def test_cascade_decoding_restores_the_model_after_an_error():
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     assert not any(hasattr(m, "cascade_layer") for m in model.modules())
+
+
+# ------------------------------------------------------------------ the decoding loop and prefill
+
+def test_draw_follows_the_distribution_and_skips_empty_intervals():
+    # 200k rows of one distribution with a zero in the middle and a -inf-masked tail (top_p cuts
+    # tokens that way): frequencies within 5 standard errors, the zero-probability tokens never.
+    p = torch.tensor([0.1, 0.0, 0.2, 0.7, 0.0])
+    torch.manual_seed(0)
+    counts = torch.bincount(rollout.draw(p.expand(200_000, -1)), minlength=5).double()
+    se = (p * (1 - p) / 200_000).sqrt()
+    assert counts[1] == counts[4] == 0
+    assert ((counts / 200_000 - p).abs() <= 5 * se + 1e-12).all()
+
+
+def test_draw_never_returns_a_tail_token_when_u_rounds_up(monkeypatch):
+    # u * total can round up to total; searchsorted then points past the last token. The draw
+    # must give the last token WITH probability, not the zero-probability tail.
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))
+    p = torch.tensor([[0.3, 0.7, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert rollout.draw(p).tolist() == [1, 0]
+
+
+def test_decode_loop_equals_transformers_loop_when_greedy():
+    # Same logits processors and stopping criteria, argmax on the same scores: our loop and
+    # transformers' give the same completions and the same processed scores at every step.
+    model, ps = tiny_model("qwen3"), prompts(3, lengths=(9, 14, 11))
+    out = {}
+    for hf in (False, True):
+        with spy_generate(model, output_scores=True, return_dict_in_generate=True) as calls:
+            r = sample_groups(model, TinyTok(), ps, group_size=2, max_new_tokens=7,
+                              temperature=0.0, greedy_batch=3, hf_loop=hf)
+        out[hf] = (r, torch.stack(calls[0].scores, 1))
+    assert torch.equal(out[False][0].completion_ids, out[True][0].completion_ids)
+    assert (out[False][1] - out[True][1]).abs().max() <= 1e-5
+
+
+def test_decode_loop_stops_each_row_at_eos_and_pads_after():
+    model = tiny_model("llama")
+    with eos_boost(model, 3.5):
+        r = sample_groups(model, TinyTok(), prompts(2, lengths=(9, 13)), group_size=4,
+                          max_new_tokens=10, seed=2)
+    assert r.completion_ids.shape[1] <= 10
+    assert len(set(r.lengths.tolist())) >= 2 and not r.truncated.all()
+    for row, n in zip(r.completion_ids, r.lengths.tolist()):
+        assert (row[n:] == EOS).all()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_per_prompt_prefill_equals_the_padded_batch(kind):
+    # Each prompt alone, its keys/values left-padded, against one padded batch with a padding
+    # mask: the same keys/values at every real position (fp32 rounding), zeros in the pad slots.
+    model, ps = tiny_model(kind), prompts(3, lengths=(9, 14, 11))
+    ours = rollout.prefill(model, ps, EOS)
+    ids, attn = rollout.left_pad(ps, EOS)  # (N, P), (N, P)
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], cache=ref, use_cache=True,
+                    position_ids=rollout.positions_from_mask(attn)[:, :-1])
+    real = attn[:, :-1].bool()  # (N, P-1)
+    for a, b in zip(ours.layers, ref.layers):
+        assert a.keys.shape == b.keys.shape == (3, 2, 13, 8)  # (N, Hkv, P-1, D)
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            x, y = x.transpose(1, 2)[real], y.transpose(1, 2)[real]  # (real positions, Hkv, D)
+            assert (x - y).abs().max() <= 1e-5
+        assert (a.keys.transpose(1, 2)[~real] == 0).all()

@@ -38,11 +38,12 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qa_file(tmp_path_factory):
-    """Training rows whose answer is one common letter: a random model writes it now and then, so
-    groups have mixed rewards and the policy gradient is not zero."""
+    """Training rows whose answer is one letter, "k": the tiny random model writes it in about a
+    quarter of its 6-token completions (measured), so most groups of 4 have mixed rewards and the
+    policy gradient is not zero. ("e" is in 98% of them: most groups were all-equal.)"""
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     rows = [{"context": f"Document {i}: the grass is green and the sky is blue.",
-             "question": "Which letter?", "answer": "e"} for i in range(8)]
+             "question": "Which letter?", "answer": "k"} for i in range(8)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
