@@ -784,7 +784,7 @@ def load_model(args, run_dir: Path):
         source = str(checkpoint_dir(run_dir)) if args.resume else args.model
         model, tokenizer = rollout.load_policy(source, dtype=dtype, device=args.device)
     if args.grad_checkpointing:  # before sharding (fsdp.py)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     return (fsdp.shard_policy(model) if args.fsdp else model), tokenizer
 
 

@@ -193,8 +193,7 @@ def check_model(name: str, config, optimizer: str, shape: dict, device, steps: i
     try:
         with measure(records, "build policy + reference + masks", device):
             model = build(config, dtype, device)
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable({"use_reentrant": False})
             model.train()
             ref = build(config, torch.bfloat16, device)
             ref.load_state_dict(model.state_dict())

@@ -11,10 +11,12 @@ text, SOURCES.md §7) this script measures:
                      group's prompt keys/values read once per step for its G rows), vs its
                      per-group path (one call per prompt), vs the previous code: one call per
                      prompt, the prompt cache repeated to every row, transformers' own loop
-                     (torch.multinomial). --more splits the gain: the batched call on
-                     transformers' loop, and on the repeated cache. --ragged gives the prompts
-                     different lengths. Default: the demo's N = 4 prompts of 1024 tokens, G = 8,
-                     T = 32, fp32 (--bf16: under bf16 autocast).
+                     (torch.multinomial), torch's linears. In fp32 on the CPU today's paths
+                     decode through oneDNN linears (rollout.onednn_linears). --more splits the
+                     gain: the batched call without oneDNN, also on transformers' loop, and on
+                     the repeated cache. --ragged gives the prompts different lengths.
+                     Default: the demo's N = 4 prompts of 1024 tokens, G = 8, T = 32, fp32
+                     (--bf16: under bf16 autocast).
   2. fwd + backward  `group_logprobs(...).sum().backward()` (one prompt forward shared by G rows)
                      vs `full_sequence_logprobs` (G full [prompt; completion] rows in one batch;
                      with --separate also as G single-row passes), one group, bf16 autocast.
@@ -143,18 +145,20 @@ def bench_sampling(model, tok, prompts: list, G: int, T: int, repeats: int, use_
                    more: bool = False):
     """Part 1: today's batched sample_groups, its per-group path, and the previous code (one call
     per prompt, prompt cache repeated to every row, transformers' decoding loop); with `more` also
-    the batched call on transformers' loop and on the repeated cache, to split the gains.
+    the batched call without oneDNN linears, also on transformers' loop, and on the repeated
+    cache, to split the gains.
     -> (medians, prefill medians, (decode steps, rows per step) of each path, completions)."""
     N = len(prompts)
     paths = {"batched: 1 generate call (default)": dict(),
              f"per group: {N} generate calls": dict(per_group=True),
              "previous code: per group, repeated cache, transformers' loop":
-                 dict(per_group=True, cascade=False, hf_loop=True)}
+                 dict(per_group=True, cascade=False, hf_loop=True, onednn=False)}
     steps = [(T, N * G), (N * T, G), (N * T, G)]  # (decode steps, rows per step) of each path
     if more:
-        paths["batched, transformers' loop (torch.multinomial)"] = dict(hf_loop=True)
+        paths["batched, torch linears"] = dict(onednn=False)
+        paths["batched, torch linears, transformers' loop"] = dict(onednn=False, hf_loop=True)
         paths["batched, repeated prompt cache"] = dict(cascade=False)
-        steps += [(T, N * G), (T, N * G)]
+        steps += [(T, N * G)] * 3
     out, clocks = {}, {name: [] for name in paths}
 
     def run(name, n=T, timed=True):
@@ -388,8 +392,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32, help="T completion tokens (EOS off)")
     p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (part 1)")
     p.add_argument("--more", action="store_true",
-                   help="part 1 also times the batched call on transformers' loop and on the "
-                        "repeated prompt cache")
+                   help="part 1 also times the batched call without oneDNN linears, also on "
+                        "transformers' loop, and on the repeated prompt cache")
     p.add_argument("--ragged", type=int, default=0,
                    help="prompt i is shortened by i x RAGGED tokens (left padding in the batch)")
     p.add_argument("--separate", action="store_true", help="part 2 also times G single-row passes")

@@ -105,7 +105,7 @@ def make(name: str, sharded: bool):
     kind, kv, tied, ckpt, semantics = SCENARIOS[name]
     model = tiny(kind, kv, tied).train()
     if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     if sharded:
         fsdp.shard_policy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, foreach=False)

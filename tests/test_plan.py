@@ -109,7 +109,7 @@ def test_saved_activation_estimate_is_within_25_percent_of_saved_tensor_hooks(
         name, autocast, checkpointing):
     cfg, model = tiny_qwen3(tied=False, dtype=DTYPES[name])
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     s = plan.Settings(optimizer=name, autocast=autocast, grad_checkpointing=checkpointing, **SMALL)
     estimate = plan.saved_activation_bytes(plan.plan(cfg, s))
     measured = saved_bytes_measured(model, s)

@@ -503,3 +503,29 @@ def test_per_prompt_prefill_equals_the_padded_batch(kind):
             x, y = x.transpose(1, 2)[real], y.transpose(1, 2)[real]  # (real positions, Hkv, D)
             assert (x - y).abs().max() <= 1e-5
         assert (a.keys.transpose(1, 2)[~real] == 0).all()
+
+
+def test_onednn_linears_match_torch_linears_keep_hooks_and_restore():
+    model, ps = tiny_model("qwen2"), prompts(3, lengths=(9, 14, 11))  # qwen2: q/k/v with bias
+    x = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    seen = []
+    h = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        with rollout.onednn_linears(model):
+            got = model(input_ids=x).logits
+    h.remove()
+    assert len(seen) == 2  # the hook on the LM head fired through the swapped forward too
+    assert (got - ref).abs().max() <= 1e-5
+    assert not any("forward" in vars(m) for m in model.modules())  # the class forward is back
+    greedy = [sample_groups(model, TinyTok(), ps, group_size=2, max_new_tokens=6,
+                            temperature=0.0, onednn=o).completion_ids for o in (True, False)]
+    assert torch.equal(*greedy)
+
+
+def test_onednn_only_for_fp32_on_the_cpu():
+    model = tiny_model("llama")
+    assert rollout.onednn_suits(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls: oneDNN already
+        assert not rollout.onednn_suits(model)
+    assert not rollout.onednn_suits(model.to(torch.bfloat16))
