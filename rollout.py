@@ -57,9 +57,10 @@ Choices (the paper is silent on all of these; they are engineering, not method):
      token with `draw`, one uniform number per row against the cumulative distribution, instead of
      torch.multinomial's V exponential numbers per row. Same distribution, other samples for a
      seed; `hf_loop=True` keeps transformers' loop (the benchmark's "previous code").
- 10. fp32 decoding on the CPU runs the linear layers through oneDNN (`onednn_linears`): the same
-     products to fp32 rounding (logits within 1e-4 on the embedded model), about 1.4x faster per
-     decode step at the demo's 32 rows. Not under autocast, FSDP or on GPUs; `onednn=False` off.
+ 10. fp32 decoding on an AVX-512 CPU runs the linear layers through oneDNN (`onednn_linears`):
+     the same products to fp32 rounding (logits within 1e-4 on the embedded model), 1.3x faster
+     per decode step at the demo's 32 rows on our AMD EPYC. Not on AVX2-only CPUs (no gain
+     there), under autocast, FSDP or on GPUs; `onednn=False` turns it off.
 
 Shapes: N prompts (= groups), G group size, B = N*G completions, P prompt tokens (padded),
 T completion tokens, C hidden, V vocab; in attention H query heads, Hkv KV heads, rep = H / Hkv,
@@ -356,10 +357,13 @@ class OneDNNLinear(torch.nn.Module):
 
 
 def onednn_suits(model) -> bool:
-    """oneDNN's fp32 linear pays only for fp32 decoding on the CPU: not under autocast (bf16
-    matmuls already go to oneDNN), not for sharded weights (FSDP), not without oneDNN."""
+    """oneDNN's fp32 linear pays for fp32 decoding on a CPU with AVX-512, whose kernels beat MKL's;
+    capped at AVX2 the two kernels are close and oneDNN's conversions eat the gain (README,
+    "Sampling"). Not under autocast (bf16 matmuls already go to oneDNN), not for sharded weights
+    (FSDP), not without oneDNN."""
     params = list(model.parameters())
     return (torch.backends.mkldnn.is_available() and not synced()
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
             and not torch.is_autocast_enabled("cpu")
             and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params))
 

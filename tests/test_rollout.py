@@ -523,9 +523,13 @@ def test_onednn_linears_match_torch_linears_keep_hooks_and_restore():
     assert torch.equal(*greedy)
 
 
-def test_onednn_only_for_fp32_on_the_cpu():
+def test_onednn_only_for_fp32_on_an_avx512_cpu(monkeypatch):
     model = tiny_model("llama")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert rollout.onednn_suits(model)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not rollout.onednn_suits(model)  # close kernels there: the conversions eat the gain
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls: oneDNN already
         assert not rollout.onednn_suits(model)
     assert not rollout.onednn_suits(model.to(torch.bfloat16))
