@@ -335,14 +335,14 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
 
 
 # -----------------------------------------------------------------------------
-# fp32 decoding on the CPU: linear layers through oneDNN
+# fp32 decoding on an AVX-512 CPU: linear layers through oneDNN
 #
-# A decode step multiplies a few rows (32 in the demo) by every weight matrix. For such skinny
-# products torch's CPU linear (MKL's sgemm) runs at about half the speed of oneDNN's inner product
-# on a weight converted once to oneDNN's tensor format (measured on our CPU: 30 layers and the LM
-# head of SmolLM2 at 32 rows, 92 ms against 55 ms per step; README, "Sampling"). The conversion is
-# one copy of the weights per generate call (0.05 s for 135M parameters), so each generate call
-# routes every nn.Linear through a fresh OneDNNLinear copy (the weights change between steps).
+# A decode step multiplies a few rows (32 in the demo) by every weight matrix. torch's fp32 CPU
+# linear calls MKL's sgemm, which on our AMD EPYC runs its AVX2 code although the CPU has AVX-512;
+# oneDNN's inner product uses AVX-512 and does a decode step's 211 products of SmolLM2 at 32 rows
+# in 46 ms instead of 78 (SOURCES.md §8.3). Its weights must first be converted to oneDNN's
+# tensor format: one copy per generate call (0.05 s for 135M parameters), since the weights
+# change between steps.
 
 class OneDNNLinear(torch.nn.Module):
     """A frozen copy of an nn.Linear whose weight lives in oneDNN's format. No gradients."""
