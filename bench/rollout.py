@@ -11,8 +11,8 @@ text, SOURCES.md §7) this script measures:
                      group's prompt keys/values read once per step for its G rows), vs its
                      per-group path (one call per prompt), vs the previous code: one call per
                      prompt, the prompt cache repeated to every row, transformers' own loop
-                     (torch.multinomial), torch's linears. In fp32 on the CPU today's paths
-                     decode through oneDNN linears (rollout.onednn_linears). --more splits the
+                     (torch.multinomial), torch's linears. In fp32 on an AVX-512 CPU today's
+                     paths decode through oneDNN linears (rollout.onednn_linears). --more splits the
                      gain: the batched call without oneDNN, also on transformers' loop, and on
                      the repeated cache. --ragged gives the prompts different lengths.
                      Default: the demo's N = 4 prompts of 1024 tokens, G = 8, T = 32, fp32

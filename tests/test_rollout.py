@@ -442,8 +442,9 @@ def test_cascade_decoding_restores_the_model_after_an_error():
 # ------------------------------------------------------------------ the decoding loop and prefill
 
 def test_draw_follows_the_distribution_and_skips_empty_intervals():
-    # 200k rows of one distribution with a zero in the middle and a -inf-masked tail (top_p cuts
-    # tokens that way): frequencies within 5 standard errors, the zero-probability tokens never.
+    # 200k rows of one distribution with a zero in the middle and at the end (what the softmax
+    # makes of -inf scores, e.g. tokens cut by top_p): frequencies within 5 standard errors, the
+    # zero-probability tokens never.
     p = torch.tensor([0.1, 0.0, 0.2, 0.7, 0.0])
     torch.manual_seed(0)
     counts = torch.bincount(rollout.draw(p.expand(200_000, -1)), minlength=5).double()
