@@ -197,11 +197,18 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cuda_native_bf16(device: str) -> bool:
+    """Does this GPU compute bf16 in hardware? Compute capability 8.0 (Ampere) or later has bf16
+    tensor cores. torch.cuda.is_bf16_supported() alone also answers True where bf16 is only
+    emulated (a V100, a T4), which would make `auto` pick the slow path there (SOURCES.md §8.7)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def choose_precision(requested: str, device: str) -> tuple:
     """decide_precision with this machine's facts. ATEN_CPU_CAPABILITY=avx2 (torch's own override)
     makes a native-bf16 CPU report AVX2, and so choose fp32 like an AVX2-only CPU would."""
     device_type = device.split(":")[0]
-    cuda_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    cuda_bf16 = device_type == "cuda" and cuda_native_bf16(device)
     capability = torch.backends.cpu.get_cpu_capability() if device_type == "cpu" else ""
     return decide_precision(requested, device_type, capability, cpu_flags(), cuda_bf16)
 

@@ -621,23 +621,30 @@ def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_toke
                 torch.manual_seed(mix_seed(seed, "sample", start) if per_group
                                   else mix_seed(seed, "sample"))
             pieces.append(_generate_chunk(model, prompts[start:start + chunk], group_size, config,
-                                          prefill_hook, cascade, hf_loop, onednn).cpu())
-    model.train(was_training)
+                                          prefill_hook, cascade, hf_loop, onednn))
+    model.train(was_training)  # below: every tensor stays on the policy's device
     T = max(p.shape[1] for p in pieces)
     completion = torch.cat([F.pad(p, (0, T - p.shape[1]), value=pad_id) for p in pieces])  # (B, T)
     mask, truncated = completion_mask_from_positions(completion, eos)  # (B, T), (B,)
     completion = torch.where(mask.bool(), completion, torch.full_like(completion, pad_id))
-    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)  # the tail is pad already
+    texts = tokenizer.batch_decode(completion.cpu(),  # the one host copy; the tail is pad
+                                   skip_special_tokens=True)
     return Rollout([list(p) for p in prompts], completion, mask, truncated, texts, group_size)
+
+
+def group_rows(groups: list, G: int, device=None) -> torch.Tensor:
+    """(len(groups) * G,) the rows of the listed groups: group g owns rows g*G .. g*G + G-1."""
+    return torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long,
+                        device=device)
 
 
 def select_groups(rollout: Rollout, groups: list) -> Rollout:
     """A Rollout holding only the listed groups (micro-batches, DAPO's dynamic sampling)."""
     G = rollout.group_size
-    rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
+    rows = group_rows(groups, G, rollout.completion_ids.device)  # (b,)
     return Rollout([rollout.prompt_ids[g] for g in groups], rollout.completion_ids[rows],
                    rollout.completion_mask[rows], rollout.truncated[rows],
-                   [rollout.texts[i] for i in rows.tolist()], G)
+                   [rollout.texts[g * G + j] for g in groups for j in range(G)], G)
 
 
 def concat_rollouts(parts: list, pad_id: int) -> Rollout:

@@ -491,7 +491,8 @@ def sample_and_score(model, tokenizer, samples: list, args, seed: int, autocast,
                 prefill_hook=prefill_hook))
     r = rollout.concat_rollouts(parts, tokenizer.pad_token_id)
     G = args.group_size
-    scores = torch.tensor([evaluate.score(samples[i // G], t) for i, t in enumerate(r.texts)])
+    scores = torch.tensor([evaluate.score(samples[i // G], t) for i, t in enumerate(r.texts)],
+                          device=r.completion_ids.device)  # (B*G,) on the policy's device
     rewards = scores.clone()  # (B*G,)
     if args.overlong_buffer > 0:  # DAPO §3.4 soft overlong punishment, on top of the task score
         buffer = max(1, round(args.overlong_buffer * args.max_new_tokens))  # tokens
@@ -514,7 +515,7 @@ def collect_batch(model, tokenizer, data, args, step: int, autocast, prefill_hoo
                                               prefill_hook, offset=fsdp.rank() * B)
         informative, _ = dapo.keep_informative_groups(scores, G)  # (B,) on the task score
         seen, all_equal = seen + B, all_equal + int((~informative).sum())
-        keep = informative if args.dynamic_sampling else torch.ones(B, dtype=torch.bool)
+        keep = informative if args.dynamic_sampling else torch.ones_like(informative)  # (B,)
         idx = keep.nonzero().flatten().tolist()
         parts.append((rollout.select_groups(r, idx), rewards.view(B, G)[idx],
                       scores.view(B, G)[idx], [samples[i] for i in idx]))
@@ -555,14 +556,14 @@ def mini_batches(num_groups: int, args) -> list:
 def accumulate_gradients(model, r, groups, adv, mask, old, ref, args, autocast) -> list:
     """Backward over micro-batches of whole groups of one mini-batch; the loss of each divides by
     the mini-batch's counts, so their gradients add up to the mini-batch gradient."""
-    G = r.group_size
-    rows = torch.tensor([g * G + j for g in groups for j in range(G)])  # (b,) mini-batch rows
+    G, device = r.group_size, mask.device
+    rows = rollout.group_rows(groups, G, device)  # (b,) the mini-batch's rows
     # the loss divides by the mini-batch's counts over every rank (fsdp.py note 2)
     counts = fsdp.global_counts(mask[rows]) if args.fsdp else grpo.batch_counts(mask[rows])
     stats = []
     for i in range(0, len(groups), args.micro_groups):
         sub_groups = groups[i:i + args.micro_groups]
-        sub_rows = torch.tensor([g * G + j for g in sub_groups for j in range(G)])  # (m,)
+        sub_rows = rollout.group_rows(sub_groups, G, device)  # (m,)
         with autocast():
             logp = rollout.completion_logprobs(model, rollout.select_groups(r, sub_groups),
                                                args.temperature)  # (m, T) with gradients

@@ -69,3 +69,13 @@ def test_natural_key_orders_layers_by_number():
     names = ["layers.10.q_proj", "layers.2.q_proj", "layers.1.k_proj"]
     assert sorted(names, key=common.natural_key) == [
         "layers.1.k_proj", "layers.2.q_proj", "layers.10.q_proj"]
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp32"), ((7, 5), "fp32"),
+                                                  ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_never_picks_emulated_bf16_on_a_gpu(monkeypatch, capability, expected):
+    # a V100 (7.0) or T4 (7.5) "supports" bf16 by emulation: torch.cuda.is_bf16_supported() says
+    # True there; auto must still choose fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    assert common.choose_precision("auto", "cuda:0")[0] == expected

@@ -16,36 +16,6 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from rollout import resolve_model_path
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 2-layer Llama with the embedded model's tokenizer (prompts are real text), an HF folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=8, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def qa_file(tmp_path_factory):
-    """Training rows whose answer is one letter, "k": the tiny random model writes it in about a
-    quarter of its 6-token completions (measured), so most groups of 4 have mixed rewards and the
-    policy gradient is not zero. ("e" is in 98% of them: most groups were all-equal.)"""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"context": f"Document {i}: the grass is green and the sky is blue.",
-             "question": "Which letter?", "answer": "k"} for i in range(8)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def args_for(tiny_dir, qa_file, out, name, steps, *extra):
