@@ -46,7 +46,7 @@ Test: .venv/bin/python -m pytest -q tests/test_plan.py
 """
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import transformers
 
@@ -70,6 +70,11 @@ OPTIMIZERS = {  # bytes per parameter: weight, gradient, optimizer state (m + v)
     "bf16-sr-fp32-moments": (2, 2, 8, False),
 }
 BF16_CHUNK = 1 << 24  # optim.AdamWSR's default chunk (elements per fp32 temporary)
+# memory (GB), dense bf16 tensor TFLOP/s (without sparsity), memory bandwidth (TB/s): NVIDIA's
+# data sheets of the SXM parts (SOURCES.md §8.10)
+GPUS = {"h200": dict(name="H200 SXM", gb=141.0, tflops=989.0, tbps=4.8),
+        "h100": dict(name="H100 SXM", gb=80.0, tflops=989.0, tbps=3.35),
+        "a100": dict(name="A100 SXM 80GB", gb=80.0, tflops=312.0, tbps=2.04)}
 
 
 @dataclass
@@ -86,14 +91,21 @@ class Settings:
     prompts_per_generate: int = 1    # groups sampled by one generate call
     micro_groups: int = 1            # groups per update micro-batch (forward before backward)
     mask_ratio: float = 0.3          # LongAct's share of q/k rows that train (1.0: no masking)
-    gpu_gb: float = 141.0            # H200; the plan asks for 10% headroom
+    eval_len: int = 32768            # the longest evaluation prompt (RULER at 2x training)
+    eval_new_tokens: int = 128       # the evaluation's answer budget (RULER's niah tasks: 128)
+    eval_batch: int = 1              # greedy evaluation prompts per generate call
+    keep_checkpoints: int = 1        # checkpoints kept on disk (train.py --keep-checkpoints)
+    gpu: str = "h200"                # a key of GPUS: its memory (10% headroom) and speeds
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Settings.optimizer: {self.optimizer!r} is not one of "
                              f"{sorted(OPTIMIZERS)}")
+        if self.gpu not in GPUS:
+            raise ValueError(f"Settings.gpu: {self.gpu!r} is not one of {sorted(GPUS)}")
         for f in ("prompt_len", "group_size", "new_tokens", "logits_chunk",
-                  "prompts_per_generate", "micro_groups"):
+                  "prompts_per_generate", "micro_groups", "eval_len", "eval_new_tokens",
+                  "eval_batch", "keep_checkpoints"):
             if getattr(self, f) < 1:
                 raise ValueError(f"Settings.{f} must be >= 1, got {getattr(self, f)}")
 
@@ -242,24 +254,75 @@ def activation_rows(config, s: Settings) -> list:
     ]
 
 
-def sampling_rows(config, s: Settings, states: list) -> list:
-    """Sampling: resident states (no gradients), KV cache of the generating rows, transients."""
+def kv_bytes_per_position(config, s: Settings) -> int:
+    """Cached keys + values of one position over every layer."""
     d, b = dims(config), act_bytes(s)
-    L, C, I, K, D, V = (d[k] for k in "LCIKDV")
-    n = s.prompts_per_generate
-    cache = n * s.group_size * (s.prompt_len + s.new_tokens) * L * K * D * (b["k"] + b["a"])
-    prefill = n * s.prompt_len * (3 * I * b["a"] + 2 * C * b["r"])  # one layer's MLP, n prompts
-    decode = cache / L + n * s.group_size * V * 4 * 2  # a layer's cache re-made by cat, logits
+    return d["L"] * d["K"] * d["D"] * (b["k"] + b["a"])
+
+
+def cascade_cache_bytes(config, s: Settings, prompts: int, prompt_len: int, rows: int,
+                        new_tokens: int) -> int:
+    """The cache that rollout.py's cascade decoding builds: each prompt's P-1 positions ONCE
+    (left-padded to the longest), plus each row's own suffix: the last prompt token and the
+    generated tokens but the last (T positions). G rows per prompt share its prefix."""
+    return kv_bytes_per_position(config, s) * (prompts * (prompt_len - 1)
+                                               + prompts * rows * new_tokens)
+
+
+def resident_rows(phase: str, states: list) -> list:
+    """What stays on the GPU between updates: weights, optimizer state, copies, the reference;
+    gradients freed (choice 3)."""
     keep = {"weights", "optimizer state (AdamW m, v)", "bf16 weight copies made by autocast",
             "reference model, bf16, frozen"}
-    out = [dict(r, phase="sampling") for r in states if r["item"] in keep]
-    out.insert(1, row("sampling", "gradients", 0, "freed after the step (set_to_none)"))
-    return out + [
-        row("sampling", "KV cache of the generating rows", cache,
-            f"{n} x G = {n * s.group_size} rows x (P + T) x L x K x D x ({b['k']} + {b['a']}) B"),
-        row("sampling", "prefill / decoding transients", max(prefill, decode),
-            "max(one prefill layer's MLP, one layer's cache copy + logits)"),
-    ]
+    out = [dict(r, phase=phase) for r in states if r["item"] in keep]
+    out.insert(1, row(phase, "gradients", 0, "freed after the step (set_to_none)"))
+    return out
+
+
+def generate_rows(config, s: Settings, phase: str, prompts: int, prompt_len: int, rows: int,
+                  new_tokens: int) -> list:
+    """One generate call: the cascade cache, and the larger of its two transients -- one prompt's
+    prefill (its own cache, copied into the batch cache, plus one layer's MLP) and a decode step
+    (one layer's suffix re-made by torch.cat, fp32 logits and probabilities of every row)."""
+    d, b = dims(config), act_bytes(s)
+    cache = cascade_cache_bytes(config, s, prompts, prompt_len, rows, new_tokens)
+    one_prompt = prompt_len * (kv_bytes_per_position(config, s)
+                               + 3 * d["I"] * b["a"] + 2 * d["C"] * b["r"])
+    suffix = prompts * rows * new_tokens * kv_bytes_per_position(config, s) // d["L"]
+    decode = suffix + prompts * rows * d["V"] * 4 * 3
+    how = (f"{prompts} x (P-1 = {prompt_len - 1}) prefix + {prompts * rows} rows x T = "
+           f"{new_tokens} suffix positions x L x K x D x ({b['k']} + {b['a']}) B")
+    return [row(phase, "KV cache (cascade: prefix once per prompt)", cache, how),
+            row(phase, "prefill / decoding transients", max(one_prompt, decode),
+                "max(one prompt's prefill: its K/V + a layer's MLP; a decode step's suffix "
+                "copy + fp32 logits)")]
+
+
+def sampling_rows(config, s: Settings, states: list) -> list:
+    """Sampling: resident states, one generate call of `prompts_per_generate` groups of G rows."""
+    return resident_rows("sampling", states) + generate_rows(
+        config, s, "sampling", s.prompts_per_generate, s.prompt_len, s.group_size, s.new_tokens)
+
+
+def eval_rows(config, s: Settings, states: list) -> list:
+    """Evaluation between steps (--eval-every): the training state stays resident while greedy
+    decoding runs `eval_batch` prompts of the longest evaluation length, one row each."""
+    return resident_rows("evaluation", states) + generate_rows(
+        config, s, "evaluation", s.eval_batch, s.eval_len, 1, s.eval_new_tokens)
+
+
+def disk_rows(config, s: Settings) -> list:
+    """One checkpoint (train.save_checkpoint: the weights as save_pretrained writes them, in the
+    policy's dtype, and trainer_state.pt with the optimizer state) and the disk peak while the
+    kept ones and the one being written coexist."""
+    n = param_counts(config)["total"]
+    w, _, st, _ = OPTIMIZERS[s.optimizer]
+    one = n * (w + st)
+    return [row("disk", "weights (model.safetensors)", n * w, f"params x {w} B"),
+            row("disk", "optimizer state (trainer_state.pt)", n * st, f"params x {st} B"),
+            row("disk", "one checkpoint", one, "weights + optimizer state"),
+            row("disk", "peak", (s.keep_checkpoints + 1) * one,
+                f"{s.keep_checkpoints} kept + the one being written")]
 
 
 def step_rows(config, s: Settings, states: list) -> list:
@@ -279,16 +342,148 @@ def step_rows(config, s: Settings, states: list) -> list:
 
 
 def plan(config, settings: Settings | None = None) -> list:
-    """Rows (phase, item, bytes, gb, how, saved) of the sampling, update and step phases, each
-    phase closed by a "peak" row = the sum of its rows."""
+    """Rows (phase, item, bytes, gb, how, saved) of the sampling, update, step and evaluation
+    phases, each closed by a "peak" row = the sum of its rows, then the disk rows."""
     s = settings or Settings()
     states = state_rows(config, s)
     out = []
     for name, rows_ in (("sampling", sampling_rows(config, s, states)),
                         ("update", states + activation_rows(config, s)),
-                        ("step", step_rows(config, s, states))):
+                        ("step", step_rows(config, s, states)),
+                        ("evaluation", eval_rows(config, s, states))):
         out += rows_ + [row(name, "peak", sum(r["bytes"] for r in rows_), "sum of the rows")]
-    return out
+    return out + disk_rows(config, s)
+
+
+def largest_fitting(config, s: Settings, field: str, most: int) -> tuple:
+    """(n, reason): the largest value of `field` (prompts_per_generate or eval_batch) up to
+    `most` whose phase fits 90% of the GPU. More groups per call: fewer decode loops per step."""
+    phase = {"prompts_per_generate": "sampling", "eval_batch": "evaluation"}[field]
+    budget = 0.9 * GPUS[s.gpu]["gb"]
+    fits = [n for n in range(1, most + 1)
+            if memory_peaks(plan(config, replace(s, **{field: n})))[phase] <= budget]
+    if not fits:
+        return 1, f"none fits {budget:.0f} GB of the {GPUS[s.gpu]['name']}; 1 (the least)"
+    calls = -(-most // fits[-1])  # as few calls as the largest fitting size needs ...
+    n = -(-most // calls)  # ... with their sizes balanced (32 by at most 15: 11 + 11 + 10)
+    peak = memory_peaks(plan(config, replace(s, **{field: n})))[phase]
+    why = "all of them" if n == most else f"{fits[-1] + 1} would not fit"
+    return n, (f"{calls} call(s) for {most}: {phase} peak {peak:.1f} GB <= {budget:.0f} GB (90% "
+               f"of the {GPUS[s.gpu]['name']}), {why}")
+
+
+def eval_answer_tokens(tasks) -> int:
+    """The largest answer budget of the evaluation's RULER tasks (each family has its own)."""
+    from tasks import ruler  # imported here: plan.py stays usable without the task data
+    return max(ruler.RULER_FAMILIES[ruler.RULER_TASKS[t][0]]["max_new_tokens"] for t in tasks)
+
+
+# -----------------------------------------------------------------------------
+# the time plan: an estimate from FLOPs and bytes at stated efficiencies (SOURCES.md §9, 36)
+
+MATMUL_EFFICIENCY = 0.45   # share of the dense bf16 peak that long prefill/training matmuls reach
+BANDWIDTH_EFFICIENCY = 0.7  # share of the memory bandwidth that a decode step's reads reach
+LAUNCH_SECONDS = 7.5e-6    # one eager CUDA kernel launch, as the CPU issues them
+LAUNCHES_PER_LAYER = 110   # kernels of one eager decoder layer in a decode step (estimate)
+
+
+def forward_flops(config, tokens: int, attended: float) -> float:
+    """One forward: 2 FLOPs per matmul weight per token, plus attention's two products
+    (q k^T and p v: 4 H D FLOPs per layer per query token per attended key)."""
+    d = dims(config)
+    return 2 * param_counts(config)["linear"] * tokens + 4 * d["L"] * d["H"] * d["D"] * attended
+
+
+def prefill_seconds(config, s: Settings, prompt_len: int) -> float:
+    """One prompt's prefill: compute bound; causal attention sees P/2 keys per query on average."""
+    g = GPUS[s.gpu]
+    return forward_flops(config, prompt_len, prompt_len ** 2 / 2) / (
+        g["tflops"] * 1e12 * MATMUL_EFFICIENCY * (1 if act_bytes(s)["a"] == 2 else 0.5))
+
+
+def decode_seconds(config, s: Settings, prompts: int, prompt_len: int, rows: int,
+                   new_tokens: int) -> float:
+    """`new_tokens` decode steps of prompts x rows rows: each step reads the weights once and the
+    cascade cache (prefixes once per prompt), computes 2 FLOPs per weight per row, and pays the
+    eager launches; the slower of compute and memory, plus the launches."""
+    g, d, b = GPUS[s.gpu], dims(config), act_bytes(s)
+    weights = param_counts(config)["total"] * b["a"]  # read in the compute dtype
+    cache = cascade_cache_bytes(config, s, prompts, prompt_len, rows, new_tokens // 2)  # mean
+    R = prompts * rows
+    flops = forward_flops(config, R, R * (prompt_len + new_tokens / 2))
+    step = max(flops / (g["tflops"] * 1e12 * MATMUL_EFFICIENCY),
+               (weights + cache) / (g["tbps"] * 1e12 * BANDWIDTH_EFFICIENCY))
+    return new_tokens * (step + d["L"] * LAUNCHES_PER_LAYER * LAUNCH_SECONDS)
+
+
+def update_seconds(config, s: Settings, old_logprobs: bool) -> float:
+    """One group's update: forward + backward (3 forwards' FLOPs), one more forward when
+    checkpointing recomputes, the reference's and the old policy's forwards when there are."""
+    g = GPUS[s.gpu]
+    P, G, T = s.prompt_len, s.group_size, s.new_tokens
+    fwd = forward_flops(config, P + G * T, P * P / 2 + G * T * (P + T / 2))
+    passes = 3 + s.grad_checkpointing + s.reference + old_logprobs
+    return passes * fwd / (g["tflops"] * 1e12 * MATMUL_EFFICIENCY
+                           * (1 if act_bytes(s)["a"] == 2 else 0.5))
+
+
+def time_plan(config, s: Settings, groups: int, steps: int, old_logprobs: bool,
+              eval_prompts: dict, evaluations: int) -> list:
+    """Rows (phase, seconds, how): one generate call, sampling / update / optimizer step of one
+    RL step of `groups` groups, one evaluation ({length: prompts}), one RL step, the whole run."""
+    g, n = GPUS[s.gpu], s.prompts_per_generate
+    call = n * prefill_seconds(config, s, s.prompt_len) + decode_seconds(
+        config, s, n, s.prompt_len, s.group_size, s.new_tokens)
+    calls = -(-groups // n)
+    sampling = calls * call
+    update = groups * update_seconds(config, s, old_logprobs)
+    w, gr, st, _ = OPTIMIZERS[s.optimizer]
+    opt = 2 * param_counts(config)["total"] * (w + gr + st) / (g["tbps"] * 1e12
+                                                               * BANDWIDTH_EFFICIENCY)
+    evaluation = sum(k * prefill_seconds(config, s, L) + -(-k // s.eval_batch) * decode_seconds(
+        config, s, min(k, s.eval_batch), L, 1, s.eval_new_tokens) for L, k in eval_prompts.items())
+    step = sampling + update + opt
+    total = steps * step + evaluations * evaluation
+    return [dict(phase="sampling: one generate call", seconds=call,
+                 how=f"{n} prefills + {s.new_tokens} decode steps of {n * s.group_size} rows"),
+            dict(phase="sampling", seconds=sampling, how=f"{calls} generate calls"),
+            dict(phase="update", seconds=update, how=f"{groups} groups, forward + backward"
+                 + (" + recompute" if s.grad_checkpointing else "")
+                 + (" + reference" if s.reference else "") + (" + old" if old_logprobs else "")),
+            dict(phase="optimizer step", seconds=opt, how="read + write weights, grads, state"),
+            dict(phase="one RL step", seconds=step, how="sampling + update + optimizer step"),
+            dict(phase="one evaluation", seconds=evaluation,
+                 how=", ".join(f"{k} prompts at {L}" for L, k in eval_prompts.items())
+                 + f", batches of {s.eval_batch}, {s.eval_new_tokens} new tokens"),
+            dict(phase="whole run", seconds=total,
+                 how=f"{steps} steps + {evaluations} evaluations (LongBench v2 not counted)")]
+
+
+def time_plan_for_args(args) -> list:
+    """time_plan() of a train.py run."""
+    s = settings_for_args(args)
+    evals = (2 + (max(0, (args.steps - 1) // args.eval_every) if args.eval_every else 0)
+             if args.eval else 0)
+    old = args.mu > 1 or (args.mini_batch_groups and args.mini_batch_groups
+                          < args.prompts_per_step)
+    return time_plan(model_config(args.model), s, args.prompts_per_step, args.steps, bool(old),
+                     {L: args.eval_samples * len(args.eval_tasks) for L in args.eval_lengths},
+                     evals)
+
+
+def format_time_plan(rows: list, s: Settings) -> str:
+    g = GPUS[s.gpu]
+    lines = [f"Time plan on one {g['name']} (an ESTIMATE: {g['tflops']:.0f} dense bf16 TFLOP/s "
+             f"at {MATMUL_EFFICIENCY:.0%}, {g['tbps']} TB/s at {BANDWIDTH_EFFICIENCY:.0%}, "
+             f"{LAUNCHES_PER_LAYER} kernel launches per layer per decode step at "
+             f"{LAUNCH_SECONDS * 1e6:.1f} us; python -m bench.gpu_check measures it)",
+             "| phase | estimate | how |", "|---|---:|---|"]
+    for r in rows:
+        t = r["seconds"]
+        human = f"{t:.1f} s" if t < 120 else f"{t / 60:.1f} min" if t < 7200 else \
+            f"{t / 3600:.1f} h"
+        lines.append(f"| {r['phase']} | {human} | {r['how']} |")
+    return "\n".join(lines)
 
 
 def settings_for_args(args) -> Settings:
@@ -300,7 +495,9 @@ def settings_for_args(args) -> Settings:
         # train.py samples --gen-groups prompts per generate call (0 = all of the step's)
         prompts_per_generate=args.gen_groups or args.prompts_per_step,
         micro_groups=args.micro_groups,
-        mask_ratio=1.0 if args.mask_strategy == "all" else args.ratio)
+        mask_ratio=1.0 if args.mask_strategy == "all" else args.ratio,
+        eval_len=max(args.eval_lengths), eval_new_tokens=eval_answer_tokens(args.eval_tasks),
+        eval_batch=args.eval_batch or 1, keep_checkpoints=args.keep_checkpoints, gpu=args.gpu)
 
 
 def plan_for_args(args) -> list:
@@ -309,8 +506,13 @@ def plan_for_args(args) -> list:
 
 
 def peaks(rows: list) -> dict:
-    """{phase: peak GB}."""
+    """{phase: peak GB}, the disk's included."""
     return {r["phase"]: r["gb"] for r in rows if r["item"] == "peak"}
+
+
+def memory_peaks(rows: list) -> dict:
+    """{phase: peak GB} of the GPU's memory (the disk left out)."""
+    return {k: v for k, v in peaks(rows).items() if k != "disk"}
 
 
 def saved_activation_bytes(rows: list) -> float:
@@ -338,10 +540,11 @@ def format_plan(rows: list | dict) -> str:
 
 def verdict(rows: list, s: Settings) -> str:
     """One line: the largest phase against the GPU with 10% headroom."""
-    top = max(peaks(rows).values())
-    budget = 0.9 * s.gpu_gb
-    ok = "fits" if top <= budget else "does NOT fit"
-    return f"largest phase {top:.1f} GB vs {budget:.1f} GB (90% of {s.gpu_gb:.0f} GB): {ok}"
+    phase, top = max(memory_peaks(rows).items(), key=lambda kv: kv[1])
+    gb = GPUS[s.gpu]["gb"]
+    ok = "fits" if top <= 0.9 * gb else "does NOT fit"
+    return (f"largest phase ({phase}) {top:.1f} GB vs {0.9 * gb:.1f} GB (90% of the "
+            f"{GPUS[s.gpu]['name']}'s {gb:.0f} GB): {ok}")
 
 
 def main(argv=None):
@@ -362,9 +565,13 @@ def main(argv=None):
                    help="groups sampled by one generate call (their KV caches coexist)")
     p.add_argument("--micro-groups", type=int, default=1, help="groups per update micro-batch")
     p.add_argument("--mask-ratio", type=float, default=0.3, help="share of q/k rows that train")
-    p.add_argument("--gpu-gb", type=float, default=141.0)
+    p.add_argument("--eval-len", type=int, default=32768, help="longest evaluation prompt")
+    p.add_argument("--eval-batch", type=int, default=1, help="greedy prompts per generate call")
+    p.add_argument("--keep-checkpoints", type=int, default=1)
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h200")
     a = p.parse_args(argv)
-    s = Settings(**{f.name: getattr(a, f.name) for f in fields(Settings)})
+    s = Settings(**{f.name: getattr(a, f.name) for f in fields(Settings)
+                    if hasattr(a, f.name)})
     plans = {m: plan(model_config(m), s) for m in a.model}
     print(f"P = {s.prompt_len}, G = {s.group_size}, T = {s.new_tokens}, optimizer {s.optimizer}, "
           f"reference {s.reference}, checkpointing {s.grad_checkpointing}\n")

@@ -537,18 +537,22 @@ def prefill(model, prompts: list, pad_id: int, prefill_hook=None) -> DynamicCach
             decoder(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], cache=cache,
                     position_ids=positions_from_mask(attn)[:, :-1], use_cache=True)
         return cache
-    parts = []
-    for p in prompts:
-        x = torch.tensor([p[:-1]], device=device)  # (1, P_i - 1)
-        parts.append(DynamicCache(config=model.config))
+    # Each prompt alone, its K/V copied at once into a cache allocated for all N (left-padded,
+    # zeros in the pad slots): the peak is the batch cache plus ONE prompt's, not twice the cache.
+    cache, N = DynamicCache(config=model.config), len(prompts)
+    for n, p in enumerate(prompts):
+        x = torch.tensor([p[:-1]], device=device)  # (1, P_n - 1)
+        part = DynamicCache(config=model.config)
         with prefill_hook(torch.ones_like(x)) if prefill_hook else nullcontext():
-            decoder(input_ids=x, cache=parts[-1], use_cache=True)
-    cache = DynamicCache(config=model.config)
-    for i in range(len(cache.layers)):
-        left = [P - 1 - c.layers[i].keys.shape[-2] for c in parts]  # pad slots of each prompt
-        k = torch.cat([F.pad(c.layers[i].keys, (0, 0, n, 0)) for c, n in zip(parts, left)])
-        v = torch.cat([F.pad(c.layers[i].values, (0, 0, n, 0)) for c, n in zip(parts, left)])
-        cache.update(k, v, i)  # (N, Hkv, P-1, D) each
+            decoder(input_ids=x, cache=part, use_cache=True)
+        for i, layer in enumerate(part.layers):
+            if n == 0:  # allocate from the first prompt's (1, Hkv, P_0 - 1, D) shape and dtype
+                shape = (N, layer.keys.shape[1], P - 1, layer.keys.shape[-1])
+                cache.update(layer.keys.new_zeros(shape), layer.values.new_zeros(shape), i)
+            left = P - len(p)  # pad slots in front of prompt n
+            cache.layers[i].keys[n, :, left:] = layer.keys[0]  # (Hkv, P_n - 1, D)
+            cache.layers[i].values[n, :, left:] = layer.values[0]
+        del part  # its K/V are in the batch cache now
     return cache
 
 

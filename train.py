@@ -42,6 +42,7 @@ import json
 import random
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -82,16 +83,16 @@ PRESETS = {
                   prompts_per_step=32, group_size=8, max_new_tokens=1024, lr=1e-6, warmup_steps=10,
                   steps=200, weight_decay=0.1, grad_checkpointing=True, eval_lengths=[16384, 32768],
                   eval_samples=50, eval_every=50, longbench="hub", micro_groups=1, save_every=25,
-                  max_gen_batches=10, gen_groups=1,
+                  max_gen_batches=10, gen_groups=-1, eval_batch=-1,  # -1: from the plan
                   # the recipe's buffer is a fifth (4096 of 20480 tokens); its 512 prompts in
                   # mini-batches of 32 are 16 optimizer steps per rollout batch: 32 prompts
                   # -> 2 per mini-batch.
                   dapo=dict(overlong_buffer=0.2, overlong_factor=1.0, mini_batch_groups=2)),
 }
-# Qwen3-8B fits one 141 GB GPU with bf16 weights and moments under stochastic rounding (optim.py),
-# two groups per generate call (python train.py --preset paper-8b --plan; README, "one GPU").
-PRESETS["paper-8b"] = PRESETS["paper"] | dict(model="Qwen/Qwen3-8B", optimizer="bf16-sr",
-                                              gen_groups=2)
+# Qwen3-8B fits one 141 GB GPU with bf16 weights and moments under stochastic rounding (optim.py);
+# groups per generate call and evaluation batch from the plan (python train.py --preset paper-8b
+# --plan; README, "The paper recipe on one GPU").
+PRESETS["paper-8b"] = PRESETS["paper"] | dict(model="Qwen/Qwen3-8B", optimizer="bf16-sr")
 # What a resumed run must share with the run it continues: else its masks, weights, optimizer state
 # or schedule would not belong together. A resume that changes one of these is refused.
 RESUME_KEYS = ("model", "mask_strategy", "mask_schedule", "mask_semantics", "ratio", "stat",
@@ -106,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="a set of defaults")
     p.add_argument("--show-config", action="store_true", help="print the effective config, exit")
-    p.add_argument("--plan", action="store_true", help="print the memory plan (plan.py), exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory, disk and time plan (plan.py), exit")
+    p.add_argument("--gpu", default="h200", choices=sorted(plan.GPUS),
+                   help="the GPU the plan sizes and times (the run itself uses --device)")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the checks before loading say it will not fit")
     g = p.add_argument_group("model and precision")
     g.add_argument("--model", default=rollout.DEFAULT_MODEL, help="embedded name, hub id or folder")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -161,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling")
     g.add_argument("--prompts-per-step", type=int, default=4, help="B prompts (groups) per step")
     g.add_argument("--gen-groups", type=int, default=0,
-                   help="groups per generate call (0 = all B at once); bounds the KV cache")
+                   help="groups per generate call (0 = all B at once, -1 = the most the plan "
+                        "fits on --gpu); bounds the KV cache")
     g.add_argument("--max-new-tokens", type=int, default=32, help="completion budget")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -177,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RULER tasks on held-out seeds: the trained task and a harder one")
     g.add_argument("--eval-lengths", type=int, nargs="+", default=[1024, 2048])
     g.add_argument("--eval-samples", type=int, default=12, help="samples per task and length")
+    g.add_argument("--eval-batch", type=int, default=8,
+                   help="greedy evaluation prompts per generate call (-1 = the most the plan "
+                        "fits on --gpu with the training state resident)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = ends)")
     g.add_argument("--no-eval", dest="eval", action="store_false", help="skip evaluation")
     g.add_argument("--before-eval", default=None,
@@ -188,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out-dir", default="runs")
     g.add_argument("--run-name", default=None, help="default: <algo>-<strategy>-seed<seed>-<time>")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = end)")
+    g.add_argument("--keep-checkpoints", type=int, default=1,
+                   help="checkpoints kept; older ones go only once the new one is complete")
     g.add_argument("--resume", default=None, help="a run folder to continue exactly")
     g.add_argument("--seed", type=int, default=0)
     return p
@@ -206,9 +218,25 @@ def parse_args(argv=None):
         p.error("--fsdp is tested with --optimizer adamw and per-group advantages only")
     if not 0 <= args.overlong_buffer < 1:
         p.error(f"--overlong-buffer {args.overlong_buffer}: a share of the budget in [0, 1)")
+    resolve_from_plan(args)
     args.run_name = args.run_name or (f"{args.algo}-{args.mask_strategy}-seed{args.seed}-"
                                       f"{time.strftime('%Y%m%d-%H%M%S')}")
     return args
+
+
+def resolve_from_plan(args) -> None:
+    """--gen-groups / --eval-batch -1: the most that the plan fits on --gpu (pure arithmetic on
+    the model's config, no weights); the reasons are kept in args for --show-config and --plan."""
+    args.plan_reasons = {}
+    for flag, field, most in (("gen_groups", "prompts_per_generate", args.prompts_per_step),
+                              ("eval_batch", "eval_batch", args.eval_samples)):
+        if getattr(args, flag) != -1:
+            continue
+        s = plan.settings_for_args(argparse.Namespace(**{**vars(args), "gen_groups": 1,
+                                                         "eval_batch": 1}))
+        n, why = plan.largest_fitting(plan.model_config(args.model), s, field, most)
+        setattr(args, flag, n)
+        args.plan_reasons[flag] = f"{n}: {why}"
 
 
 # -----------------------------------------------------------------------------
@@ -234,7 +262,7 @@ def prepare_run(args) -> tuple[Path, int]:
     if changed:
         raise SystemExit(f"refusing to resume {run_dir}: these settings differ from the saved run "
                          f"(saved -> now): {changed}. Start a new run or pass the same flags.")
-    start = load_state_file(checkpoint_dir(run_dir))["step"]
+    start = saved_step(checkpoint_dir(run_dir))
     for name in ("metrics.jsonl", "samples.jsonl"):  # rows a crash left past the checkpoint go
         drop_rows_from(run_dir / name, start)
     common.write_json_atomic(run_dir / "config.json", vars(args) | {"resumed_at": start})
@@ -265,15 +293,34 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(state | {"optimizer": optimizer.state_dict()}, tmp / STATE_FILES[0])
+    common.write_json_atomic(tmp / STEP_FILE, {"step": step})
     common.fsync_tree(tmp)
-    if final.exists():
+    if final.exists():  # the previous one: kept as ckpt-step<k>/ or, with only 1 kept, dropped
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
-    tmp.rename(final)
+    tmp.rename(final)  # from here on ckpt/ is the new, complete checkpoint
+    if old.exists() and args.keep_checkpoints > 1:
+        old.rename(run_dir / f"ckpt-step{saved_step(old)}")
     shutil.rmtree(old, ignore_errors=True)
+    for extra in older_checkpoints(run_dir)[:max(0, len(older_checkpoints(run_dir))
+                                                 - (args.keep_checkpoints - 1))]:
+        shutil.rmtree(extra)
 
 
 STATE_FILES = ("trainer_state.pt", "extra.pt")  # one process / --fsdp (fsdp.save_checkpoint)
+STEP_FILE = "step.json"  # {"step": k}: read without loading the (large) state file
+
+
+def older_checkpoints(run_dir: Path) -> list:
+    """The kept ckpt-step<k>/ folders, oldest first."""
+    return sorted(run_dir.glob("ckpt-step*"), key=lambda p: int(p.name.removeprefix("ckpt-step")))
+
+
+def saved_step(ckpt: Path) -> int:
+    """The step a checkpoint folder holds, from its small step file (older ones: the state)."""
+    if (ckpt / STEP_FILE).exists():
+        return common.read_json(ckpt / STEP_FILE)["step"]
+    return load_state_file(ckpt)["step"]
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -285,7 +332,9 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def load_state_file(ckpt: Path) -> dict:
     path = next(ckpt / f for f in STATE_FILES if (ckpt / f).exists())
-    return torch.load(path, weights_only=False)
+    # to the CPU first: optimizer.load_state_dict moves each state tensor to its parameter's
+    # device, so a GPU never holds the file's copy next to the optimizer's
+    return torch.load(path, weights_only=False, map_location="cpu")
 
 
 def resume_state(run_dir: Path, model, optimizer, scheduler, args) -> tuple[dict, dict]:
@@ -328,6 +377,51 @@ class StopFlag:
         print(f"\nsignal {signum}: finishing this step, saving, then exiting "
               "(signal again to stop at once)", flush=True)
         self.set = True
+
+
+# -----------------------------------------------------------------------------
+# checks before any weights load: fail in seconds, not hours in
+
+LONGBENCH_ITEMS = {}  # --longbench value -> its validated rows, loaded once by preflight
+
+
+def longbench_items(args) -> list:
+    if args.longbench not in LONGBENCH_ITEMS:
+        LONGBENCH_ITEMS[args.longbench] = longbench.load_longbench(
+            None if args.longbench == "hub" else args.longbench)
+    return LONGBENCH_ITEMS[args.longbench]
+
+
+def preflight(args) -> None:
+    """Before the model loads: LongBench v2 loads and validates when asked for; the disk holds
+    the plan's checkpoint peak; on a GPU, the plan's largest phase fits its free memory. A
+    failed check stops with the numbers (--force: go on anyway)."""
+    if args.eval and args.longbench:
+        print(f"LongBench v2: {len(longbench_items(args))} items, validated", flush=True)
+    rows = plan.plan(plan.model_config(rollout.resolve_model_path(args.model)),
+                     plan.settings_for_args(args))
+    problems = []
+    out = Path(args.out_dir).resolve()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    held = sum(f.stat().st_size for d in Path(args.resume or "/nonexistent").glob("ckpt*")
+               for f in d.rglob("*") if f.is_file())  # a resumed run's checkpoints are on disk
+    need, free = plan.peaks(rows)["disk"] * plan.GB - held, shutil.disk_usage(existing).free
+    if need > free:
+        problems.append(f"disk: checkpoints need {need / plan.GB:.1f} GB more (the plan's disk "
+                        f"peak, --keep-checkpoints {args.keep_checkpoints}), {existing} has "
+                        f"{free / plan.GB:.1f} GB free")
+    if args.device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(args.device))
+        phase, top = max(plan.memory_peaks(rows).items(), key=lambda kv: kv[1])
+        if top * plan.GB > 0.95 * free:
+            problems.append(f"memory: the plan's {phase} phase needs {top:.1f} GB, "
+                            f"{args.device} has {free / plan.GB:.1f} GB free (lower "
+                            "--gen-groups, --eval-batch or --prompts-per-step)")
+    for problem in problems:
+        print(f"preflight: {problem}" + ("; going on (--force)" if args.force else ""),
+              file=sys.stderr)
+    if problems and not args.force:
+        raise SystemExit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -683,11 +777,11 @@ def run_eval(model, tokenizer, args, autocast) -> dict:
     model.eval()
     with autocast():
         table, _ = evaluate.evaluate_ruler(model, tokenizer, args.eval_tasks, args.eval_lengths,
-                                           args.eval_samples, seed=0)
+                                           args.eval_samples, seed=0, batch=args.eval_batch)
         out = {f"{t}@{n}": s for t, row in table["scores"].items() for n, s in row.items()}
         out.update({f"ruler_avg@{n}": s for n, s in table["average"].items()})
         if args.longbench:
-            items = longbench.load_longbench(None if args.longbench == "hub" else args.longbench)
+            items = longbench_items(args)  # loaded and validated before the model (preflight)
             lb, _ = evaluate.evaluate_longbench(model, tokenizer, items,
                                                 max_len=args.longbench_max_len,
                                                 thinking=args.thinking)
@@ -793,6 +887,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.show_config or args.plan:
         return show_config_or_plan(args)
+    preflight(args)
     run_dir, start, model, tokenizer, ref_model, optimizer, scheduler, autocast = setup(args)
     phases, t0, main_rank = {}, time.time(), fsdp.is_main()
     stats = timed(phases, "statistics", calibration_stats, model, tokenizer, args, run_dir,
@@ -811,6 +906,7 @@ def main(argv=None):
         evals["before"] = timed(phases, "eval before", before_eval, model, tokenizer, args,
                                 autocast)
         write_evals(run_dir, evals)
+    saved = start if args.resume else -1  # the step of the newest checkpoint on disk
     with StopFlag() as stop:
         for step in tqdm(range(start, args.steps), desc="RL steps", initial=start,
                          total=args.steps, dynamic_ncols=True, disable=not main_rank):
@@ -827,9 +923,12 @@ def main(argv=None):
             if stopping or (args.save_every and (step + 1) % args.save_every == 0):
                 save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step + 1, args,
                                 masks_ref)
+                saved = step + 1
             if stopping:
                 return run_dir
-    save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, args.steps, args, masks_ref)
+    if saved != args.steps:  # the last step's checkpoint, unless the loop just wrote it
+        save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, args.steps, args,
+                        masks_ref)
     if args.fsdp:  # a plain Hugging Face folder of the trained policy, for evaluation
         fsdp.export_hf(model, tokenizer, run_dir / "final")
     if args.eval:
@@ -852,10 +951,13 @@ def write_evals(run_dir: Path, evals: dict) -> None:
 
 def show_config_or_plan(args):
     """--show-config: every effective setting; --plan: the memory plan of this run (plan.py)."""
+    for flag, why in getattr(args, "plan_reasons", {}).items():
+        print(f"--{flag.replace('_', '-')} {why}")
     if args.plan:
-        rows = plan.plan_for_args(args)
+        rows, s = plan.plan_for_args(args), plan.settings_for_args(args)
         print(plan.format_plan(rows))
-        print(plan.verdict(rows, plan.settings_for_args(args)))
+        print(plan.verdict(rows, s) + "\n")
+        print(plan.format_time_plan(plan.time_plan_for_args(args), s))
         return None
     width = max(map(len, vars(args)))
     for k, v in sorted(vars(args).items()):

@@ -1,43 +1,40 @@
 """
-bench/gpu_check.py -- does the paper setting fit one GPU? Measured peak memory and time per phase,
-next to plan.py's prediction.
+bench/gpu_check.py -- the paper recipe on one GPU, measured: train.py's own code, next to the plan.
 
-For Qwen3-4B (fp32 master weights + torch AdamW, bf16 autocast) and Qwen3-8B (bf16 weights +
-optim.AdamWSR), built from their published configs with random weights (no download), it runs the
-paper's update (SOURCES.md §1.6, §3): one group = a 16384-token prompt + G = 8 completions of 1024
-random tokens, GRPO with beta = 0.04 against a frozen bf16 reference model, gradient
-checkpointing, LongAct masks (30% of the rows of every head, from random statistics), masked
-AdamW step with frozen rows outside the mask. Two update steps (the second one has optimizer state
-and shows the real peak), then a short sampling phase (one group, 32 new tokens). It uses the
-project's own functions throughout: rollout.group_logprobs / sample_groups, grpo.grpo_loss,
-masking.build_masks / mask_grads / masked_step, optim.AdamWSR, plan.plan.
+Four parts, each timed and, on CUDA, its peak memory (torch.cuda.max_memory_allocated) recorded
+next to plan.py's memory and time estimate:
+  (a) train.py itself: `train.main` on a 2-layer model built from a config (the embedded
+      tokenizer), 2 RL steps, RULER before and after at 512 tokens, a checkpoint, a resume to 3;
+  (b) the paper update through `train.policy_update` (GRPO, beta 0.04, the reference model,
+      LongAct masks, the masked step) for Qwen3-4B (`--preset paper`) and Qwen3-8B (`paper-8b`),
+      random weights from the published configs, one group of a 16384-token prompt and 8 x 1024
+      completion tokens; twice (the second has optimizer state: the real peak);
+  (c) one sampling call at the preset's groups per call (from the plan), 256 new tokens (a
+      quarter of 1024: the cache is sized for it, the time scales with it);
+  (d) one greedy RULER-sized batch (--eval-batch prompts at the preset's longest evaluation
+      length, 128 new tokens) with the training state still resident.
+A part that fails saves its traceback in the record and the next part runs; an out-of-memory
+error also drops the model, so that the next model starts clean.
 
-Per phase it records torch.cuda.max_memory_allocated (reset before the phase), the reserved
-memory, and the seconds; `<out>.json` holds everything, `<out>.md` the table.
-
-Choices:
-  1. Random weights and token ids: memory and time do not depend on the values. Completions never
-     stop early (mask of ones), the largest case.
-  2. One group per micro-batch and one micro-batch per optimizer step: the paper step has 32
-     groups, but gradients accumulate in place, so the peak of one group is the step's peak; the
-     update time per group is what multiplies by 32.
-  3. A phase that runs out of memory is recorded ("out of memory" with the peak reached), the
-     model is dropped, and the next model still runs: one run answers as much as it can.
-  4. lr 1e-6, weight decay 0.1, grad clip 1.0 (the paper preset of train.py).
-
-Run on one GPU (about 2-4 minutes for both models on an H200; needs about 110 GB free):
-    python -m bench.gpu_check                     # writes figures/gpu_check.json and .md
-Dry run of the same code path on a CPU (tiny Qwen3 configs, 64-token prompts, seconds):
+Run on one GPU (estimate: about 6 minutes on an H200, most of it building the models and the
+sampling call; needs the embedded model's wheel for part (a), as `make` installs):
+    python -m bench.gpu_check                 # writes figures/gpu_check.json and .md
+Dry run of the same code on the CPU (tiny configs, short prompts, seconds; in `make test`):
     python -m bench.gpu_check --dry-run --out runs/gpu_check_dry
-Test: .venv/bin/python -m pytest -q tests/test_gpu_check.py
+Letters: P prompt tokens, G completions per prompt, T new tokens.
 """
 
 import argparse
+import dataclasses
 import gc
+import json
 import platform
 import sys
+import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
 
 if not __package__:  # run as a file, `import rollout` would not find the repository's modules
     sys.exit("run from the repository root as a module: python -m bench.gpu_check")
@@ -45,14 +42,14 @@ if not __package__:  # run as a file, `import rollout` would not find the reposi
 import torch
 import transformers
 
+import common
 import grpo
-import masking
-import optim
 import plan
 import rollout
-from common import QK_SUFFIXES, mix_seed, write_json_atomic, write_text_atomic
+import train
+from common import write_json_atomic, write_text_atomic
 
-CHECKS = {"qwen3-4b": "adamw", "qwen3-8b": "bf16-sr"}  # model -> optimizer (plan.OPTIMIZERS)
+PRESETS = {"qwen3-4b": "paper", "qwen3-8b": "paper-8b"}  # model -> train.py preset
 TINY = {  # dry-run stand-ins: same code path, a 4b-like (tied) and an 8b-like (untied) shape
     "qwen3-4b": dict(vocab_size=256, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -61,13 +58,10 @@ TINY = {  # dry-run stand-ins: same code path, a 4b-like (tied) and an 8b-like (
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                      max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=2),
 }
-PAPER = dict(prompt_len=16384, group_size=8, new_tokens=1024, sample_tokens=32)
-DRY = dict(prompt_len=64, group_size=4, new_tokens=16, sample_tokens=4)
-LR, WEIGHT_DECAY, GRAD_CLIP, BETA, RATIO = 1e-6, 0.1, 1.0, 0.04, 0.3
-WEIGHT_DTYPE = {"adamw": torch.float32, "bf16-sr": torch.bfloat16,
-                "bf16-sr-fp32-moments": torch.bfloat16}  # the policy's weights per optimizer
-PLAN_PHASE = {"update (forward + backward)": "update", "optimizer step": "step",
-              "sampling": "sampling"}  # measured phase -> plan.py phase
+SAMPLE_TOKENS = 256  # part (c): a quarter of the paper's 1024 new tokens
+# dry-run shapes (train.py flags)
+DRY = ["--train-len", "64", "--max-new-tokens", "8", "--group-size", "4",
+       "--eval-lengths", "160", "--eval-samples", "3", "--prompts-per-step", "4"]
 
 
 class IdTokenizer:
@@ -89,20 +83,23 @@ def sync(device):
 
 
 @contextmanager
-def measure(records: list, phase: str, device, step=None):
-    """Append {phase, step, peak_gb, reserved_gb, seconds} for the code inside (peaks: CUDA only).
-    An out-of-memory error is recorded with the peak reached, then re-raised."""
+def part(records: list, name: str, device, plan_gb=None, plan_s=None):
+    """Record {part, seconds, peak_gb, reserved_gb, plan_gb, plan_s, error, traceback} of the code
+    inside; a failure is recorded (with its traceback) and NOT re-raised: the next part runs."""
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rec = dict(phase=phase, step=step, peak_gb=None, reserved_gb=None, seconds=None, error=None)
+    rec = dict(part=name, seconds=None, peak_gb=None, reserved_gb=None, plan_gb=plan_gb,
+               plan_s=plan_s, error=None, traceback=None)
     records.append(rec)
     start = time.perf_counter()
     try:
         yield rec
-    except torch.OutOfMemoryError:
-        rec["error"] = "out of memory"
-        raise
+    except Exception as e:  # noqa: BLE001 -- recorded, and the check goes on
+        rec["error"] = ("out of memory" if isinstance(e, torch.OutOfMemoryError)
+                        else f"{type(e).__name__}: {e}")[:300]
+        rec["traceback"] = traceback.format_exc()
+        print(rec["traceback"], file=sys.stderr, flush=True)
     finally:
         sync(device)
         rec["seconds"] = round(time.perf_counter() - start, 3)
@@ -112,7 +109,47 @@ def measure(records: list, phase: str, device, step=None):
 
 
 # -----------------------------------------------------------------------------
-# model, masks, optimizer
+# (a) train.py itself
+
+def tiny_model_dir(folder: Path) -> str:
+    """A 2-layer Llama with the embedded model's tokenizer (real text prompts), an HF folder."""
+    tok = transformers.AutoTokenizer.from_pretrained(rollout.resolve_model_path("smollm2-135m"))
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def check_train(device, records: list) -> None:
+    """2 steps with RULER before/after and a checkpoint, then a resume to step 3."""
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--device", str(device), "--eval-tasks", "niah_single_1",
+                "--eval-lengths", "512", "--eval-samples", "2", "--calib-len", "64",
+                "--calib-samples", "2", "--max-new-tokens", "8", "--train-len", "512",
+                "--out-dir", tmp, "--run-name", "a"]
+        with part(records, "(a) train.py: 2 steps, RULER before/after, checkpoint", device):
+            argv = ["--model", tiny_model_dir(Path(tmp) / "tiny")] + argv
+            run = train.main(argv + ["--steps", "2"])
+            records[-1]["metrics"] = [json.loads(x) for x in (run / "metrics.jsonl")
+                                      .read_text().splitlines()]
+        with part(records, "(a) train.py: resume to step 3", device):
+            train.main(argv + ["--steps", "3", "--resume", str(run)])
+            records[-1]["steps_logged"] = len((run / "metrics.jsonl").read_text().splitlines())
+
+
+# -----------------------------------------------------------------------------
+# (b)-(d) the paper setting of one model
+
+def paper_args(name: str, device, dry: bool):
+    """train.py's own parsed arguments of the model's preset (LongBench off: no hub here)."""
+    return train.parse_args(["--preset", PRESETS[name], "--device", str(device), "--longbench", "",
+                             "--precision", "auto"] + (DRY if dry else []))
+
 
 def build(config, dtype, device):
     """A model with random weights, created on the device directly (no CPU copy of 8B)."""
@@ -122,120 +159,104 @@ def build(config, dtype, device):
     return model.to(device)
 
 
-def random_masks(model, config, seed: int) -> dict:
-    """LongAct masks (30% of the rows of every head) from random statistics."""
+def random_rollout(args, config, device, gen):
+    """One group as rollout.sample_groups returns it: a P-token prompt, G x T completion tokens
+    that never stop (the largest case), every tensor on the policy's device."""
+    P, G, T = args.train_len, args.group_size, args.max_new_tokens
+    ids = torch.randint(3, config.vocab_size, (G, T), generator=gen).to(device)  # (G, T)
+    prompt = torch.randint(3, config.vocab_size, (P,), generator=gen).tolist()
+    return rollout.Rollout([prompt], ids, torch.ones(G, T, device=device),
+                           torch.ones(G, dtype=torch.bool, device=device), [""] * G, G)
+
+
+def check_model(name: str, device, dry: bool, seed: int = 0) -> dict:
+    """Build policy + reference + optimizer as train.py does, then parts (b), (c), (d)."""
+    args = paper_args(name, device, dry)
+    config = transformers.Qwen3Config(**TINY[name]) if dry else plan.model_config(args.model)
+    s = plan.settings_for_args(args)
+    rows = plan.plan(config, s)
+    peaks = plan.memory_peaks(rows)
+    times = {r["phase"]: r["seconds"] for r in plan.time_plan(
+        config, s, 1, 1, False, {max(args.eval_lengths): s.eval_batch}, 1)}
+    sample_s = dataclasses.replace(s, new_tokens=SAMPLE_TOKENS if not dry else 4)
+    out = dict(model=name, preset=PRESETS[name], optimizer=args.optimizer,
+               gen_groups=args.gen_groups, eval_batch=args.eval_batch, parts=[],
+               plan_reasons=args.plan_reasons)
+    records = out["parts"]
+    precision, _ = common.choose_precision(args.precision, str(device))
+    autocast = lambda: common.autocast(str(device), precision)  # noqa: E731
     gen = torch.Generator().manual_seed(seed)
-    stats = {n: torch.rand(m.weight.shape[0], generator=gen)
-             for n, m in model.named_modules() if n.endswith(QK_SUFFIXES)}
-    return masking.build_masks(stats, ratio=RATIO, per_head=True, head_dim=config.head_dim)
-
-
-def make_optimizer(model, name: str, seed: int):
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
-                                 foreach=False)
-    return optim.AdamWSR(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
-                         seed=mix_seed(seed, "optimizer"))
-
-
-# -----------------------------------------------------------------------------
-# the phases
-
-def update_step(model, ref, opt, masks, batch, records, device, step, autocast) -> dict:
-    """Reference log-probs, masked GRPO forward + backward, masked optimizer step."""
-    prompt, comp, mask, adv = batch
-    with measure(records, "reference log-probs", device, step), torch.no_grad(), autocast():
-        ref_lp = rollout.group_logprobs(ref, prompt, comp)  # (G, T)
-    with measure(records, "update (forward + backward)", device, step):
-        with autocast():
-            logp = rollout.group_logprobs(model, prompt, comp)  # (G, T) with gradients
-        loss, m = grpo.grpo_loss(logp, logp.detach(), ref_lp, adv, mask, beta=BETA)
-        loss.backward()
-        del logp, ref_lp
-    probe = next(iter(masks))  # one q_proj: did its trainable rows move, and only those?
-    w = model.get_submodule(probe).weight
-    before = w.detach().to("cpu", copy=True)
-    with measure(records, "optimizer step", device, step):
-        masking.mask_grads(model, masks)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        drift = masking.masked_step(opt, model, masks, "frozen")
-        opt.zero_grad(set_to_none=True)  # sampling must not hold gradients (plan.py choice 3)
-    moved = (w.detach().cpu() != before).any(-1)  # (C,) rows that changed
-    keep = masks[probe]
-    return dict(step=step, loss=loss.item(), kl=m["kl"], grad_norm=float(grad_norm),
-                frozen_drift=drift, trainable_rows_moved=moved[keep].float().mean().item(),
-                frozen_rows_moved=moved[~keep].float().mean().item())
-
-
-def check_model(name: str, config, optimizer: str, shape: dict, device, steps: int,
-                seed: int) -> dict:
-    """Build, update `steps` times, sample once; every phase measured. Returns the record."""
-    s = plan.Settings(prompt_len=shape["prompt_len"], group_size=shape["group_size"],
-                      new_tokens=shape["new_tokens"], optimizer=optimizer, mask_ratio=RATIO)
-    sampling_plan = plan.Settings(**{**vars(s), "new_tokens": shape["sample_tokens"]})
-    predicted = {**plan.peaks(plan.plan(config, s)),
-                 "sampling": plan.peaks(plan.plan(config, sampling_plan))["sampling"]}
-    out = dict(model=name, optimizer=optimizer, params=plan.param_counts(config)["total"],
-               plan_gb=predicted, phases=[], steps=[],
-               error=None)
-    records = out["phases"]
-    dtype = WEIGHT_DTYPE[optimizer]
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-                if dtype == torch.float32 else nullcontext)  # bf16 compute over fp32 weights
-    gen = torch.Generator().manual_seed(seed)
-    G, P, T, V = shape["group_size"], shape["prompt_len"], shape["new_tokens"], config.vocab_size
-    prompt = torch.randint(0, V, (P,), generator=gen).tolist()
-    comp = torch.randint(0, V, (G, T), generator=gen)
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0] * (G // 4) + [0.0] * (G % 4))  # (G,) not all equal
-    adv, _ = grpo.group_advantages(rewards, G)
-    batch = (prompt, comp, torch.ones(G, T, device=device), adv.to(device))
-    model = ref = opt = None
+    model = ref = optimizer = None
     try:
-        with measure(records, "build policy + reference + masks", device):
+        with part(records, "build policy + reference + optimizer", device):
+            dtype = torch.bfloat16 if args.optimizer == "bf16-sr" else torch.float32
             model = build(config, dtype, device)
             model.activation_checkpointing_enable({"use_reentrant": False})
-            model.train()
             ref = build(config, torch.bfloat16, device)
             ref.load_state_dict(model.state_dict())
             ref.eval().requires_grad_(False)
-            masks = random_masks(model, config, seed)
-            opt = make_optimizer(model, optimizer, seed)
-        for step in range(1, steps + 1):
-            out["steps"].append(update_step(model, ref, opt, masks, batch, records, device, step,
-                                            autocast))
-        with measure(records, "sampling", device), autocast():
-            r = rollout.sample_groups(model, IdTokenizer(config), [prompt], G,
-                                      shape["sample_tokens"], seed=seed)
-        out["sampled_tokens"] = int(r.completion_mask.sum())
-    except torch.OutOfMemoryError:
-        out["error"] = f"out of memory in '{records[-1]['phase']}'"
+            optimizer, scheduler = train.make_optimizer(model, args)
+        if records[-1]["error"]:
+            return out
+        stats = {n: torch.rand(m.weight.shape[0], generator=gen)
+                 for n, m in common.qk_modules(model).items()}
+        masks = train.masks_from(stats, model, args, seed=seed)
+        r = random_rollout(args, config, device, gen)
+        adv, _ = grpo.group_advantages(torch.tensor([1.0, 0.0] * (r.group_size // 2),
+                                                    device=device), r.group_size)
+        for step in (1, 2):
+            with part(records, f"(b) train.policy_update, one group, step {step}", device,
+                      max(peaks["update"], peaks["step"]), times["update"] + times[
+                          "optimizer step"]) as rec:
+                rec["update"] = train.policy_update(model, ref, optimizer, scheduler, r, adv,
+                                                    masks, args, autocast)
+        n = args.gen_groups or args.prompts_per_step
+        prompts = [torch.randint(3, config.vocab_size, (args.train_len,), generator=gen).tolist()
+                   for _ in range(n)]
+        with part(records, f"(c) sampling: {n} groups x {args.group_size} rows, "
+                  f"{sample_s.new_tokens} new tokens", device,
+                  plan.memory_peaks(plan.plan(config, sample_s))["sampling"],
+                  plan.time_plan(config, sample_s, n, 1, False, {}, 0)[0]["seconds"]) as rec, \
+                autocast():
+            ro = rollout.sample_groups(model, IdTokenizer(config), prompts, args.group_size,
+                                       sample_s.new_tokens, seed=seed)
+            rec["sampled_tokens"] = int(ro.completion_mask.sum())
+        L = max(args.eval_lengths) - s.eval_new_tokens  # RULER lengths include the answer
+        prompts = [torch.randint(3, config.vocab_size, (L,), generator=gen).tolist()
+                   for _ in range(args.eval_batch)]
+        with part(records, f"(d) greedy evaluation batch: {args.eval_batch} x {L} tokens",
+                  device, peaks["evaluation"], times["one evaluation"]) as rec, autocast():
+            ro = rollout.sample_groups(model, IdTokenizer(config), prompts, 1,
+                                       s.eval_new_tokens, temperature=0.0,
+                                       greedy_batch=args.eval_batch)
+            rec["answer_tokens"] = int(ro.completion_mask.sum())
     finally:
-        del model, ref, opt
+        del model, ref, optimizer
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
 
 
+# -----------------------------------------------------------------------------
+# report
 
 def format_table(results: list) -> str:
-    """Markdown: one line per measured phase, with the plan's prediction where it has one."""
-    lines = ["| model | optimizer | phase | step | peak GB (measured) | reserved GB | "
-             "plan GB | seconds |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    """Markdown: one line per part, measured next to the plan."""
+    lines = ["| model | part | seconds | plan s (estimate) | peak GB | reserved GB | plan GB | "
+             "error |", "|---|---|---:|---:|---:|---:|---:|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.1f}" if v >= 1 else f"{v:.2g}"  # noqa: E731
     for res in results:
-        for ph in res["phases"]:
-            planned = res["plan_gb"].get(PLAN_PHASE.get(ph["phase"], ""))
-            peak = "OOM" if ph["error"] else fmt(ph["peak_gb"])
-            lines.append(f"| {res['model']} | {res['optimizer']} | {ph['phase']} | "
-                         f"{ph['step'] or ''} | {peak} | {fmt(ph['reserved_gb'])} | "
-                         f"{fmt(planned)} | {ph['seconds']:.2f} |")
+        for p in res["parts"]:
+            lines.append(f"| {res['model']} | {p['part']} | {fmt(p['seconds'])} | "
+                         f"{fmt(p['plan_s'])} | {fmt(p['peak_gb'])} | {fmt(p['reserved_gb'])} | "
+                         f"{fmt(p['plan_gb'])} | {p['error'] or ''} |")
     return "\n".join(lines)
 
 
 def environment(device) -> dict:
     env = dict(torch=torch.__version__, transformers=transformers.__version__,
-               python=platform.python_version(), device=str(device))
+               python=platform.python_version(), device=str(device), cpu=common.cpu_name())
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_total_gb=round(props.total_memory / plan.GB, 1))
@@ -243,34 +264,32 @@ def environment(device) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Peak memory and time of the paper setting on a GPU.")
+    p = argparse.ArgumentParser(description="train.py's paper recipe on one GPU, measured.")
     p.add_argument("--dry-run", action="store_true", help="tiny configs on the CPU, seconds")
-    p.add_argument("--models", nargs="+", choices=sorted(CHECKS), default=sorted(CHECKS))
-    p.add_argument("--steps", type=int, default=2, help="update steps per model")
+    p.add_argument("--models", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
+    p.add_argument("--skip-train", action="store_true", help="skip part (a)")
     p.add_argument("--out", default=None, help="output prefix (default figures/gpu_check, "
                    "runs/gpu_check_dry for --dry-run)")
-    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     device = torch.device("cpu" if a.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --dry-run to exercise the code path on the CPU")
     out = a.out or ("runs/gpu_check_dry" if a.dry_run else "figures/gpu_check")
-    shape = DRY if a.dry_run else PAPER
-    results = []
+    t0, results = time.perf_counter(), []
+    if not a.skip_train:
+        results.append(dict(model="tiny (train.py)", parts=[]))
+        check_train(device, results[-1]["parts"])
     for name in a.models:
-        config = (transformers.Qwen3Config(**TINY[name]) if a.dry_run
-                  else plan.model_config(name))
-        print(f"{name} ({CHECKS[name]}): P = {shape['prompt_len']}, G = {shape['group_size']}, "
-              f"T = {shape['new_tokens']}", flush=True)
-        results.append(check_model(name, config, CHECKS[name], shape, device, a.steps, a.seed))
+        print(f"{name} ({PRESETS[name]})", flush=True)
+        results.append(check_model(name, device, a.dry_run))
     table = format_table(results)
-    write_json_atomic(f"{out}.json", dict(environment=environment(device), shape=shape,
-                                          dry_run=a.dry_run, results=results))
-    write_text_atomic(f"{out}.md", table + "\n")
+    total = round(time.perf_counter() - t0, 1)
+    write_json_atomic(f"{out}.json", dict(environment=environment(device), dry_run=a.dry_run,
+                                          seconds=total, results=results))
+    write_text_atomic(f"{out}.md", f"`python -m bench.gpu_check{' --dry-run' * a.dry_run}` on "
+                      f"{environment(device).get('gpu', common.cpu_name())}, {total} s in all\n\n"
+                      + table + "\n")
     print(table)
-    for res in results:
-        planned = ", ".join(f"{k} {v:.3g}" for k, v in res["plan_gb"].items())
-        print(f"{res['model']}: {res['error'] or 'ok'}; plan (GB): {planned}")
     return results
 
 

@@ -1,5 +1,7 @@
-"""bench/gpu_check.py on the CPU: the dry run goes through the same code path as the GPU check
-(tiny Qwen3 configs, 64-token prompts) and must write a complete, sane record.
+"""bench/gpu_check.py on the CPU: the dry run goes through the same code as the GPU check -- train.py
+itself (2 steps, RULER, checkpoint, resume), train.policy_update on the preset's arguments,
+sampling at the plan's groups per call, a greedy evaluation batch -- and must write a complete
+record in which every part ran without error.
 
 Run: .venv/bin/python -m pytest -q tests/test_gpu_check.py
 """
@@ -12,42 +14,46 @@ import torch
 
 from bench import gpu_check
 
-PHASES = ["build policy + reference + masks"] + [
-    p for _ in range(2) for p in ("reference log-probs", "update (forward + backward)",
-                                  "optimizer step")] + ["sampling"]
+MODEL_PARTS = ["build policy + reference + optimizer",
+               "(b) train.policy_update, one group, step 1",
+               "(b) train.policy_update, one group, step 2", "(c) sampling", "(d) greedy"]
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers renames checkpointing calls
-def test_dry_run_updates_both_models_and_writes_json_and_table(tmp_path):
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_dry_run_runs_every_part_and_writes_json_and_table(tmp_path):
     gpu_check.main(["--dry-run", "--out", str(tmp_path / "check")])
     record = json.loads((tmp_path / "check.json").read_text())
-    assert record["dry_run"] and [r["model"] for r in record["results"]] == ["qwen3-4b", "qwen3-8b"]
-    for res in record["results"]:
-        assert res["error"] is None
-        assert [p["phase"] for p in res["phases"]] == PHASES
-        assert set(res["plan_gb"]) == {"sampling", "update", "step"}
-        assert res["sampled_tokens"] > 0
-        for step in res["steps"]:
-            assert math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"])
-            assert step["frozen_drift"] == 0.0  # rows outside the mask: bit-identical
-            assert step["frozen_rows_moved"] == 0.0
-    # fp32 AdamW moves every trainable row of the probed matrix; the bf16 optimizer moves a row
-    # only where stochastic rounding carries (lr 1e-6 is ~1% of an ulp at these weights).
-    adamw, sr = record["results"]
-    assert all(s["trainable_rows_moved"] == 1.0 for s in adamw["steps"])
-    assert sr["steps"][-1]["trainable_rows_moved"] > 0.0
+    train_part, *models = record["results"]
+    assert [p["error"] for p in train_part["parts"]] == [None, None]
+    assert [len(train_part["parts"][0]["metrics"]), train_part["parts"][1]["steps_logged"]] \
+        == [2, 3]
+    assert [m["model"] for m in models] == ["qwen3-4b", "qwen3-8b"]
+    for res in models:
+        names = [p["part"] for p in res["parts"]]
+        assert len(names) == len(MODEL_PARTS)
+        assert all(n.startswith(m) for n, m in zip(names, MODEL_PARTS)), names
+        assert all(p["error"] is None for p in res["parts"]), res["parts"]
+        assert all(p["plan_s"] > 0 and p["plan_gb"] > 0 for p in res["parts"][1:])
+        for p in res["parts"][1:3]:
+            assert math.isfinite(p["update"]["loss"])
+            assert p["update"]["drift_outside_mask"] == 0.0  # rows outside the mask: frozen
+        assert res["parts"][3]["sampled_tokens"] > 0 and res["parts"][4]["answer_tokens"] > 0
+        assert set(res["plan_reasons"]) == {"gen_groups", "eval_batch"}
     table = (tmp_path / "check.md").read_text().splitlines()
-    assert table[0].startswith("| model | optimizer | phase |")
-    assert len(table) == 2 + 2 * len(PHASES)
+    assert table[2].startswith("| model | part | seconds | plan s (estimate) |")
+    assert len(table) == 4 + 2 + 2 * len(MODEL_PARTS)
 
 
-def test_a_phase_out_of_memory_reads_oom_in_the_table():
-    res = dict(model="qwen3-8b", optimizer="bf16-sr", plan_gb={"update": 107.7}, phases=[
-        dict(phase="update (forward + backward)", step=1, peak_gb=139.2, reserved_gb=139.9,
-             seconds=3.5, error="out of memory")])
-    line = gpu_check.format_table([res]).splitlines()[-1]
-    assert line == ("| qwen3-8b | bf16-sr | update (forward + backward) | 1 | OOM | 139.9 | "
-                    "107.7 | 3.50 |")
+def test_a_failing_part_is_recorded_with_its_traceback_and_the_next_runs():
+    records, device = [], torch.device("cpu")
+    with gpu_check.part(records, "breaks", device):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    with gpu_check.part(records, "runs", device):
+        pass
+    assert records[0]["error"] == "out of memory" and "OutOfMemoryError" in records[0]["traceback"]
+    assert records[1]["error"] is None
+    line = gpu_check.format_table([dict(model="m", parts=records)]).splitlines()[2]
+    assert line.startswith("| m | breaks |") and line.endswith("| out of memory |")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

@@ -11,6 +11,7 @@ Run: .venv/bin/python -m pytest -q tests/test_plan.py
 """
 
 import argparse
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ import optim
 import plan
 import train
 import rollout
+from conftest import tiny_model
+from live_bytes import LiveBytes
 
 TINY = dict(vocab_size=256, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -152,26 +155,79 @@ def test_paper_setting_fits_one_h200_for_qwen3_8b_only_with_bf16_weights_and_mom
 
 
 def test_sampling_kv_cache_is_hand_computable():
-    # Qwen3-8B, one group of 8 rows, 16384 + 1024 positions, 36 layers, 8 KV heads of 128, bf16
-    # keys and values: 8 * 17408 * 36 * 8 * 128 * (2 + 2) bytes = 20.54 GB.
+    # Qwen3-8B, one group: the prompt's 16383 cached positions once + 8 rows x 1024 suffix
+    # positions, 36 layers, 8 KV heads of 128, bf16 keys and values (2 + 2 bytes)
     rows = plan.plan(plan.model_config("qwen3-8b"), plan.Settings())
-    kv = rows_by_item(rows, "sampling")["KV cache of the generating rows"]
-    assert kv == 8 * 17408 * 36 * 8 * 128 * 4
+    kv = rows_by_item(rows, "sampling")["KV cache (cascade: prefix once per prompt)"]
+    assert kv == (16383 + 8 * 1024) * 36 * 8 * 128 * 4
     four = plan.plan(plan.model_config("qwen3-8b"), plan.Settings(prompts_per_generate=4))
-    assert rows_by_item(four, "sampling")["KV cache of the generating rows"] == 4 * kv
+    assert rows_by_item(four, "sampling")["KV cache (cascade: prefix once per prompt)"] == 4 * kv
 
 
-def test_paper_8b_preset_fits_and_one_generate_call_for_32_groups_would_not():
-    args = train.parse_args(["--preset", "paper-8b"])
-    s = plan.settings_for_args(args)
-    assert s == plan.Settings(prompts_per_generate=2)  # the paper setting, 2 groups per call
-    peaks = plan.peaks(plan.plan_for_args(args))
-    assert peaks["update"] <= 127 and peaks["sampling"] <= 127  # 10% headroom on 141 GB
+def test_paper_presets_size_groups_per_call_and_eval_batch_from_the_plan():
+    for preset in ("paper", "paper-8b"):
+        args = train.parse_args(["--preset", preset])
+        assert args.gen_groups > 2 and args.eval_batch > 1  # not the old 1-2 groups per call
+        assert set(args.plan_reasons) == {"gen_groups", "eval_batch"}
+        peaks = plan.memory_peaks(plan.plan_for_args(args))
+        assert max(peaks.values()) <= 0.9 * 141
+        more = train.parse_args(["--preset", preset, "--gen-groups", str(args.gen_groups + 6)])
+        assert plan.memory_peaks(plan.plan_for_args(more))["sampling"] > 0.9 * 141
     assert plan.settings_for_args(train.parse_args(["--preset", "paper-8b", "--beta", "0"])) \
         .reference is False
-    # 32 groups x 8 rows in one generate call: 32 x 20.5 GB of KV cache.
-    whole = train.parse_args(["--preset", "paper-8b", "--gen-groups", "0"])
-    assert plan.peaks(plan.plan_for_args(whole))["sampling"] > 600
+
+
+def test_paper_8b_plan_prints_sampling_update_evaluation_disk_and_time(capsys):
+    train.main(["--preset", "paper-8b", "--plan"])
+    out = capsys.readouterr().out
+    for phase in ("sampling", "update", "step", "evaluation", "disk"):
+        assert f"| {phase} | **peak** |" in out
+    assert "Time plan on one H200 SXM (an ESTIMATE" in out and "| whole run |" in out
+    assert "--gen-groups" in out and "--eval-batch" in out
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes of every tensor a KV cache holds (cascade prefixes included)."""
+    return sum(t.nbytes for layer in cache.layers
+               for t in (layer.keys, layer.values, getattr(layer, "prefix_keys", None),
+                         getattr(layer, "prefix_values", None)) if t is not None)
+
+
+@pytest.mark.parametrize("G, temperature", [(4, 1.0), (1, 0.0)])  # sampling; greedy evaluation
+def test_the_plans_cache_row_is_the_real_cache_within_10_percent(monkeypatch, G, temperature):
+    model = tiny_model("qwen3")
+    model.generation_config.eos_token_id = None  # the tokenizer's 127 ends a row
+    seen, real = [], rollout.decode
+
+    def spy(*args, **kwargs):  # the cache object at the end of decoding, its largest
+        out = real(*args, **kwargs)
+        seen.append(cache_nbytes(kwargs["cache"]))
+        return out
+    monkeypatch.setattr(rollout, "decode", spy)
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=127,  # rows that stop early still
+                          batch_decode=lambda ids, **k: [""] * len(ids))
+    prompts = [list(range(3, 3 + n)) for n in (40, 33, 29)]
+    with torch.no_grad():
+        r = rollout.sample_groups(model, tok, prompts, G, 6, temperature=temperature,
+                                  greedy_batch=3)
+    T = r.completion_ids.shape[1]  # hold their slots: the cache has (N, G, T) suffixes
+    s = plan.Settings(optimizer="adamw", autocast=False, prompt_len=40, group_size=G,
+                      new_tokens=T, prompts_per_generate=3, eval_len=40, eval_new_tokens=T,
+                      eval_batch=3)
+    rows = rows_by_item(plan.plan(model.config, s), "evaluation" if G == 1 else "sampling")
+    planned = rows["KV cache (cascade: prefix once per prompt)"]
+    assert len(seen) == 1 and abs(seen[0] - planned) <= 0.1 * planned, (seen, planned)
+
+
+def test_prefill_holds_the_batch_cache_once(monkeypatch):
+    # live bytes of every tensor made during prefill (tests/live_bytes.py): the batch cache plus
+    # one prompt's, not the batch cache twice (per-prompt caches concatenated at the end)
+    model = tiny_model("llama", layers=8)
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 128, (64,)).tolist() for _ in range(16)]
+    with torch.no_grad(), LiveBytes() as live:
+        cache = rollout.prefill(model, prompts, 2)
+    assert live.peak < 1.4 * cache_nbytes(cache), (live.peak, cache_nbytes(cache))
 
 
 def test_format_plan_prints_one_line_per_row_and_side_by_side_columns():

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,3 +198,69 @@ def test_fsdp_two_ranks_train_like_one_process_and_resume(tiny_dir, qa_file, tmp
     assert all(torch.equal(b[k], c[k]) for k in b)  # a sharded resume is exact
     assert [r["step"] for r in rows_of(tmp_path / "two")] == [0, 1]
     assert all(r["drift_outside_mask"] == 0.0 for r in rows_of(tmp_path / "two"))
+
+
+# ------------------------------------------------------------ checkpoints kept, failed saves
+
+def test_keep_checkpoints_keeps_the_newest_and_a_step_file(tiny_dir, qa_file, tmp_path):
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "keep", 3, "--beta", "0",
+                              "--save-every", "1", "--keep-checkpoints", "2"))
+    assert sorted(p.name for p in run.glob("ckpt*")) == ["ckpt", "ckpt-step2"]
+    assert json.loads((run / "ckpt" / "step.json").read_text()) == {"step": 3}
+    assert train.saved_step(run / "ckpt-step2") == 2
+    one = train.main(args_for(tiny_dir, qa_file, tmp_path, "one", 2, "--beta", "0",
+                              "--save-every", "1"))
+    assert sorted(p.name for p in one.glob("ckpt*")) == ["ckpt"]
+
+
+def test_a_save_that_fails_half_way_leaves_the_previous_checkpoint(tiny_dir, qa_file, tmp_path,
+                                                                    monkeypatch):
+    args = args_for(tiny_dir, qa_file, tmp_path, "crash", 2, "--beta", "0", "--save-every", "1")
+    real, calls = torch.save, []
+
+    def failing_save(obj, path, *a, **k):  # the second checkpoint's state file: disk full
+        calls.append(path)
+        if len(calls) == 2:
+            real(obj, path, *a, **k)
+            raise OSError(28, "No space left on device")
+        return real(obj, path, *a, **k)
+    monkeypatch.setattr(train.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        train.main(args)
+    monkeypatch.setattr(train.torch, "save", real)
+    run = tmp_path / "crash"
+    assert train.saved_step(train.checkpoint_dir(run)) == 1  # step 1's checkpoint, intact
+    resumed = train.main(args + ["--resume", str(run)])
+    assert [r["step"] for r in rows_of(resumed)] == [0, 1]
+
+
+# ------------------------------------------------------------ checks before the model loads
+
+def test_too_little_disk_stops_before_loading_and_force_goes_on(tiny_dir, qa_file, tmp_path,
+                                                                monkeypatch, capsys):
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
+    monkeypatch.setattr(train, "setup", lambda a: pytest.fail("the model must not load"))
+    with pytest.raises(SystemExit) as e:
+        train.main(args_for(tiny_dir, qa_file, tmp_path, "disk", 1))
+    assert e.value.code == 2
+    assert "preflight: disk: checkpoints need" in capsys.readouterr().err
+    monkeypatch.setattr(train, "setup", lambda a: (_ for _ in ()).throw(RuntimeError("loaded")))
+    with pytest.raises(RuntimeError, match="loaded"):  # --force: past the checks, to the load
+        train.main(args_for(tiny_dir, qa_file, tmp_path, "disk2", 1, "--force"))
+
+
+def test_a_plan_larger_than_the_free_gpu_memory_stops_with_the_phase(monkeypatch, capsys):
+    monkeypatch.setattr(train.torch.cuda, "mem_get_info", lambda d: (40e9, 141e9))
+    monkeypatch.setattr(train, "setup", lambda a: pytest.fail("the model must not load"))
+    with pytest.raises(SystemExit):
+        train.main(["--preset", "paper-8b", "--device", "cuda", "--longbench", ""])
+    err = capsys.readouterr().err
+    assert "memory: the plan's evaluation phase needs" in err and "40.0 GB free" in err
+
+
+def test_a_bad_longbench_file_fails_before_the_model(tmp_path, monkeypatch):
+    bad = tmp_path / "lb.json"
+    bad.write_text('[{"_id": "1"}]')
+    monkeypatch.setattr(train, "setup", lambda a: pytest.fail("the model must not load"))
+    with pytest.raises(ValueError, match="lb.json"):
+        train.main(["--longbench", str(bad), "--out-dir", str(tmp_path)])
