@@ -1,5 +1,5 @@
-"""bench/gpu_check.py on the CPU: the dry run goes through the same code as the GPU check -- train.py
-itself (2 steps, RULER, checkpoint, resume), train.policy_update on the preset's arguments,
+"""bench/gpu_check.py on the CPU: the dry run goes through the same code as the GPU check --
+train.py itself (2 steps, RULER, checkpoint, resume), train.policy_update on the preset's arguments,
 sampling at the plan's groups per call, a greedy evaluation batch -- and must write a complete
 record in which every part ran without error.
 
