@@ -1,15 +1,20 @@
 """
-plan.py -- GPU memory of one LongAct RL step, computed from a model config: what fits on one GPU.
+plan.py -- GPU memory, disk and time of a LongAct run, computed from a model config: what fits
+on one GPU, and about how long it takes there (`python train.py --preset paper-8b --plan`).
 
 A step samples groups (prompt + G completions), then updates the policy one group per
 micro-batch through the shared-prompt path of rollout.py (`group_logprobs`: the prompt runs once,
 its keys/values are shared by the G completions; logits in chunks recomputed in backward). The
 plan adds up, per phase, every tensor that is alive at that phase's peak:
 
-    sampling  weights, optimizer state, reference, KV cache of the G rows, decoding transients
+    sampling  weights, optimizer state, reference, the cascade KV cache (each prompt once, each
+              row's own suffix: what rollout.py builds), prefill / decoding transients
     update    weights, gradients, optimizer state, autocast copies, reference, saved activations,
               shared prompt K/V and their gradients, one layer's recompute, one logits chunk
     step      the resident tensors, the optimizer's temporaries, the frozen q/k rows copied out
+    evaluation  the resident tensors and one greedy batch at the longest evaluation length
+    disk      one checkpoint, and the peak while the kept ones and the new one coexist
+and a time plan: FLOPs and bytes at stated efficiencies on a named GPU (GPUS), an estimate.
 
 Peaks are sums of the rows (conservative: the transients of the update do not all coexist).
 GB = 1e9 bytes. Activation sizes follow the Qwen3 code of transformers 5 layer by layer
@@ -379,7 +384,7 @@ def eval_answer_tokens(tasks) -> int:
 
 
 # -----------------------------------------------------------------------------
-# the time plan: an estimate from FLOPs and bytes at stated efficiencies (SOURCES.md §9, 36)
+# the time plan: an estimate from FLOPs and bytes at stated efficiencies (SOURCES.md §9, 31)
 
 MATMUL_EFFICIENCY = 0.45   # share of the dense bf16 peak that long prefill/training matmuls reach
 BANDWIDTH_EFFICIENCY = 0.7  # share of the memory bandwidth that a decode step's reads reach
