@@ -41,7 +41,6 @@ Run:  python causal.py --out figures/causal/causal.jsonl                (the mea
 Test: .venv/bin/python -m pytest -q tests/test_causal.py
 """
 
-import argparse
 import contextlib
 import time
 from pathlib import Path
@@ -50,10 +49,12 @@ import torch
 
 import common
 import evaluate
+import flags
 import masking
 import saliency
 from common import append_jsonl, atomic_path, qk_modules, read_jsonl
 from rollout import load_policy
+from tasks import ruler
 from tasks.haystack import calibration_prompts
 
 CONDITIONS = ("massive", "least", "random")  # plus "original" (n = 0), always measured first
@@ -248,8 +249,8 @@ def plot_summary(rows: list, path) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Remove massive / least / random q/k channels, "
-                                            "evaluate RULER (a resumable dose-response).")
+    p = flags.Parser(description="Remove massive / least / random q/k channels, "
+                                 "evaluate RULER (a resumable dose-response).")
     g = p.add_argument_group("model and benchmark")
     g.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or HF folder")
     g.add_argument("--precision", choices=common.PRECISIONS, default="auto",
@@ -269,7 +270,20 @@ def parse_args(argv=None):
     g.add_argument("--out", default="figures/causal/causal.jsonl", help="results (JSON lines)")
     g.add_argument("--summary", action="store_true", help="print the table, write the figure")
     g.add_argument("--figure", default=None, help="figure path (default: next to --out)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.summary:
+        flags.existing(p, "out", args.out, "results file to summarise")
+        return args
+    flags.at_least(p, args, 1, "lengths", "samples", "ns", "calib_samples")
+    flags.at_least(p, args, 0, "seed")
+    flags.at_least(p, args, 2, "calib_len")
+    flags.local_or_hub(p, "model", args.model, "model folder")
+    flags.known(p, "tasks", args.tasks, ruler.RULER_TASKS)
+    window = flags.model_window(args.model)
+    flags.within(p, "calib_len", args.calib_len, window, "a calibration text")
+    for L in args.lengths:
+        flags.within(p, "lengths", L, window, "a RULER length (answer included)")
+    return args
 
 
 def main(argv=None):

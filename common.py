@@ -104,14 +104,15 @@ def read_json(path):
         raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
 
 
-def read_jsonl(path) -> list:
-    """Rows of a JSON-lines file; blank lines skipped; a bad line raises naming file and line."""
+def read_jsonl(path, numbered: bool = False) -> list:
+    """Rows of a JSON-lines file; blank lines skipped; a bad line raises naming file and line.
+    numbered: [(line number, row)] instead, for messages about a row."""
     rows = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((n, json.loads(line)) if numbered else json.loads(line))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
     return rows

@@ -42,7 +42,6 @@ Run:
 Test: .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
 
-import argparse
 import re
 import time
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import flags
 from common import mix_seed, write_json_atomic
 from rollout import load_policy, sample_groups
 from tasks import TRAIN_SEED_START, is_training_seed, longbench, ruler
@@ -348,7 +348,7 @@ def format_longbench_table(table: dict) -> str:
 # command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="RULER / LongBench v2 evaluation (docstring: choices).")
+    p = flags.Parser(description="RULER / LongBench v2 evaluation (docstring: choices).")
     p.add_argument("--model", default="smollm2-135m",
                    help="embedded name, hub id or local folder (rollout.py)")
     p.add_argument("--bench", choices=("ruler", "longbench-v2"), default="ruler")
@@ -391,7 +391,21 @@ def parse_args(argv=None):
                 "header (choice 1)")
     if args.thinking and args.cot:
         p.error("--thinking and --cot are exclusive: the reasoning block is the chain of thought")
+    check_args(p, args)
     return args
+
+
+def check_args(p, args) -> None:
+    """Ranges, files, task names and the model's window, before the model loads (flags.py)."""
+    flags.at_least(p, args, 1, "lengths", "samples", "batch", "max_len", "limit", "threads")
+    flags.at_least(p, args, 0, "seed")
+    flags.local_or_hub(p, "model", args.model, "model folder")
+    flags.existing(p, "data", args.data, "file")
+    if args.bench == "ruler":
+        flags.known(p, "tasks", args.tasks, ruler.RULER_TASKS)
+        window = flags.model_window(args.model)
+        for L in args.lengths:
+            flags.within(p, "lengths", L, window, "a RULER length (answer included)")
 
 
 def main(argv=None):

@@ -145,6 +145,16 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def load_tokenizer(name_or_path: str):
+    """The policy's tokenizer alone (no weights): a pad token if it has none (pad = EOS), and
+    left padding for decoder-only batches (prompts end at the same position)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def load_policy(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                 device: str = "cpu"):
     """Load (model, tokenizer). fp32 weights by default: fp32 master weights under bf16 autocast.
@@ -153,10 +163,7 @@ def load_policy(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
     because every mask here is built from positions, never by comparing ids with pad_token_id.
     """
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # decoder-only batching: prompts end at the same position
+    tokenizer = load_tokenizer(path)
     # sdpa: the same maths as eager attention and much faster on CPU (SOURCES.md §8.3).
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device)

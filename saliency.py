@@ -50,7 +50,6 @@ Run:  python saliency.py --model smollm2-135m --seq-len 2048 --num-samples 8 \
 Test: .venv/bin/python -m pytest -q tests/test_saliency.py
 """
 
-import argparse
 import contextlib
 import re
 import time
@@ -63,6 +62,7 @@ from tqdm import tqdm
 
 from common import (PRECISIONS, QK_SUFFIXES, atomic_path, autocast, choose_precision, natural_key,
                     positions_from_mask, qk_modules)
+import flags
 from rollout import load_policy
 from tasks.haystack import calibration_prompts
 
@@ -438,7 +438,7 @@ def head_dim_of(config) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="LongAct step 1: q/k channel statistics on long text.")
+    p = flags.Parser(description="LongAct step 1: q/k channel statistics on long text.")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or HF folder")
     g.add_argument("--seq-len", type=int, default=2048, help="tokens per prompt (choice 3)")
@@ -453,7 +453,17 @@ def parse_args(argv=None):
     g.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="top share in the table")
     g.add_argument("--out", default="qk_stats.safetensors", help="where the statistics are written")
     g.add_argument("--plot", default=None, help="optional heatmap image (needs matplotlib)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    flags.at_least(p, args, 2, "seq_len")  # (B, T) with T >= 2: a statistic over positions
+    flags.at_least(p, args, 1, "num_samples", "batch_size")
+    flags.between(p, args, "ratio", 0, 1, low_open=True)
+    flags.local_or_hub(p, "model", args.model, "model folder")
+    flags.within(p, "seq_len", args.seq_len, flags.model_window(args.model), "a prompt")
+    for dest in ("out", "plot"):
+        folder = Path(getattr(args, dest) or ".").expanduser().resolve().parent
+        if not folder.is_dir():
+            p.error(f"{flags.name(dest)} {getattr(args, dest)}: no folder {folder}")
+    return args
 
 
 def main(argv=None):

@@ -52,6 +52,7 @@ from tqdm import tqdm
 import common
 import dapo
 import evaluate
+import flags
 import fsdp
 import grpo
 import masking
@@ -60,7 +61,7 @@ import plan
 import rollout
 import saliency
 import tasks
-from tasks import haystack, longbench
+from tasks import haystack, longbench, ruler
 
 # -----------------------------------------------------------------------------
 # config: one block. The flags' defaults below are the CPU preset under GRPO. An algorithm or a
@@ -103,8 +104,8 @@ RESUME_KEYS = ("model", "mask_strategy", "mask_schedule", "mask_semantics", "rat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="LongAct RL: saliency-guided sparse q/k updates.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = flags.Parser(description="LongAct RL: saliency-guided sparse q/k updates.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="a set of defaults")
     p.add_argument("--show-config", action="store_true", help="print the effective config, exit")
     p.add_argument("--plan", action="store_true",
@@ -214,14 +215,66 @@ def parse_args(argv=None):
     p.set_defaults(**{k: v for k, v in preset.items() if k not in ALGORITHMS})  # ... the preset's
     p.set_defaults(**preset.get(first.algo, {}))  # ... and the preset's for this algorithm
     args = p.parse_args(argv)
-    if args.fsdp and (args.optimizer == "bf16-sr" or args.adv_scale == "batch"):
-        p.error("--fsdp is tested with --optimizer adamw and per-group advantages only")
-    if not 0 <= args.overlong_buffer < 1:
-        p.error(f"--overlong-buffer {args.overlong_buffer}: a share of the budget in [0, 1)")
+    check_args(p, args)
     resolve_from_plan(args)
     args.run_name = args.run_name or (f"{args.algo}-{args.mask_strategy}-seed{args.seed}-"
                                       f"{time.strftime('%Y%m%d-%H%M%S')}")
     return args
+
+
+def check_args(p, args) -> None:
+    """Every flag against what can work, before any weights, data or run folder (flags.py)."""
+    flags.between(p, args, "ratio", 0, 1, low_open=True)
+    flags.at_least(p, args, 1, "steps", "prompts_per_step", "max_new_tokens", "train_len",
+                   "calib_samples", "eval_samples", "eval_lengths", "micro_groups", "mu",
+                   "max_gen_batches", "keep_checkpoints", "longbench_max_len")
+    flags.at_least(p, args, 0, "warmup_steps", "weight_decay", "beta", "kl_clamp", "eps_high",
+                   "overlong_factor", "eval_every", "save_every", "threads", "mini_batch_groups")
+    flags.at_least(p, args, -1, "gen_groups", "eval_batch")
+    flags.at_least(p, args, 2, "calib_len")
+    if args.group_size < 2:  # one completion is its own group mean: every advantage is 0
+        p.error(f"--group-size {args.group_size}: must be >= 2 (group-relative advantages "
+                "compare completions of one prompt)")
+    for dest in ("lr", "grad_clip", "temperature"):
+        if getattr(args, dest) <= 0:
+            p.error(f"{flags.name(dest)} {getattr(args, dest)}: must be > 0")
+    flags.between(p, args, "clip_eps", 0, 1, low_open=True, high_open=True)
+    flags.between(p, args, "top_p", 0, 1, low_open=True)
+    flags.between(p, args, "overlong_buffer", 0, 1, high_open=True)
+    if args.eval_batch == 0:
+        p.error("--eval-batch 0: must be >= 1, or -1 for the most the plan fits")
+    if args.mini_batch_groups > args.prompts_per_step:
+        p.error(f"--mini-batch-groups {args.mini_batch_groups}: more than the step's "
+                f"--prompts-per-step {args.prompts_per_step} groups")
+    if args.fsdp and (args.optimizer == "bf16-sr" or args.adv_scale == "batch"):
+        p.error("--fsdp: tested with --optimizer adamw and per-group advantages only")
+    check_paths(p, args)
+
+
+def check_paths(p, args) -> None:
+    """Files that must exist, names that must be known, lengths within the model's window."""
+    flags.local_or_hub(p, "model", args.model, "model folder")
+    if args.train_data != "builtin":
+        flags.local_or_hub(p, "train_data", args.train_data, "file")
+    if args.longbench not in (None, "", "hub"):
+        flags.existing(p, "longbench", args.longbench, "file")
+    flags.existing(p, "stats", args.stats, "statistics file")
+    if args.resume and not (Path(args.resume) / "config.json").exists():
+        p.error(f"--resume {args.resume}: not a run folder (no config.json in it)")
+    try:
+        parse_field_map(args.field_map)
+    except ValueError as e:
+        p.error(f"--field-map {args.field_map}: {e}")
+    flags.known(p, "train_task", args.train_task, ruler.RULER_TASKS)
+    flags.known(p, "eval_tasks", args.eval_tasks, ruler.RULER_TASKS)
+    window = flags.model_window(args.model)
+    if args.train_data == "builtin":  # a RULER length: the task's answer budget included
+        flags.within(p, "train_len", args.train_len, window, "a RULER length")
+    else:  # prompts middle-truncated to --train-len, then the completion
+        flags.within(p, "train_len", args.train_len + args.max_new_tokens, window,
+                     f"{args.train_len} + --max-new-tokens {args.max_new_tokens}")
+    for L in args.eval_lengths if args.eval else ():
+        flags.within(p, "eval_lengths", L, window, "a RULER length (answer included)")
 
 
 def resolve_from_plan(args) -> None:
@@ -392,12 +445,26 @@ def longbench_items(args) -> list:
     return LONGBENCH_ITEMS[args.longbench]
 
 
+def check_ruler_lengths(args) -> None:
+    """One RULER sample of each task and length the run will build (the tokenizer only): a length
+    below a task's smallest haystack fails here, naming the flag, not after the first phases."""
+    cells = [("train_len", args.train_task, args.train_len)] if args.train_data == "builtin" \
+        else []
+    cells += [("eval_lengths", t, L) for t in args.eval_tasks for L in args.eval_lengths] \
+        if args.eval else []
+    tokenizer = rollout.load_tokenizer(args.model) if cells else None
+    for dest, task, length in cells:
+        try:
+            evaluate.ruler_sample(tokenizer, task, length, seed=0, index=0)
+        except ValueError as e:
+            flags.die(f"{flags.name(dest)} {length}: {e}")
+
+
 def preflight(args) -> None:
-    """Before the model loads: LongBench v2 loads and validates when asked for; the disk holds
-    the plan's checkpoint peak; on a GPU, the plan's largest phase fits its free memory. A
-    failed check stops with the numbers (--force: go on anyway)."""
-    if args.eval and args.longbench:
-        print(f"LongBench v2: {len(longbench_items(args))} items, validated", flush=True)
+    """Before the model loads: the disk holds the plan's checkpoint peak; on a GPU, the plan's
+    largest phase fits its free memory (a failed check stops with the numbers; --force: go on
+    anyway); then LongBench v2 loads and validates when asked for, and every RULER task and
+    length the run builds has a sample."""
     rows = plan.plan(plan.model_config(rollout.resolve_model_path(args.model)),
                      plan.settings_for_args(args))
     problems = []
@@ -422,6 +489,9 @@ def preflight(args) -> None:
               file=sys.stderr)
     if problems and not args.force:
         raise SystemExit(2)
+    if args.eval and args.longbench:
+        print(f"LongBench v2: {len(longbench_items(args))} items, validated", flush=True)
+    check_ruler_lengths(args)
 
 
 # -----------------------------------------------------------------------------
@@ -504,8 +574,7 @@ def parse_field_map(spec: str) -> dict:
     for part in filter(None, spec.split(",")):
         key, _, name = part.partition("=")
         if key not in fields or not name:
-            raise SystemExit(f"--field-map: bad entry {part!r}; expected one of "
-                             f"{sorted(fields)}=NAME")
+            raise ValueError(f"bad entry {part!r}; expected one of {sorted(fields)}=NAME")
         fields[key] = name
     return fields
 
@@ -537,22 +606,59 @@ def row_to_sample(row: dict, n: int, fields: dict, source: str, tokenizer, max_l
                            max_new_tokens=32)
 
 
-def load_train_data(args, tokenizer):
-    """None for the builtin generator (samples are drawn per step); else the dataset's samples."""
+def read_train_rows(args) -> list:
+    """[(line or row number, row)] of --train-data, every row checked (check_row) before any model
+    loads; [] for the builtin generator. A hub id needs the network."""
     if args.train_data == "builtin":
-        evaluate.check_ruler_args([args.train_task], [args.train_len])
-        return None
+        return []
     fields, path = parse_field_map(args.field_map), Path(args.train_data)
     if path.exists():
-        rows = common.read_jsonl(path)
-    else:  # a hub dataset id (needs the network; `datasets` is imported only on this path)
+        try:
+            rows, where = common.read_jsonl(path, numbered=True), "line"
+        except (ValueError, UnicodeDecodeError) as e:
+            flags.die(str(e))
+    else:  # a hub dataset id (`datasets` is imported only on this path)
         from datasets import load_dataset
-        rows = list(load_dataset(args.train_data, split="train"))
-    samples = [row_to_sample(row, n, fields, str(path), tokenizer, args.train_len)
-               for n, row in enumerate(rows, 1)]
-    if not samples:
-        raise ValueError(f"{path}: no rows")
-    return samples
+        rows, where = list(enumerate(load_dataset(args.train_data, split="train"), 1)), "row"
+    if not rows:
+        flags.die(f"{path}: no rows")
+    for n, row in rows:
+        check_row(row, fields, f"{path}: {where} {n}")
+    return rows
+
+
+def check_row(row, fields: dict, where: str) -> None:
+    """One training row: an object with a non-empty string context and question, an answer that
+    is a string or a list of strings, and, if it has choices, 4 strings and a letter A-D."""
+    def bad(field, expected, got):
+        flags.die(f"{where}: field '{field}': expected {expected}, got {got!r:.80}")
+    if not isinstance(row, dict):
+        flags.die(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in ("context", "question", "answer"):
+        if fields[key] not in row or row[fields[key]] in (None, ""):
+            flags.die(f"{where}: missing field '{fields[key]}' (the {key}; see --field-map)")
+    for key in ("context", "question"):
+        if not isinstance(row[fields[key]], str):
+            bad(fields[key], "a string", row[fields[key]])
+    answer = row[fields["answer"]]
+    if not (isinstance(answer, str) or (isinstance(answer, list) and answer
+                                        and all(isinstance(a, str) for a in answer))):
+        bad(fields["answer"], "a string or a list of strings", answer)
+    choices = row.get(fields["choices"])
+    if choices is not None and not (isinstance(choices, list) and len(choices) == 4
+                                    and all(isinstance(c, str) for c in choices)):
+        bad(fields["choices"], "a list of 4 strings", choices)
+    if (choices or "choice_A" in row) and answer not in ("A", "B", "C", "D"):
+        bad(fields["answer"], "a letter A-D (the row has choices)", answer)
+
+
+def load_train_data(args, tokenizer, rows: list):
+    """None for the builtin generator (samples are drawn per step); else the dataset's samples."""
+    if args.train_data == "builtin":
+        return None
+    fields = parse_field_map(args.field_map)
+    return [row_to_sample(row, n, fields, args.train_data, tokenizer, args.train_len)
+            for n, row in rows]
 
 
 def draw_samples(data, tokenizer, args, seed: int, num: int) -> list:
@@ -887,6 +993,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.show_config or args.plan:
         return show_config_or_plan(args)
+    rows = read_train_rows(args)  # every row checked before the model loads
     preflight(args)
     run_dir, start, model, tokenizer, ref_model, optimizer, scheduler, autocast = setup(args)
     phases, t0, main_rank = {}, time.time(), fsdp.is_main()
@@ -897,7 +1004,9 @@ def main(argv=None):
         masking.save_masks(run_dir / "masks.safetensors", static_masks, {"role": "static"})
     evals, masks_ref = (resume_state(run_dir, model, optimizer, scheduler, args) if args.resume
                         else ({}, {"step0": None, "prev": None}))
-    data = load_train_data(args, tokenizer)
+    data = load_train_data(args, tokenizer, rows)
+    for flag, why in args.plan_reasons.items() if main_rank else ():
+        print(f"--{flag.replace('_', '-')} {why}")
     if main_rank:
         print(f"run {run_dir} | {args.algo} | mask {args.mask_strategy} ({args.mask_schedule}, "
               f"{args.mask_semantics}) ratio {args.ratio} | B={args.prompts_per_step} "
