@@ -53,7 +53,7 @@ import flags
 import masking
 import saliency
 from common import append_jsonl, atomic_path, qk_modules, read_jsonl
-from rollout import load_policy
+from policy import load_policy
 from tasks import ruler
 from tasks.haystack import calibration_prompts
 

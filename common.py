@@ -134,6 +134,26 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def left_pad(seqs: list, pad_id: int):
+    """Left-pad id lists to one length: (N, P) ids and (N, P) attention mask."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError(f"prompts must be non-empty lists of token ids; got lengths "
+                         f"{[len(s) for s in seqs]}")
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, P - len(s):] = 1
+    return ids, mask
+
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's parameters: where every tensor of its step must live."""
+    return next(model.parameters()).device
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """(N, P) 0/1 attention mask -> (N, P) positions that skip left padding (0 on padding).
 

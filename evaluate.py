@@ -53,7 +53,8 @@ from tqdm import tqdm
 import common
 import flags
 from common import mix_seed, write_json_atomic
-from rollout import load_policy, sample_groups
+from policy import load_policy
+from rollout import sample_groups
 from tasks import TRAIN_SEED_START, is_training_seed, longbench, ruler
 
 # -----------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def model_window(model):
 
 
 def complete_samples(model, tokenizer, samples: list, batch: int = 8, temperature: float = 0.0,
-                     seed: int = 0, first_index: int = 0, bar=None) -> list:
+                     seed: int = 0, first_index: int = 0, bar=None, engine: str = "fast") -> list:
     """Completions for samples that share max_new_tokens: greedy in left-padded batches of `batch`
     (temperature 0), else one call per sample, seeded by mix_seed(seed, first_index + position), so
     a sample's completion does not depend on its neighbours. Returns [(text, truncated)]."""
@@ -234,7 +235,8 @@ def complete_samples(model, tokenizer, samples: list, batch: int = 8, temperatur
         prompts = [prompt_ids(tokenizer, s) for s in chunk]
         ro = sample_groups(model, tokenizer, prompts, group_size=1,
                            max_new_tokens=chunk[0].max_new_tokens, temperature=temperature,
-                           top_p=1.0, seed=mix_seed(seed, first_index + start), greedy_batch=batch)
+                           top_p=1.0, seed=mix_seed(seed, first_index + start), greedy_batch=batch,
+                           engine=engine)
         out += list(zip(ro.texts, ro.truncated.tolist()))
         if bar is not None:
             bar.update(len(chunk))
@@ -257,7 +259,8 @@ def check_ruler_args(tasks, lengths, window=None):
 
 
 def evaluate_ruler(model, tokenizer, tasks=tuple(ruler.RULER_TASKS), lengths=(4096,),
-                   samples: int = 20, seed: int = 0, batch: int = 8, progress: bool = True):
+                   samples: int = 20, seed: int = 0, batch: int = 8, progress: bool = True,
+                   engine: str = "fast"):
     """RULER on a model: (table, records). table = {"scores": {task: {length: score}}, "average":
     {length: mean over tasks}, ...} with RULER's x100, 2-decimal scores; records = one dict per
     sample (no prompt). All samples are generated first, so a bad task or a too-short length fails
@@ -269,7 +272,7 @@ def evaluate_ruler(model, tokenizer, tasks=tuple(ruler.RULER_TASKS), lengths=(40
     bar = tqdm(total=samples * len(cells), desc="RULER", unit="sample", disable=not progress)
     for (task, L), cell in cells.items():
         bar.set_postfix_str(f"{task} @ {L}")
-        outs = complete_samples(model, tokenizer, cell, batch=batch, bar=bar)
+        outs = complete_samples(model, tokenizer, cell, batch=batch, bar=bar, engine=engine)
         metric = RULER_METRICS[cell[0].metric]
         scores[task][L] = metric([o for o, _ in outs], [s.references for s in cell])
         records += [dict(task=task, length=L, index=s.index, seed=s.seed,
@@ -285,7 +288,7 @@ def evaluate_ruler(model, tokenizer, tasks=tuple(ruler.RULER_TASKS), lengths=(40
 
 def evaluate_longbench(model, tokenizer, items: list, max_len: int = longbench.LONGBENCH_MAX_LEN,
                        cot: bool = False, seed: int = 0, progress: bool = True,
-                       thinking: bool = False):
+                       thinking: bool = False, engine: str = "fast"):
     """LongBench v2 on a model: (table, records). Temperature 0.1, one seeded call per item; two
     with cot (the reasoning, then the answer-extraction prompt that carries the reasoning but not
     the document). thinking=True asks in the template's thinking mode (tasks/longbench.py, choice 2;
@@ -294,7 +297,7 @@ def evaluate_longbench(model, tokenizer, items: list, max_len: int = longbench.L
 
     def complete(sample, i):  # one sampled completion, seeded by (seed, item index)
         (text, _), = complete_samples(model, tokenizer, [sample], seed=seed, first_index=i,
-                                      temperature=longbench.LONGBENCH_TEMPERATURE)
+                                      temperature=longbench.LONGBENCH_TEMPERATURE, engine=engine)
         return text.strip()
 
     for i, item in enumerate(tqdm(items, desc="LongBench v2", unit="item", disable=not progress)):

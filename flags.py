@@ -89,9 +89,9 @@ def model_window(model: str):
     """max_position_embeddings of a model from its config alone (None when it cannot be read
     without the network or a conversion): the bound of every length flag."""
     import plan
-    import rollout
-    if model in rollout.EMBEDDED:
-        config = rollout.cache_dir() / model / "config.json"
+    import policy
+    if model in policy.EMBEDDED:
+        config = policy.cache_dir() / model / "config.json"
         return json.loads(config.read_text()).get("max_position_embeddings") \
             if config.exists() else None
     try:

@@ -75,7 +75,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import AutoModelForCausalLM
 
 import masking
-from common import fsync_tree
+from common import fsync_tree, model_device
 
 MIN_TORCH = (2, 13)  # note 7
 
@@ -179,7 +179,7 @@ def shard_policy(model, param_dtype: torch.dtype | None = None):
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # note 2: sum the ranks' gradients,
             m.set_force_sum_reduction_for_comms(True)  # as a plain SUM (gloo has no PREMUL_SUM)
-    device = next(model.parameters()).device
+    device = model_device(model)
     with torch.no_grad():  # the first FSDP module to run forward becomes the root (note 1)
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     return model

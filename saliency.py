@@ -60,10 +60,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common import (PRECISIONS, QK_SUFFIXES, atomic_path, autocast, choose_precision, natural_key,
-                    positions_from_mask, qk_modules)
 import flags
-from rollout import load_policy
+from common import (PRECISIONS, QK_SUFFIXES, atomic_path, autocast, choose_precision,
+                    model_device, natural_key, positions_from_mask, qk_modules)
+from policy import load_policy
 from tasks.haystack import calibration_prompts
 
 # -----------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def collect_qk_stats(model, batches, stat: str = DEFAULT_STAT) -> dict:
     batches: iterable of dicts with "input_ids" (B, T), optionally "attention_mask" (B, T).
     Autocast is the caller's choice (the CLI uses bf16); the accumulators are float32 either way.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     body = model.base_model  # the transformer without the LM head (choice 6)
     with qk_hooks(model, stat) as state:
         for batch in batches:

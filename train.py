@@ -58,6 +58,7 @@ import grpo
 import masking
 import optim
 import plan
+import policy
 import rollout
 import saliency
 import tasks
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="start even when the checks before loading say it will not fit")
     g = p.add_argument_group("model and precision")
-    g.add_argument("--model", default=rollout.DEFAULT_MODEL, help="embedded name, hub id or folder")
+    g.add_argument("--model", default=policy.DEFAULT_MODEL, help="embedded name, hub id or folder")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--precision", default="auto", choices=common.PRECISIONS,
                    help="auto: bf16 autocast where the device computes bf16 natively, else fp32")
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="groups per generate call (0 = all B at once, -1 = the most the plan "
                         "fits on --gpu); bounds the KV cache")
     g.add_argument("--max-new-tokens", type=int, default=32, help="completion budget")
+    g.add_argument("--engine", default="fast", choices=rollout.ENGINES,
+                   help="fast: engine.py (cascade decoding); hf: transformers' generate, plain")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g = p.add_argument_group("optimiser")
@@ -248,6 +251,8 @@ def check_args(p, args) -> None:
                 f"--prompts-per-step {args.prompts_per_step} groups")
     if args.fsdp and (args.optimizer == "bf16-sr" or args.adv_scale == "batch"):
         p.error("--fsdp: tested with --optimizer adamw and per-group advantages only")
+    if args.engine == "fast" and rollout.fast_engine is None:
+        p.error("--engine fast: engine.py is missing; pass --engine hf")
     check_paths(p, args)
 
 
@@ -452,7 +457,7 @@ def check_ruler_lengths(args) -> None:
         else []
     cells += [("eval_lengths", t, L) for t in args.eval_tasks for L in args.eval_lengths] \
         if args.eval else []
-    tokenizer = rollout.load_tokenizer(args.model) if cells else None
+    tokenizer = policy.load_tokenizer(args.model) if cells else None
     for dest, task, length in cells:
         try:
             evaluate.ruler_sample(tokenizer, task, length, seed=0, index=0)
@@ -465,7 +470,7 @@ def preflight(args) -> None:
     largest phase fits its free memory (a failed check stops with the numbers; --force: go on
     anyway); then LongBench v2 loads and validates when asked for, and every RULER task and
     length the run builds has a sample."""
-    rows = plan.plan(plan.model_config(rollout.resolve_model_path(args.model)),
+    rows = plan.plan(plan.model_config(policy.resolve_model_path(args.model)),
                      plan.settings_for_args(args))
     problems = []
     out = Path(args.out_dir).resolve()
@@ -503,7 +508,7 @@ def reference_model(args):
     autocast anyway and halves its memory (8 GB instead of 16 GB for Qwen3-4B): there the step-0
     KL is small but not exactly 0 (norms and residuals round differently)."""
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    ref, _ = rollout.load_policy(args.model, dtype=dtype,
+    ref, _ = policy.load_policy(args.model, dtype=dtype,
                                  device="cpu" if args.fsdp else args.device)
     ref.eval().requires_grad_(False)
     return fsdp.shard_policy(ref) if args.fsdp else ref
@@ -688,7 +693,7 @@ def sample_and_score(model, tokenizer, samples: list, args, seed: int, autocast,
                 model, tokenizer, prompts[i:i + size], args.group_size, args.max_new_tokens,
                 args.temperature, args.top_p,
                 seed=common.mix_seed(seed, "generate", offset + i),
-                prefill_hook=prefill_hook))
+                prefill_hook=prefill_hook, engine=args.engine))
     r = rollout.concat_rollouts(parts, tokenizer.pad_token_id)
     G = args.group_size
     scores = torch.tensor([evaluate.score(samples[i // G], t) for i, t in enumerate(r.texts)],
@@ -883,14 +888,15 @@ def run_eval(model, tokenizer, args, autocast) -> dict:
     model.eval()
     with autocast():
         table, _ = evaluate.evaluate_ruler(model, tokenizer, args.eval_tasks, args.eval_lengths,
-                                           args.eval_samples, seed=0, batch=args.eval_batch)
+                                           args.eval_samples, seed=0, batch=args.eval_batch,
+                                           engine=args.engine)
         out = {f"{t}@{n}": s for t, row in table["scores"].items() for n, s in row.items()}
         out.update({f"ruler_avg@{n}": s for n, s in table["average"].items()})
         if args.longbench:
             items = longbench_items(args)  # loaded and validated before the model (preflight)
             lb, _ = evaluate.evaluate_longbench(model, tokenizer, items,
                                                 max_len=args.longbench_max_len,
-                                                thinking=args.thinking)
+                                                thinking=args.thinking, engine=args.engine)
             out.update({f"longbench_v2/{k}": v for k, v in lb.items()
                         if isinstance(v, (int, float))})
     return out
@@ -980,10 +986,10 @@ def load_model(args, run_dir: Path):
     then sharded (a resume loads the shards later, resume_state)."""
     dtype = torch.bfloat16 if args.optimizer == "bf16-sr" else torch.float32
     if args.fsdp:
-        model, tokenizer = rollout.load_policy(args.model, dtype=dtype, device="cpu")
+        model, tokenizer = policy.load_policy(args.model, dtype=dtype, device="cpu")
     else:
         source = str(checkpoint_dir(run_dir)) if args.resume else args.model
-        model, tokenizer = rollout.load_policy(source, dtype=dtype, device=args.device)
+        model, tokenizer = policy.load_policy(source, dtype=dtype, device=args.device)
     if args.grad_checkpointing:  # before sharding (fsdp.py)
         model.activation_checkpointing_enable({"use_reentrant": False})
     return (fsdp.shard_policy(model) if args.fsdp else model), tokenizer

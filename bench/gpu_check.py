@@ -45,6 +45,7 @@ import transformers
 import common
 import grpo
 import plan
+import policy
 import rollout
 import train
 from common import write_json_atomic, write_text_atomic
@@ -113,7 +114,7 @@ def part(records: list, name: str, device, plan_gb=None, plan_s=None):
 
 def tiny_model_dir(folder: Path) -> str:
     """A 2-layer Llama with the embedded model's tokenizer (real text prompts), an HF folder."""
-    tok = transformers.AutoTokenizer.from_pretrained(rollout.resolve_model_path("smollm2-135m"))
+    tok = transformers.AutoTokenizer.from_pretrained(policy.resolve_model_path("smollm2-135m"))
     cfg = transformers.LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,

@@ -50,7 +50,7 @@ import torch  # noqa: E402  (after the environment above)
 import masking  # noqa: E402
 import saliency  # noqa: E402
 from common import cpu_name, mix_seed, positions_from_mask, qk_modules  # noqa: E402
-from rollout import load_policy  # noqa: E402
+from policy import load_policy  # noqa: E402
 
 # Letters: B batch rows, T tokens, C channels of one q/k matrix.
 VARIANTS = ("plain", "grad", "frozen")

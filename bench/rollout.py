@@ -7,12 +7,12 @@ and samples the whole step in one `generate` call. On the embedded SmolLM2-135M-
 text, SOURCES.md §7) this script measures:
 
   1. sampling        `sample_groups` today: each prompt prefilled alone, then N prompts x G rows
-                     in ONE generate call, decoded by rollout.decode with cascade attention (a
+                     in ONE generate call, decoded by engine.decode with cascade attention (a
                      group's prompt keys/values read once per step for its G rows), vs its
                      per-group path (one call per prompt), vs the previous code: one call per
                      prompt, the prompt cache repeated to every row, transformers' own loop
                      (torch.multinomial), torch's linears. In fp32 on an AVX-512 CPU today's
-                     paths decode through oneDNN linears (rollout.onednn_linears). --more splits the
+                     paths decode through oneDNN linears (engine.onednn_linears). --more splits the
                      gain: the batched call without oneDNN, also on transformers' loop, and on
                      the repeated cache. --ragged gives the prompts different lengths.
                      Default: the demo's N = 4 prompts of 1024 tokens, G = 8, T = 32, fp32
@@ -72,9 +72,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never 
 import torch  # noqa: E402  (after the environment above)
 import transformers  # noqa: E402
 
-from rollout import (eos_ids, full_sequence_logprobs, group_logprobs, load_policy,  # noqa: E402
-                     sample_groups)
-from common import cpu_name  # noqa: E402
+import engine  # noqa: E402
+from common import cpu_name, mix_seed  # noqa: E402
+from policy import load_policy  # noqa: E402
+from rollout import (completion_mask_from_positions, eos_ids, full_sequence_logprobs,  # noqa: E402
+                     generation_config, group_logprobs, only_config)
 from tasks.haystack import calibration_prompts  # noqa: E402
 
 # Letters: N prompts, G group size, P prompt tokens, T completion tokens, V vocab, C hidden,
@@ -141,6 +143,25 @@ class PrefillClock:
             self.seconds += time.perf_counter() - t0
 
 
+def sample_path(model, tok, prompts: list, G: int, T: int, prefill_hook=None, per_group=False,
+                **switches):
+    """rollout.sample_groups' sampling (temperature 1, top_p 1, seed 0) with the engine's
+    switches exposed: cascade, hf_loop, onednn (engine.generate), and per_group = one generate call
+    per prompt seeded by its index (the previous code). -> (completion ids (N*G, T'), truncated)."""
+    eos = eos_ids(model, tok)
+    config = generation_config(T, 1.0, 1.0, tok.pad_token_id, eos)
+    chunks = [[p] for p in prompts] if per_group else [prompts]
+    pieces = []
+    with torch.random.fork_rng(), only_config(model, config):
+        for i, chunk in enumerate(chunks):
+            torch.manual_seed(mix_seed(0, "sample", i) if per_group else mix_seed(0, "sample"))
+            pieces.append(engine.generate(model, chunk, G, config, prefill_hook, **switches))
+    width = max(x.shape[1] for x in pieces)
+    ids = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=tok.pad_token_id)
+                     for x in pieces])  # (N*G, T')
+    return ids, completion_mask_from_positions(ids, eos)[1]
+
+
 def bench_sampling(model, tok, prompts: list, G: int, T: int, repeats: int, use_bf16: bool,
                    more: bool = False):
     """Part 1: today's batched sample_groups, its per-group path, and the previous code (one call
@@ -164,8 +185,7 @@ def bench_sampling(model, tok, prompts: list, G: int, T: int, repeats: int, use_
     def run(name, n=T, timed=True):
         clock = PrefillClock()
         with bf16() if use_bf16 else nullcontext():
-            out[name] = sample_groups(model, tok, prompts, G, n, temperature=1.0, top_p=1.0,
-                                      seed=0, prefill_hook=clock, **paths[name])
+            out[name] = sample_path(model, tok, prompts, G, n, clock, **paths[name])
         if timed:
             clocks[name].append(clock.seconds)
 
@@ -173,11 +193,10 @@ def bench_sampling(model, tok, prompts: list, G: int, T: int, repeats: int, use_
     warm = {name: (lambda name=name: run(name, 2, False)) for name in paths}
     with eos_suppressed(model, eos_ids(model, tok)):
         med = interleaved(contenders, repeats, warmup=warm)
-    for r in out.values():  # the paths did the same work: N*G rows of exactly T tokens, no EOS
-        assert r.completion_ids.shape == (N * G, T) and bool(r.truncated.all()), \
-            r.completion_ids.shape
+    for ids, truncated in out.values():  # the same work: N*G rows of exactly T tokens, no EOS
+        assert ids.shape == (N * G, T) and bool(truncated.all()), ids.shape
     prefill = {name: statistics.median(clocks[name]) for name in paths}
-    return med, prefill, dict(zip(paths, steps)), out[next(iter(paths))].completion_ids
+    return med, prefill, dict(zip(paths, steps)), out[next(iter(paths))][0]
 
 
 def bench_fwd_bwd(model, prompt: list, completion: torch.Tensor, repeats: int, separate: bool):

@@ -44,7 +44,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def embedded():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (converted once, .cache/longact)."""
-    from rollout import load_policy
+    from policy import load_policy
     return load_policy("smollm2-135m")
 
 
@@ -53,7 +53,7 @@ def tiny_dir(tmp_path_factory):
     """A 2-layer Llama with the embedded model's tokenizer (prompts are real text), an HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from rollout import resolve_model_path
+    from policy import resolve_model_path
     tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

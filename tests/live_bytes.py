@@ -7,7 +7,7 @@ long as the tensor lives, views included, so the finalizer runs when the memory 
 `peak` is the most bytes alive at once; tensors made before entering are not counted.
 
     with LiveBytes() as live:
-        cache = rollout.prefill(model, prompts, pad_id)
+        cache = engine.prefill(model, prompts, pad_id)
     live.peak   # bytes
 
 Used by: tests/test_plan.py

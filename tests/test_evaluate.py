@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 import evaluate as E
 from common import write_json_atomic
 from conftest import ROOT, tiny_model
-from rollout import resolve_model_path
+from policy import resolve_model_path
 from tasks import TRAIN_SEED_START, longbench, ruler
 
 LENGTHS = (1024, 2048)

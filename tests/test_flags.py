@@ -14,7 +14,7 @@ import pytest
 
 import causal
 import evaluate
-import rollout
+import policy
 import saliency
 import train
 
@@ -23,7 +23,7 @@ import train
 def no_model(monkeypatch):
     def load(*a, **k):
         raise AssertionError("a model was loaded")
-    for module in (rollout, evaluate, saliency, causal):
+    for module in (policy, evaluate, saliency, causal):
         monkeypatch.setattr(module, "load_policy", load)
 
 

@@ -20,6 +20,7 @@ import transformers
 import optim
 import plan
 import train
+import engine
 import rollout
 from conftest import tiny_model
 from live_bytes import LiveBytes
@@ -197,13 +198,13 @@ def cache_nbytes(cache) -> int:
 def test_the_plans_cache_row_is_the_real_cache_within_10_percent(monkeypatch, G, temperature):
     model = tiny_model("qwen3")
     model.generation_config.eos_token_id = None  # the tokenizer's 127 ends a row
-    seen, real = [], rollout.decode
+    seen, real = [], engine.decode
 
     def spy(*args, **kwargs):  # the cache object at the end of decoding, its largest
         out = real(*args, **kwargs)
         seen.append(cache_nbytes(kwargs["cache"]))
         return out
-    monkeypatch.setattr(rollout, "decode", spy)
+    monkeypatch.setattr(engine, "decode", spy)
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=127,  # rows that stop early still
                           batch_decode=lambda ids, **k: [""] * len(ids))
     prompts = [list(range(3, 3 + n)) for n in (40, 33, 29)]
@@ -226,7 +227,7 @@ def test_prefill_holds_the_batch_cache_once(monkeypatch):
     torch.manual_seed(0)
     prompts = [torch.randint(3, 128, (64,)).tolist() for _ in range(16)]
     with torch.no_grad(), LiveBytes() as live:
-        cache = rollout.prefill(model, prompts, 2)
+        cache = engine.prefill(model, prompts, 2)
     assert live.peak < 1.4 * cache_nbytes(cache), (live.peak, cache_nbytes(cache))
 
 

@@ -1,5 +1,6 @@
-"""Tests for rollout.py: loading, batched sampling with shared prompts, completion masks, the exact
-sampling distribution, shared-prompt log-probs.
+"""Tests for rollout.py and engine.py: batched sampling with shared prompts (both engines),
+completion masks, the exact sampling distribution, cascade decoding, the decoding loop,
+shared-prompt log-probs.
 
 Run: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
@@ -12,6 +13,9 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from transformers import DynamicCache
 
+import common
+import engine
+import policy
 import rollout
 from rollout import (completion_logprobs, completion_mask_from_positions, full_sequence_logprobs,
                      group_logprobs, sample_groups)
@@ -62,6 +66,15 @@ def spy_generate(model, **extra):
         del model.generate  # back to the class method
 
 
+def engine_sample(model, ps, G, T, temperature=0.0, seed=0, **switches):
+    """engine.generate as sample_groups calls it, with the engine's switches (cascade, hf_loop,
+    onednn) exposed: (N*G, T') completion ids."""
+    config = rollout.generation_config(T, temperature, 1.0, EOS, [EOS])
+    torch.manual_seed(common.mix_seed(seed, "sample"))
+    with rollout.only_config(model, config):
+        return engine.generate(model, ps, G, config, **switches)
+
+
 # ------------------------------------------------------------------ masks from positions
 
 def test_completion_mask_keeps_sampled_eos_when_pad_equals_eos():
@@ -107,24 +120,24 @@ def test_batched_rows_end_at_their_own_first_eos():
 
 # ------------------------------------------------------------------ sampling
 
-def test_one_generate_call_per_step_and_per_group_reference_path():
+@pytest.mark.parametrize("which", rollout.ENGINES)
+def test_one_generate_call_per_step(which):
     model, tok, ps = tiny_model("llama"), TinyTok(), prompts(3)
     with spy_generate(model) as calls:
-        sample_groups(model, tok, ps, group_size=2, max_new_tokens=3, seed=0)
+        sample_groups(model, tok, ps, group_size=2, max_new_tokens=3, seed=0, engine=which)
     assert len(calls) == 1 and calls[0].shape[0] == 6  # N x G = 3 x 2 rows in one call
-    with spy_generate(model) as calls:
-        sample_groups(model, tok, ps, group_size=2, max_new_tokens=3, seed=0, per_group=True)
-    assert [c.shape[0] for c in calls] == [2, 2, 2]
     with spy_generate(model) as calls:  # greedy evaluation: greedy_batch prompts per call
         sample_groups(model, tok, ps, group_size=1, max_new_tokens=3, temperature=0.0,
                       greedy_batch=2)
     assert [c.shape[0] for c in calls] == [2, 1]
 
 
-def test_shared_prefix_greedy_equals_separate_generate_calls():
+@pytest.mark.parametrize("which", rollout.ENGINES)
+def test_shared_prefix_greedy_equals_separate_generate_calls(which):
     model, tok = tiny_model("llama"), TinyTok()
     ps = prompts(3, lengths=(9, 14, 11))
-    r = sample_groups(model, tok, ps, group_size=2, max_new_tokens=8, temperature=0.0)
+    r = sample_groups(model, tok, ps, group_size=2, max_new_tokens=8, temperature=0.0,
+                      engine=which)
     for i, p in enumerate(ps):
         x = torch.tensor([p])
         ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8,
@@ -147,11 +160,6 @@ def test_batched_sampling_deterministic_for_a_seed_and_batch():
     assert not torch.equal(a.completion_ids, d.completion_ids)
     torch.manual_seed(123)  # the caller's random stream is untouched by sampling
     assert torch.equal(torch.rand(1), before) and torch.equal(torch.rand(1), after)
-    # the reference path: prompt 0's group does not depend on the prompts after it
-    full = sample_groups(model, tok, ps, seed=7, per_group=True, **kw)
-    alone = sample_groups(model, tok, ps[:1], seed=7, per_group=True, **kw)
-    n = alone.completion_ids.shape[1]
-    assert torch.equal(full.completion_ids[:4, :n], alone.completion_ids)
 
 
 def test_prefill_hook_sees_each_prompt_once_and_no_decoding():
@@ -275,7 +283,7 @@ def test_token_logprobs_chunking_is_exact():
 
 def test_missing_asset_package_names_install_command():
     with pytest.raises(FileNotFoundError, match="pip install --no-deps some-wheel==1.0"):
-        rollout.package_dir("no_such_package_xyz", "some-wheel==1.0")
+        policy.package_dir("no_such_package_xyz", "some-wheel==1.0")
 
 
 def test_empty_prompt_is_a_clear_error():
@@ -303,9 +311,8 @@ def cascade_vs_repeated(model, ps, G=4, T=8, temperature=0.0, seed=0):
     out = {}
     for cascade in (True, False):
         with spy_generate(model, output_logits=True, return_dict_in_generate=True) as calls:
-            r = sample_groups(model, TinyTok(), ps, group_size=G, max_new_tokens=T,
-                              temperature=temperature, seed=seed, cascade=cascade)
-        out[cascade] = (r, torch.stack(calls[0].logits, 1), calls[0].cache)
+            ids = engine_sample(model, ps, G, T, temperature, seed, cascade=cascade)
+        out[cascade] = (ids, torch.stack(calls[0].logits, 1), calls[0].cache)
     return out
 
 
@@ -317,10 +324,10 @@ def test_cascade_decoding_gives_the_repeated_cache_completions_and_logits(kind, 
     ps = prompts(3, lengths=(9, 14, 11))
     out = cascade_vs_repeated(model, ps, temperature=temperature, seed=5)
     (ra, la, cache_a), (rb, lb, cache_b) = out[True], out[False]
-    assert isinstance(cache_a, rollout.CascadeCache) and type(cache_b) is DynamicCache
+    assert isinstance(cache_a, engine.CascadeCache) and type(cache_b) is DynamicCache
     assert cache_a.layers[0].prefix_keys.shape == (3, 2, 13, 8)  # (N, Hkv, P-1, D) once per group
     assert cache_a.get_seq_length() == cache_b.get_seq_length() == 13 + la.shape[1]
-    assert torch.equal(ra.completion_ids, rb.completion_ids)
+    assert torch.equal(ra, rb)
     assert (la - lb).abs().max() <= 1e-5
     assert model.config._attn_implementation == "sdpa"  # restored after the call
     assert not any(hasattr(m, "cascade_layer") for m in model.modules())
@@ -330,13 +337,13 @@ def test_cascade_attention_handles_every_decode_step(monkeypatch):
     # Every attention call of every decode step takes the per-group path (one query token, a
     # prefix attached), none the fallback: 2 layers x 5 steps.
     model, seen = tiny_model("llama"), []
-    inner = rollout.cascade_attention
+    inner = engine.cascade_attention
 
     def counting(module, query, *args, **kwargs):
         seen.append((query.shape[2], hasattr(module, "cascade_layer")))
         return inner(module, query, *args, **kwargs)
 
-    monkeypatch.setitem(rollout.AttentionInterface._global_mapping, "cascade", counting)
+    monkeypatch.setitem(engine.AttentionInterface._global_mapping, "cascade", counting)
     with eos_boost(model, -100.0):  # EOS never wins: exactly 5 steps
         sample_groups(model, TinyTok(), prompts(2), group_size=3, max_new_tokens=5, seed=0)
     assert seen == [(1, True)] * 10
@@ -353,10 +360,10 @@ def test_cascade_attention_equals_softmax_over_repeated_keys():
     q = torch.randn(N * G, H, 1, D, generator=g)
     keep = torch.ones(N * G, 1, 1, Pp + S, dtype=torch.bool)
     keep[G:, ..., :2] = False  # group 1's padding, the same for its 3 rows
-    layer = rollout.CascadeLayer(pk, pv)
+    layer = engine.CascadeLayer(pk, pv)
     module = torch.nn.Module()
     module.cascade_layer = layer
-    out, _ = rollout.cascade_attention(module, q, sk, sv, keep, scaling=0.5)  # (B, 1, H, D)
+    out, _ = engine.cascade_attention(module, q, sk, sv, keep, scaling=0.5)  # (B, 1, H, D)
     k = torch.cat([pk.repeat_interleave(G, 0), sk], 2).repeat_interleave(2, 1)  # (B, H, 7, D)
     v = torch.cat([pv.repeat_interleave(G, 0), sv], 2).repeat_interleave(2, 1)
     w = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~keep, float("-inf")).softmax(-1)
@@ -367,7 +374,7 @@ def test_cascade_attention_equals_softmax_over_repeated_keys():
 
 def test_cascade_layer_reports_prefix_plus_suffix_length():
     pk = torch.zeros(2, 1, 5, 4)  # (N, Hkv, P', D): 5 prompt positions, 2 groups
-    layer = rollout.CascadeLayer(pk, pk)
+    layer = engine.CascadeLayer(pk, pk)
     assert layer.get_seq_length() == 5 and layer.get_mask_sizes(1) == (6, 0)
     keys, _ = layer.update(torch.ones(6, 1, 1, 4), torch.ones(6, 1, 1, 4))  # 6 rows = 2 x G=3
     assert keys.shape == (6, 1, 1, 4)  # update returns the suffix only
@@ -389,8 +396,8 @@ def test_cascade_falls_back_to_repeated_keys_for_several_query_tokens():
         with torch.no_grad():
             model.model(input_ids=ids, cache=cache, use_cache=True)
             if cascade:
-                cache = rollout.CascadeCache(cache)
-                ctx = rollout.cascade_decoding(model, cache)
+                cache = engine.CascadeCache(cache)
+                ctx = engine.cascade_decoding(model, cache)
             else:
                 cache.batch_repeat_interleave(G)
                 ctx = contextmanager(lambda: (yield))()
@@ -410,7 +417,7 @@ def test_sliding_window_layers_use_the_repeated_cache():
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     out = cascade_vs_repeated(model, prompts(2, lengths=(9, 12)), G=2, T=5)
     assert type(out[True][2]) is DynamicCache  # cascade asked for, not applicable: plain path
-    assert torch.equal(out[True][0].completion_ids, out[False][0].completion_ids)
+    assert torch.equal(out[True][0], out[False][0])
 
 
 def test_cascade_under_bf16_autocast_matches_the_repeated_cache():
@@ -420,7 +427,7 @@ def test_cascade_under_bf16_autocast_matches_the_repeated_cache():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = cascade_vs_repeated(model, prompts(3, lengths=(9, 14, 11)))
     (ra, la, _), (rb, lb, _) = out[True], out[False]
-    agree = (ra.completion_ids == rb.completion_ids).long().cumprod(1)  # (B, T) same so far
+    agree = (ra == rb).long().cumprod(1)  # (B, T) same so far
     history = torch.cat([torch.ones_like(agree[:, :1]), agree[:, :-1]], 1).bool()  # (B, T)
     assert history[:, 0].all() and history.float().mean() > 0.5
     assert (la - lb).abs()[history].max() < 0.01
@@ -432,7 +439,7 @@ def test_cascade_decoding_restores_the_model_after_an_error():
     with torch.no_grad():
         model.model(input_ids=torch.tensor([[5, 6, 7]]), cache=cache, use_cache=True)
     with pytest.raises(RuntimeError, match="boom"):
-        with rollout.cascade_decoding(model, rollout.CascadeCache(cache)):
+        with engine.cascade_decoding(model, engine.CascadeCache(cache)):
             assert model.config._attn_implementation == "cascade"
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
@@ -447,7 +454,7 @@ def test_draw_follows_the_distribution_and_skips_empty_intervals():
     # zero-probability tokens never.
     p = torch.tensor([0.1, 0.0, 0.2, 0.7, 0.0])
     torch.manual_seed(0)
-    counts = torch.bincount(rollout.draw(p.expand(200_000, -1)), minlength=5).double()
+    counts = torch.bincount(engine.draw(p.expand(200_000, -1)), minlength=5).double()
     se = (p * (1 - p) / 200_000).sqrt()
     assert counts[1] == counts[4] == 0
     assert ((counts / 200_000 - p).abs() <= 5 * se + 1e-12).all()
@@ -458,7 +465,7 @@ def test_draw_never_returns_a_tail_token_when_u_rounds_up(monkeypatch):
     # must give the last token WITH probability, not the zero-probability tail.
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))
     p = torch.tensor([[0.3, 0.7, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    assert rollout.draw(p).tolist() == [1, 0]
+    assert engine.draw(p).tolist() == [1, 0]
 
 
 def test_decode_loop_equals_transformers_loop_when_greedy():
@@ -468,10 +475,9 @@ def test_decode_loop_equals_transformers_loop_when_greedy():
     out = {}
     for hf in (False, True):
         with spy_generate(model, output_scores=True, return_dict_in_generate=True) as calls:
-            r = sample_groups(model, TinyTok(), ps, group_size=2, max_new_tokens=7,
-                              temperature=0.0, greedy_batch=3, hf_loop=hf)
-        out[hf] = (r, torch.stack(calls[0].scores, 1))
-    assert torch.equal(out[False][0].completion_ids, out[True][0].completion_ids)
+            ids = engine_sample(model, ps, 2, 7, hf_loop=hf)
+        out[hf] = (ids, torch.stack(calls[0].scores, 1))
+    assert torch.equal(out[False][0], out[True][0])
     assert (out[False][1] - out[True][1]).abs().max() <= 1e-5
 
 
@@ -491,12 +497,12 @@ def test_per_prompt_prefill_equals_the_padded_batch(kind):
     # Each prompt alone, its keys/values left-padded, against one padded batch with a padding
     # mask: the same keys/values at every real position (fp32 rounding), zeros in the pad slots.
     model, ps = tiny_model(kind), prompts(3, lengths=(9, 14, 11))
-    ours = rollout.prefill(model, ps, EOS)
-    ids, attn = rollout.left_pad(ps, EOS)  # (N, P), (N, P)
+    ours = engine.prefill(model, ps, EOS)
+    ids, attn = common.left_pad(ps, EOS)  # (N, P), (N, P)
     ref = DynamicCache(config=model.config)
     with torch.no_grad():
         model.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], cache=ref, use_cache=True,
-                    position_ids=rollout.positions_from_mask(attn)[:, :-1])
+                    position_ids=common.positions_from_mask(attn)[:, :-1])
     real = attn[:, :-1].bool()  # (N, P-1)
     for a, b in zip(ours.layers, ref.layers):
         assert a.keys.shape == b.keys.shape == (3, 2, 13, 8)  # (N, Hkv, P-1, D)
@@ -513,24 +519,23 @@ def test_onednn_linears_match_torch_linears_keep_hooks_and_restore():
     h = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     with torch.no_grad():
         ref = model(input_ids=x).logits
-        with rollout.onednn_linears(model):
+        with engine.onednn_linears(model):
             got = model(input_ids=x).logits
     h.remove()
     assert len(seen) == 2  # the hook on the LM head fired through the swapped forward too
     assert (got - ref).abs().max() <= 1e-5
     assert not any("forward" in vars(m) for m in model.modules())  # the class forward is back
-    greedy = [sample_groups(model, TinyTok(), ps, group_size=2, max_new_tokens=6,
-                            temperature=0.0, onednn=o).completion_ids for o in (True, False)]
+    greedy = [engine_sample(model, ps, 2, 6, onednn=o) for o in (True, False)]
     assert torch.equal(*greedy)
 
 
 def test_onednn_only_for_fp32_on_an_avx512_cpu(monkeypatch):
     model = tiny_model("llama")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert rollout.onednn_suits(model)
+    assert engine.onednn_suits(model)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert not rollout.onednn_suits(model)  # close kernels there: the conversions eat the gain
+    assert not engine.onednn_suits(model)  # close kernels there: the conversions eat the gain
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls: oneDNN already
-        assert not rollout.onednn_suits(model)
-    assert not rollout.onednn_suits(model.to(torch.bfloat16))
+        assert not engine.onednn_suits(model)
+    assert not engine.onednn_suits(model.to(torch.bfloat16))

