@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -239,3 +240,11 @@ def autocast(device: str, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
     return nullcontext()
+
+
+def timed(phases: dict, name: str, fn, *a, **kw):
+    """fn(*a, **kw), its wall seconds added to phases[name]."""
+    t = time.time()
+    out = fn(*a, **kw)
+    phases[name] = phases.get(name, 0.0) + time.time() - t
+    return out

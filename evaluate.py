@@ -322,6 +322,14 @@ def evaluate_longbench(model, tokenizer, items: list, max_len: int = longbench.L
 # -----------------------------------------------------------------------------
 # reporting
 
+def format_before_after(before: dict, after: dict) -> str:
+    lines = [f"{'metric':<32} {'before':>8} {'after':>8} {'delta':>8}"]
+    for k in before:
+        lines.append(f"{k:<32} {before[k]:8.2f} {after[k]:8.2f} {after[k] - before[k]:+8.2f}")
+    return "\n".join(lines)
+
+
+
 def format_ruler_table(table: dict) -> str:
     """Task x length table with RULER's scores and the per-length average (the mean over tasks)."""
     lengths = table["lengths"]

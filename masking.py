@@ -322,6 +322,19 @@ def rows_outside_drift(before: dict[str, Tensor], after, masks: dict[str, Tensor
     return drift
 
 
+def mask_dynamics(masks: dict, refs: dict, static_masks: dict) -> dict:
+    """[LongAct] Jaccard overlap of this step's masks with the previous step's and step 0's, and of
+    step 0's with the static calibration mask. Updates `refs` in place."""
+    if refs.get("step0") is None:
+        refs["step0"] = masks
+    out = {"mask_jaccard_prev": (mask_overlap(masks, refs["prev"])
+                                 if refs.get("prev") is not None else 1.0),
+           "mask_jaccard_step0": mask_overlap(masks, refs["step0"]),
+           "mask_jaccard_step0_static": mask_overlap(refs["step0"], static_masks)}
+    refs["prev"] = masks
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 def read_stats(path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(stats, metadata) from a saliency file, read directly so this file needs no saliency.py."""

@@ -172,3 +172,18 @@ class AdamWSR(torch.optim.Optimizer):
                 if k in state_dict["state"].get(i, {}):
                     self.state[p][k] = state_dict["state"][i][k].to(
                         device=p.device, dtype=self.state_dtype or p.dtype, copy=True)
+
+
+def make_optimizer(model, args):
+    """AdamW (fp32 state) or the bf16 stochastic-rounding AdamW (optim.py), and a linear warm-up.
+    Masks act in masking.masked_step, so one param group with decay serves every matrix."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "bf16-sr":
+        optimizer = AdamWSR(params, lr=args.lr, weight_decay=args.weight_decay,
+                                  seed=mix_seed(args.seed, "optimizer"))
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=args.weight_decay, foreach=False)
+    warm = max(1, args.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    return optimizer, scheduler

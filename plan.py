@@ -505,6 +505,14 @@ def settings_for_args(args) -> Settings:
         eval_batch=args.eval_batch or 1, keep_checkpoints=args.keep_checkpoints, gpu=args.gpu)
 
 
+def print_plan(args) -> None:
+    """`python train.py ... --plan`: the memory and disk plan, its verdict, the time plan."""
+    rows, s = plan_for_args(args), settings_for_args(args)
+    print(format_plan(rows))
+    print(verdict(rows, s) + "\n")
+    print(format_time_plan(time_plan_for_args(args), s))
+
+
 def plan_for_args(args) -> list:
     """plan() of a train.py run: `python train.py --preset paper-8b --plan`."""
     return plan(model_config(args.model), settings_for_args(args))

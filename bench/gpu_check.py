@@ -44,6 +44,7 @@ import transformers
 
 import common
 import grpo
+import optim
 import plan
 import policy
 import rollout
@@ -196,21 +197,21 @@ def check_model(name: str, device, dry: bool, seed: int = 0) -> dict:
             ref = build(config, torch.bfloat16, device)
             ref.load_state_dict(model.state_dict())
             ref.eval().requires_grad_(False)
-            optimizer, scheduler = train.make_optimizer(model, args)
+            optimizer, scheduler = optim.make_optimizer(model, args)
         if records[-1]["error"]:
             return out
         stats = {n: torch.rand(m.weight.shape[0], generator=gen)
                  for n, m in common.qk_modules(model).items()}
         masks = train.masks_from(stats, model, args, seed=seed)
         r = random_rollout(args, config, device, gen)
+        run = train.Run(args, Path("."), 0, model, None, ref, optimizer, scheduler, autocast)
         adv, _ = grpo.group_advantages(torch.tensor([1.0, 0.0] * (r.group_size // 2),
                                                     device=device), r.group_size)
         for step in (1, 2):
             with part(records, f"(b) train.policy_update, one group, step {step}", device,
                       max(peaks["update"], peaks["step"]), times["update"] + times[
                           "optimizer step"]) as rec:
-                rec["update"] = train.policy_update(model, ref, optimizer, scheduler, r, adv,
-                                                    masks, args, autocast)
+                rec["update"] = train.policy_update(run, r, adv, masks)
         n = args.gen_groups or args.prompts_per_step
         prompts = [torch.randint(3, config.vocab_size, (args.train_len,), generator=gen).tolist()
                    for _ in range(n)]

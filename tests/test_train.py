@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
+import preflight
 import train
 
 
@@ -133,7 +135,7 @@ def test_resume_after_a_crash_does_not_duplicate_rows(tiny_dir, qa_file, tmp_pat
 
 
 def test_second_signal_stops_at_once():
-    with train.StopFlag() as stop:
+    with checkpoint.StopFlag() as stop:
         stop.handler(15, None)  # first: finish the step, then save
         assert stop.set
         with pytest.raises(KeyboardInterrupt):
@@ -208,7 +210,7 @@ def test_keep_checkpoints_keeps_the_newest_and_a_step_file(tiny_dir, qa_file, tm
                               "--save-every", "1", "--keep-checkpoints", "2"))
     assert sorted(p.name for p in run.glob("ckpt*")) == ["ckpt", "ckpt-step2"]
     assert json.loads((run / "ckpt" / "step.json").read_text()) == {"step": 3}
-    assert train.saved_step(run / "ckpt-step2") == 2
+    assert checkpoint.saved_step(run / "ckpt-step2") == 2
     one = train.main(args_for(tiny_dir, qa_file, tmp_path, "one", 2, "--beta", "0",
                               "--save-every", "1"))
     assert sorted(p.name for p in one.glob("ckpt*")) == ["ckpt"]
@@ -230,7 +232,7 @@ def test_a_save_that_fails_half_way_leaves_the_previous_checkpoint(tiny_dir, qa_
         train.main(args)
     monkeypatch.setattr(train.torch, "save", real)
     run = tmp_path / "crash"
-    assert train.saved_step(train.checkpoint_dir(run)) == 1  # step 1's checkpoint, intact
+    assert checkpoint.saved_step(checkpoint.checkpoint_dir(run)) == 1  # step 1's checkpoint, intact
     resumed = train.main(args + ["--resume", str(run)])
     assert [r["step"] for r in rows_of(resumed)] == [0, 1]
 
@@ -239,7 +241,7 @@ def test_a_save_that_fails_half_way_leaves_the_previous_checkpoint(tiny_dir, qa_
 
 def test_too_little_disk_stops_before_loading_and_force_goes_on(tiny_dir, qa_file, tmp_path,
                                                                 monkeypatch, capsys):
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
     monkeypatch.setattr(train, "setup", lambda a: pytest.fail("the model must not load"))
     with pytest.raises(SystemExit) as e:
         train.main(args_for(tiny_dir, qa_file, tmp_path, "disk", 1))

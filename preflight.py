@@ -1,0 +1,160 @@
+"""
+preflight.py -- everything train.py checks before a model loads: a bad flag, a bad row, a disk too
+small or a plan too large for the GPU costs seconds, not the minutes of a model load and a first
+evaluation.
+
+    check_args(p, args)       every flag: ranges, combinations, paths, task names, the window
+    resolve_from_plan(args)   --gen-groups / --eval-batch -1: the most the plan fits on --gpu
+    preflight(args)           disk, free GPU memory, LongBench v2, one RULER sample per cell
+
+Each failure is one line on stderr and exit code 2 (flags.py); `--force` lets the disk and memory
+checks pass with a warning.
+Test: .venv/bin/python -m pytest -q tests/test_flags.py tests/test_train.py
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import evaluate
+import flags
+import plan
+import policy
+import rollout
+from tasks import longbench, ruler
+from tasks.train_data import parse_field_map
+
+
+def check_args(p, args) -> None:
+    """Every flag against what can work, before any weights, data or run folder (flags.py)."""
+    flags.between(p, args, "ratio", 0, 1, low_open=True)
+    flags.at_least(p, args, 1, "steps", "prompts_per_step", "max_new_tokens", "train_len",
+                   "calib_samples", "eval_samples", "eval_lengths", "micro_groups", "mu",
+                   "max_gen_batches", "keep_checkpoints", "longbench_max_len")
+    flags.at_least(p, args, 0, "warmup_steps", "weight_decay", "beta", "kl_clamp", "eps_high",
+                   "overlong_factor", "eval_every", "save_every", "threads", "mini_batch_groups")
+    flags.at_least(p, args, -1, "gen_groups", "eval_batch")
+    flags.at_least(p, args, 2, "calib_len")
+    if args.group_size < 2:  # one completion is its own group mean: every advantage is 0
+        p.error(f"--group-size {args.group_size}: must be >= 2 (group-relative advantages "
+                "compare completions of one prompt)")
+    for dest in ("lr", "grad_clip", "temperature"):
+        if getattr(args, dest) <= 0:
+            p.error(f"{flags.name(dest)} {getattr(args, dest)}: must be > 0")
+    flags.between(p, args, "clip_eps", 0, 1, low_open=True, high_open=True)
+    flags.between(p, args, "top_p", 0, 1, low_open=True)
+    flags.between(p, args, "overlong_buffer", 0, 1, high_open=True)
+    if args.eval_batch == 0:
+        p.error("--eval-batch 0: must be >= 1, or -1 for the most the plan fits")
+    if args.mini_batch_groups > args.prompts_per_step:
+        p.error(f"--mini-batch-groups {args.mini_batch_groups}: more than the step's "
+                f"--prompts-per-step {args.prompts_per_step} groups")
+    if args.fsdp and (args.optimizer == "bf16-sr" or args.adv_scale == "batch"):
+        p.error("--fsdp: tested with --optimizer adamw and per-group advantages only")
+    if args.engine == "fast" and rollout.fast_engine is None:
+        p.error("--engine fast: engine.py is missing; pass --engine hf")
+    check_paths(p, args)
+
+
+def check_paths(p, args) -> None:
+    """Files that must exist, names that must be known, lengths within the model's window."""
+    flags.local_or_hub(p, "model", args.model, "model folder")
+    if args.train_data != "builtin":
+        flags.local_or_hub(p, "train_data", args.train_data, "file")
+    if args.longbench not in (None, "", "hub"):
+        flags.existing(p, "longbench", args.longbench, "file")
+    flags.existing(p, "stats", args.stats, "statistics file")
+    if args.resume and not (Path(args.resume) / "config.json").exists():
+        p.error(f"--resume {args.resume}: not a run folder (no config.json in it)")
+    try:
+        parse_field_map(args.field_map)
+    except ValueError as e:
+        p.error(f"--field-map {args.field_map}: {e}")
+    flags.known(p, "train_task", args.train_task, ruler.RULER_TASKS)
+    flags.known(p, "eval_tasks", args.eval_tasks, ruler.RULER_TASKS)
+    window = flags.model_window(args.model)
+    if args.train_data == "builtin":  # a RULER length: the task's answer budget included
+        flags.within(p, "train_len", args.train_len, window, "a RULER length")
+    else:  # prompts middle-truncated to --train-len, then the completion
+        flags.within(p, "train_len", args.train_len + args.max_new_tokens, window,
+                     f"{args.train_len} + --max-new-tokens {args.max_new_tokens}")
+    for L in args.eval_lengths if args.eval else ():
+        flags.within(p, "eval_lengths", L, window, "a RULER length (answer included)")
+
+
+def resolve_from_plan(args) -> None:
+    """--gen-groups / --eval-batch -1: the most that the plan fits on --gpu (pure arithmetic on
+    the model's config, no weights); the reasons are kept in args for --show-config and --plan."""
+    args.plan_reasons = {}
+    for flag, field, most in (("gen_groups", "prompts_per_generate", args.prompts_per_step),
+                              ("eval_batch", "eval_batch", args.eval_samples)):
+        if getattr(args, flag) != -1:
+            continue
+        s = plan.settings_for_args(argparse.Namespace(**{**vars(args), "gen_groups": 1,
+                                                         "eval_batch": 1}))
+        n, why = plan.largest_fitting(plan.model_config(args.model), s, field, most)
+        setattr(args, flag, n)
+        args.plan_reasons[flag] = f"{n}: {why}"
+
+
+
+LONGBENCH_ITEMS = {}  # --longbench value -> its validated rows, loaded once by preflight
+
+
+def longbench_items(args) -> list:
+    if args.longbench not in LONGBENCH_ITEMS:
+        LONGBENCH_ITEMS[args.longbench] = longbench.load_longbench(
+            None if args.longbench == "hub" else args.longbench)
+    return LONGBENCH_ITEMS[args.longbench]
+
+
+def check_ruler_lengths(args) -> None:
+    """One RULER sample of each task and length the run will build (the tokenizer only): a length
+    below a task's smallest haystack fails here, naming the flag, not after the first phases."""
+    cells = [("train_len", args.train_task, args.train_len)] if args.train_data == "builtin" \
+        else []
+    cells += [("eval_lengths", t, L) for t in args.eval_tasks for L in args.eval_lengths] \
+        if args.eval else []
+    tokenizer = policy.load_tokenizer(args.model) if cells else None
+    for dest, task, length in cells:
+        try:
+            evaluate.ruler_sample(tokenizer, task, length, seed=0, index=0)
+        except ValueError as e:
+            flags.die(f"{flags.name(dest)} {length}: {e}")
+
+
+def preflight(args) -> None:
+    """Before the model loads: the disk holds the plan's checkpoint peak; on a GPU, the plan's
+    largest phase fits its free memory (a failed check stops with the numbers; --force: go on
+    anyway); then LongBench v2 loads and validates when asked for, and every RULER task and
+    length the run builds has a sample."""
+    rows = plan.plan(plan.model_config(policy.resolve_model_path(args.model)),
+                     plan.settings_for_args(args))
+    problems = []
+    out = Path(args.out_dir).resolve()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    held = sum(f.stat().st_size for d in Path(args.resume or "/nonexistent").glob("ckpt*")
+               for f in d.rglob("*") if f.is_file())  # a resumed run's checkpoints are on disk
+    need, free = plan.peaks(rows)["disk"] * plan.GB - held, shutil.disk_usage(existing).free
+    if need > free:
+        problems.append(f"disk: checkpoints need {need / plan.GB:.1f} GB more (the plan's disk "
+                        f"peak, --keep-checkpoints {args.keep_checkpoints}), {existing} has "
+                        f"{free / plan.GB:.1f} GB free")
+    if args.device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(args.device))
+        phase, top = max(plan.memory_peaks(rows).items(), key=lambda kv: kv[1])
+        if top * plan.GB > 0.95 * free:
+            problems.append(f"memory: the plan's {phase} phase needs {top:.1f} GB, "
+                            f"{args.device} has {free / plan.GB:.1f} GB free (lower "
+                            "--gen-groups, --eval-batch or --prompts-per-step)")
+    for problem in problems:
+        print(f"preflight: {problem}" + ("; going on (--force)" if args.force else ""),
+              file=sys.stderr)
+    if problems and not args.force:
+        raise SystemExit(2)
+    if args.eval and args.longbench:
+        print(f"LongBench v2: {len(longbench_items(args))} items, validated", flush=True)
+    check_ruler_lengths(args)
