@@ -301,7 +301,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model, tokenizer = load_policy(args.model, dtype=dtype)
     model.eval()
-    head_dim = saliency.head_dim_of(model.config)
+    head_dim = common.head_dim_of(model.config)
     config = {k: getattr(args, k) for k in ("model", "precision", "tasks", "lengths", "samples",
                                             "seed", "stat", "calib_len", "calib_samples")}
     stats_path = out.with_name(out.stem + ".qk_stats.safetensors")

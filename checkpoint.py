@@ -74,30 +74,26 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
                     masks_ref: dict) -> None:
     """weights + optimizer + scheduler + RNG + step + config + reference masks into ckpt/.
 
-    Written to ckpt.tmp/, fsynced, then swapped in with renames: at every instant ckpt/ or
-    ckpt.old/ is a complete checkpoint, so a kill while saving never loses the last good one.
+    Written to ckpt.tmp/, fsynced, then swapped in with renames (common.swap_folder_in): at every
+    instant ckpt/, ckpt.old/ or a kept ckpt-step<k>/ is complete, so a kill while saving never
+    loses the last good one.
     Under --fsdp every rank writes its shards (torch.distributed.checkpoint, fsdp.py)."""
     state = {"step": step, "scheduler": scheduler.state_dict(), "config": vars(args),
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
              "masks_ref": masks_ref, "world": fsdp.world()}  # masks_ref: mask-dynamics metrics
     if args.fsdp:
         return fsdp.save_checkpoint(run_dir / "ckpt", model, optimizer, state)
-    tmp, final, old = run_dir / "ckpt.tmp", run_dir / "ckpt", run_dir / "ckpt.old"
+    tmp, final = run_dir / "ckpt.tmp", run_dir / "ckpt"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(state | {"optimizer": optimizer.state_dict()}, tmp / STATE_FILES[0])
     common.write_json_atomic(tmp / STEP_FILE, {"step": step})
-    common.fsync_tree(tmp)
-    if final.exists():  # the previous one: kept as ckpt-step<k>/ or, with only 1 kept, dropped
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)  # from here on ckpt/ is the new, complete checkpoint
-    if old.exists() and args.keep_checkpoints > 1:
-        old.rename(run_dir / f"ckpt-step{saved_step(old)}")
-    shutil.rmtree(old, ignore_errors=True)
-    for extra in older_checkpoints(run_dir)[:max(0, len(older_checkpoints(run_dir))
-                                                 - (args.keep_checkpoints - 1))]:
+    if final.exists() and args.keep_checkpoints > 1:  # the previous one stays, complete, as
+        final.rename(run_dir / f"ckpt-step{saved_step(final)}")  # ckpt-step<k>/
+    common.swap_folder_in(tmp, final)  # fsynced; the previous ckpt/ is dropped once it is in
+    kept = older_checkpoints(run_dir)
+    for extra in kept[:max(0, len(kept) - (args.keep_checkpoints - 1))]:
         shutil.rmtree(extra)
 
 
@@ -118,10 +114,13 @@ def saved_step(ckpt: Path) -> int:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    for name in ("ckpt", "ckpt.old"):
-        if any((run_dir / name / f).exists() for f in STATE_FILES):
-            return run_dir / name
-    raise SystemExit(f"no complete checkpoint in {run_dir} (looked for ckpt/ and ckpt.old/)")
+    """The newest complete checkpoint: ckpt/, else ckpt.old/ (a swap was cut short), else the
+    newest kept ckpt-step<k>/."""
+    for folder in [run_dir / "ckpt", run_dir / "ckpt.old"] + older_checkpoints(run_dir)[::-1]:
+        if any((folder / f).exists() for f in STATE_FILES):
+            return folder
+    raise SystemExit(f"no complete checkpoint in {run_dir} (looked for ckpt/, ckpt.old/ and "
+                     "ckpt-step*/)")
 
 
 def load_state_file(ckpt: Path) -> dict:

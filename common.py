@@ -24,12 +24,14 @@ import json
 import os
 import platform
 import re
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 QK_SUFFIXES = ("q_proj", "k_proj")  # the projections whose rows LongAct masks (SOURCES.md §1)
 
@@ -148,6 +150,61 @@ def left_pad(seqs: list, pad_id: int):
         mask[i, P - len(s):] = 1
     return ids, mask
 
+
+
+def head_dim_of(config) -> int:
+    """Head dim from a HF config (Qwen3 sets it explicitly; older configs imply hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def world_size() -> int:
+    """Processes of the torch.distributed job (train.py --fsdp), 1 without one: with several,
+    every rank must run the same forwards, since each sharded forward gathers from all ranks."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def load_stats_file(path) -> tuple[dict, dict]:
+    """({q/k module name: (C,) statistic} in layer order, string metadata) of a saliency file."""
+    stats = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        for name in sorted(f.keys(), key=natural_key):  # layer order, not alphabetical
+            stats[name] = f.get_tensor(name)
+    return stats, meta
+
+
+@contextmanager
+def swapped(obj, **attrs):
+    """Set attributes of `obj` for a block, then put back what was there: the old value of an
+    instance attribute or a property, or nothing (the attribute removed, so that a class attribute
+    or method it shadowed shows again)."""
+    missing = object()
+    old = {k: getattr(obj, k) if k in vars(obj) or isinstance(getattr(type(obj), k, None),
+                                                                property) else missing
+           for k in attrs}
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        yield obj
+    finally:
+        for k, v in old.items():
+            if v is missing:
+                delattr(obj, k)
+            else:
+                setattr(obj, k, v)
+
+
+def swap_folder_in(tmp: Path, final: Path) -> None:
+    """Rename a finished folder into place: fsynced first; at every instant final/ or final.old/
+    is complete, so a kill mid-way never leaves neither."""
+    old = final.with_name(final.name + ".old")
+    fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def model_device(model) -> torch.device:

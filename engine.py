@@ -22,7 +22,7 @@ prefilled prompt positions, S suffix positions (decoded so far).
 Test: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from common import left_pad, model_device, positions_from_mask
+from common import left_pad, model_device, positions_from_mask, swapped, world_size
 
 
 # the decoding loop: transformers prepares, we decode
@@ -61,9 +61,8 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
 
 
 def synced() -> bool:
-    """True under torch.distributed with several ranks (train.py --fsdp): every rank must then run
-    the same forwards, since each sharded forward gathers weights from all ranks."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Several ranks (train.py --fsdp): every rank must run the same forwards."""
+    return world_size() > 1
 
 
 def any_running(running: torch.Tensor) -> bool:
@@ -156,14 +155,11 @@ def onednn_linears(model):
     """Each nn.Linear of `model` computes through a OneDNNLinear copy for the block: its forward is
     swapped on the instance, so the module and any hooks on it stay in place (tests and the
     benchmark hook the LM head). The class's forward is back on exit."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    for m in linears:
-        m.forward = OneDNNLinear(m).forward  # an instance attribute wins over the class method
-    try:
+    with ExitStack() as stack:
+        for m in model.modules():
+            if type(m) is torch.nn.Linear:  # an instance attribute wins over the class method
+                stack.enter_context(swapped(m, forward=OneDNNLinear(m).forward))
         yield
-    finally:
-        for m in linears:
-            del m.forward
 
 # -----------------------------------------------------------------------------
 # cascade decoding: each group's prompt keys/values read once per step
@@ -281,18 +277,12 @@ def cascade_decoding(model, cache: CascadeCache):
     `cascade_attention`; the attention implementation and the modules are restored on exit."""
     modules = [layer.self_attn for layer in model.get_decoder().layers]
     configs = list({id(c): c for c in [model.config] + [m.config for m in modules]}.values())
-    old = [c._attn_implementation for c in configs]
-    for m in modules:
-        m.cascade_layer = cache.layers[m.layer_idx]
-    for c in configs:
-        c._attn_implementation = "cascade"
-    try:
-        yield
-    finally:
-        for c, o in zip(configs, old):
-            c._attn_implementation = o
+    with ExitStack() as stack:
         for m in modules:
-            del m.cascade_layer
+            stack.enter_context(swapped(m, cascade_layer=cache.layers[m.layer_idx]))
+        for c in configs:
+            stack.enter_context(swapped(c, _attn_implementation="cascade"))
+        yield
 
 
 @torch.no_grad()

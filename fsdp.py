@@ -75,7 +75,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import AutoModelForCausalLM
 
 import masking
-from common import fsync_tree, model_device
+from common import model_device, swap_folder_in, world_size
 
 MIN_TORCH = (2, 13)  # note 7
 
@@ -110,8 +110,7 @@ def init_distributed(timeout_s: float = 600.0) -> str:
     return device
 
 
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+world = world_size  # processes of the job (common.world_size)
 
 
 def rank() -> int:
@@ -346,17 +345,6 @@ def reduce_qk_state(state: dict) -> dict:
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename a finished folder into place; at every instant final/ or final.old/ is complete."""
-    old = final.with_name(final.name + ".old")
-    fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(folder, model, optimizer, extra: dict) -> None:
     """Sharded weights + optimizer state (torch.distributed.checkpoint, every rank writes its own
     shards) and `extra` (step, scheduler, config: rank 0's, torch.save) into `folder`, atomically.
@@ -370,7 +358,7 @@ def save_checkpoint(folder, model, optimizer, extra: dict) -> None:
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
     if is_main():
         torch.save(extra, tmp / "extra.pt")
-        _swap_in(tmp, final)
+        swap_folder_in(tmp, final)
     barrier()
 
 
@@ -409,5 +397,5 @@ def export_hf(model, tokenizer, folder) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _swap_in(tmp, final)
+        swap_folder_in(tmp, final)
     barrier()

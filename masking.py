@@ -66,7 +66,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from common import QK_SUFFIXES, atomic_path, mix_seed, natural_key
+from common import QK_SUFFIXES, atomic_path, load_stats_file, mix_seed, natural_key
 
 # -----------------------------------------------------------------------------
 STRATEGIES = ("topk", "bottomk", "random", "all")  # the choice list; topk is LongAct
@@ -336,13 +336,6 @@ def mask_dynamics(masks: dict, refs: dict, static_masks: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- CLI
-def read_stats(path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(stats, metadata) from a saliency file, read directly so this file needs no saliency.py."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build LongAct row masks from q/k statistics.")
     p.add_argument("stats", help="safetensors file from saliency.py (one (C,) statistic per q/k)")
@@ -355,7 +348,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the masks here (safetensors)")
     args = p.parse_args(argv)
 
-    stats, meta = read_stats(args.stats)
+    stats, meta = load_stats_file(args.stats)
     head_dim = args.head_dim or (int(meta["head_dim"]) if "head_dim" in meta else None)
     if args.per_head and not head_dim:
         p.error(f"{args.stats} has no head_dim metadata: pass --head-dim or --no-per-head")

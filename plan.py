@@ -55,6 +55,8 @@ from dataclasses import dataclass, fields, replace
 
 import transformers
 
+from common import head_dim_of
+
 GB = 1e9
 QWEN3 = {  # config.json of the hub repositories Qwen/Qwen3-4B and Qwen/Qwen3-8B
     "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
@@ -130,7 +132,7 @@ def model_config(name: str):
 def dims(config) -> dict:
     """The widths the plan needs, read once from a Llama/Qwen-style config."""
     H = config.num_attention_heads
-    D = getattr(config, "head_dim", None) or config.hidden_size // H
+    D = head_dim_of(config)
     return dict(L=config.num_hidden_layers, C=config.hidden_size, I=config.intermediate_size,
                 H=H, K=config.num_key_value_heads, D=D, V=config.vocab_size,
                 tied=bool(getattr(config, "tie_word_embeddings", False)))

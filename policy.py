@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import package_dir
+from common import head_dim_of, package_dir, swap_folder_in
 
 # Names that resolve offline: (python package holding the file, file name inside it, pip spec).
 EMBEDDED = {
@@ -64,10 +64,7 @@ def convert_embedded(name: str) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic on one file system; a concurrent converter may win: fine
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
+        swap_folder_in(tmp, target)  # a concurrent converter's copy is replaced by an equal one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -112,7 +109,7 @@ if __name__ == "__main__":
     a = p.parse_args()
     m, tok = load_policy(a.model)
     c = m.config
-    D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    D = head_dim_of(c)
     print(f"{type(m).__name__}: {sum(x.numel() for x in m.parameters()) / 1e6:.1f}M params, "
           f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads / "
           f"{c.num_key_value_heads} KV heads, head_dim {D}, eos {tok.eos_token!r}, "

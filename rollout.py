@@ -23,7 +23,7 @@ T completion tokens, C hidden, V vocab.
 Test: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationConfig
 
-from common import left_pad, mix_seed, model_device, positions_from_mask
+from common import left_pad, mix_seed, model_device, positions_from_mask, swapped
 
 try:  # the fast path, in its own file; without it the plain engine still runs (engine="hf")
     import engine as fast_engine
@@ -99,19 +99,13 @@ def generation_config(max_new_tokens: int, temperature: float, top_p: float, pad
         pad_token_id=pad_id, eos_token_id=list(eos), use_cache=True)
 
 
-@contextmanager
 def only_config(model, config: GenerationConfig):
-    """Make `config` the model's generation_config for one call.
+    """Make `config` the model's generation_config for one call (a context manager).
 
     transformers 5 fills every None field of a passed config from `model.generation_config`
     (`_prepare_generation_config`, defaults_only=True), and has no switch to stop it; with the
     model's own config out of the way only the global neutral defaults remain."""
-    old = model.generation_config
-    model.generation_config = config
-    try:
-        yield
-    finally:
-        model.generation_config = old
+    return swapped(model, generation_config=config)
 
 
 # -----------------------------------------------------------------------------
@@ -250,18 +244,11 @@ class SharedPrefixCache(DynamicCache):
 @contextmanager
 def cache_under_checkpointing(model):
     """Let decoder layers keep our (idempotent) cache under checkpointing; restored on exit."""
-    layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
-    old = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
-    for m in layers:
-        m._can_checkpoint_with_cache = True
-    try:
+    with ExitStack() as stack:
+        for m in model.modules():
+            if hasattr(m, "_can_checkpoint_with_cache"):
+                stack.enter_context(swapped(m, _can_checkpoint_with_cache=True))
         yield
-    finally:
-        for m, o in zip(layers, old):
-            if o is None:
-                del m._can_checkpoint_with_cache
-            else:
-                m._can_checkpoint_with_cache = o
 
 
 def token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

@@ -56,13 +56,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 import flags
 from common import (PRECISIONS, QK_SUFFIXES, atomic_path, autocast, choose_precision,
-                    model_device, natural_key, positions_from_mask, qk_modules)
+                    head_dim_of, load_stats_file, model_device, natural_key,
+                    positions_from_mask, qk_modules)
 from policy import load_policy
 from tasks.haystack import calibration_prompts
 
@@ -285,11 +285,7 @@ def check_stats_match(stats: dict, model) -> None:
 
 def load_stats(path, model=None):
     """(stats, meta) written by save_stats; meta values are strings. With `model`, check shapes."""
-    stats = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        for name in sorted(f.keys(), key=natural_key):  # layer order, not alphabetical
-            stats[name] = f.get_tensor(name)
+    stats, meta = load_stats_file(path)
     if model is not None:
         check_stats_match(stats, model)
     return stats, meta
@@ -426,11 +422,6 @@ def plot_stats(stats: dict, head_dim: int, path, title: str = "") -> None:
             fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-
-
-def head_dim_of(config) -> int:
-    """Head dim from a HF config (Qwen3 sets it explicitly; older configs imply hidden / heads)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 # -----------------------------------------------------------------------------

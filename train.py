@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--train-data", default="builtin", help="'builtin', a .jsonl file or a hub id")
     g.add_argument("--train-task", default="niah_multikey_1", help="builtin RULER training task")
-    g.add_argument("--train-len", type=int, default=1024, help="prompt tokens for builtin tasks")
+    g.add_argument("--train-len", type=int, default=512, help="prompt tokens for builtin tasks")
     g.add_argument("--field-map", default="", help="JSONL fields, e.g. context=doc,answer=ans")
     g = p.add_argument_group("sampling")
     g.add_argument("--prompts-per-step", type=int, default=4, help="B prompts (groups) per step")
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g = p.add_argument_group("optimiser")
-    g.add_argument("--steps", type=int, default=8)
+    g.add_argument("--steps", type=int, default=6)
     g.add_argument("--lr", type=float, default=5e-5)
     g.add_argument("--warmup-steps", type=int, default=2, help="linear warm-up, then constant")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay (DAPO recipe 0.1)")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-tasks", nargs="+", default=["niah_multikey_1", "niah_multikey_2"],
                    help="RULER tasks on held-out seeds: the trained task and a harder one")
-    g.add_argument("--eval-lengths", type=int, nargs="+", default=[1024, 2048])
+    g.add_argument("--eval-lengths", type=int, nargs="+", default=[512, 1024])
     g.add_argument("--eval-samples", type=int, default=12, help="samples per task and length")
     g.add_argument("--eval-batch", type=int, default=8,
                    help="greedy evaluation prompts per generate call (-1 = the most the plan "
@@ -233,7 +233,7 @@ def calibration_stats(run) -> dict:
     with run.autocast():
         stats = saliency.collect_qk_stats(model, batches, stat=args.stat)
     meta = {"model": args.model, "stat": args.stat, "num_samples": str(len(prompts)),
-            "seq_len": str(args.calib_len), "head_dim": str(saliency.head_dim_of(model.config))}
+            "seq_len": str(args.calib_len), "head_dim": str(common.head_dim_of(model.config))}
     if fsdp.is_main():
         saliency.save_stats(run_dir / "qk_stats.safetensors", stats, meta)
     return stats
@@ -244,7 +244,7 @@ def masks_from(stats: dict | None, model, args, seed: int) -> dict:
     if stats is None:
         stats = {n: torch.zeros(m.weight.shape[0]) for n, m in common.qk_modules(model).items()}
     return masking.build_masks(stats, ratio=args.ratio, strategy=args.mask_strategy,
-                               per_head=args.per_head, head_dim=saliency.head_dim_of(model.config),
+                               per_head=args.per_head, head_dim=common.head_dim_of(model.config),
                                seed=seed)
 
 

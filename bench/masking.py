@@ -49,7 +49,8 @@ import torch  # noqa: E402  (after the environment above)
 
 import masking  # noqa: E402
 import saliency  # noqa: E402
-from common import cpu_name, mix_seed, positions_from_mask, qk_modules  # noqa: E402
+from common import (cpu_name, head_dim_of, mix_seed, positions_from_mask,  # noqa: E402
+                    qk_modules)
 from policy import load_policy  # noqa: E402
 
 # Letters: B batch rows, T tokens, C channels of one q/k matrix.
@@ -72,7 +73,7 @@ def make_step(model, variant: str, ids, autocast, ratio: float):
     """A zero-arg function running one optimizer step; returns (whole step, update part) seconds."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.1)
     names = {n: m.weight.shape[0] for n, m in qk_modules(model).items()}
-    head_dim = saliency.head_dim_of(model.config)
+    head_dim = head_dim_of(model.config)
     count = [0]
 
     def step():
