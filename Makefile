@@ -14,7 +14,7 @@ export HF_DATASETS_CACHE ?= $(CURDIR)/.cache/hf/datasets
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/mpl
 
-.PHONY: setup test demo bench causal ab ab-dapo plan clean
+.PHONY: setup test demo bench causal ab ab-dapo ab2 plan clean
 
 setup: $(STAMP)
 
@@ -47,7 +47,7 @@ causal: $(STAMP)
 	$(PY) causal.py $(CAUSAL)
 	$(PY) causal.py $(CAUSAL) --summary
 
-# The A/B grid: five GRPO arms x 3 seeds, resumable; then the table and figures (README, "A/B").
+# The A/B grid, setting 1: five GRPO arms x 3 seeds, resumable; then the table and figures.
 ab: $(STAMP)
 	$(PY) -m experiments.ab run
 	$(PY) -m experiments.ab summary
@@ -56,6 +56,12 @@ ab: $(STAMP)
 ab-dapo: $(STAMP)
 	$(PY) -m experiments.ab run --arms dapo-longact dapo-uniform
 	$(PY) -m experiments.ab summary
+
+# Setting 2: only the q/k projections train (the positive control and the pre-registered grid,
+# experiments/ab2_preregistration.md); eleven arms x 3 seeds, resumable, then its summary.
+ab2: $(STAMP)
+	$(PY) -m experiments.ab run --setting 2
+	$(PY) -m experiments.ab summary --setting 2
 
 # The memory plan of Qwen3-8B at the paper setting (no weights, no GPU).
 plan: $(STAMP)

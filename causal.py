@@ -1,44 +1,27 @@
 """
 causal.py -- the causal test: does the model need its massive Q/K channels on long inputs?
 
-The LongAct write-up reports (SOURCES.md §1.5): on LongBench v2, Qwen3-8B answers 173 of 503
-questions unmodified, 108 with the non-massive channels removed, and 0 with the massive channels
-removed. If the massive channels carry long-context work, removing them should hurt far more than
-removing as many random or least-salient channels. We repeat the test as a dose-response on RULER
-(SOURCES.md §5) with the embedded model:
+The LongAct write-up (SOURCES.md §1.5) removes the massive channels of Qwen3-8B and sees LongBench
+v2 collapse, far more than when the other channels go. If massive channels carry long-context
+work, removing them must hurt far more than removing as many random or least-salient ones. We
+repeat the test as a dose-response on RULER (§5) with the embedded model (SOURCES.md §9.25):
 
     conditions   original  nothing removed (n = 0), the reference
                  massive   the n channels of every head with the LARGEST statistic
                  least     the n channels of every head with the SMALLEST statistic
                  random    n random channels of every head (seeded), the control
-    dose         n = 1, 2, 4, 8, 16 channels per head (of D = 64), plus the write-up's two points:
-                 massive at round(0.3 D) (the rows LongAct trains) and least at round(0.7 D) (all
-                 non-massive channels); random at both sizes as their control.
+    dose         n = 1, 2, 4, 8, 16 per head, plus the write-up's two points: massive at
+                 round(0.3 D) and least at round(0.7 D), with random at both sizes.
 
-A channel is removed by zeroing it at the OUTPUT of q_proj / k_proj with forward hooks (no weight
-is edited; the hooks are removed in `finally`). Every condition is evaluated on the SAME RULER
-samples (`evaluate.evaluate_ruler` with one seed). One JSON line per (condition, n) is appended as
-soon as it is done, so an interrupted run resumes where it stopped.
-
-Choices (the write-up says neither how a channel is removed nor how many count as massive):
-  1. choice: removal = zero at the projection output, before RoPE and before Qwen3's q/k norm (the
-     site saliency.py measures). Jin et al. overwrite massive values with a mean instead (§1.5).
-  2. choice: the statistic is saliency.py's default (`seq_l2`) on essay-haystack calibration text
-     (tasks/haystack.py), computed once and saved next to the results.
-  3. choice: selection per head, as LongAct's mask (masking.build_masks with ratio n / D); a GQA
-     k_proj has fewer heads, same n per head. Sets are nested: the massive (least, random) set at n
-     contains the one at n' < n (random: the same seed for every n).
-  4. choice: RULER instead of LongBench v2 (not shipped offline, SOURCES.md §7); the default tasks
-     mix retrieval (niah), tracing (vt) and QA at 1024 tokens, 20 samples each.
-  5. choice: the score of a point is RULER's average over tasks (x100), per length.
+A channel is removed by zeroing it at the output of q_proj / k_proj with forward hooks (no weight
+is edited). Every condition sees the same RULER samples; one JSON line per (condition, n) is
+appended when done, so an interrupted run resumes where it stopped.
 
 Shapes: H heads, D head dim, C = H*D output channels of one q/k projection.
-
 Run:  python causal.py --out figures/causal/causal.jsonl                (the measurement; resumable)
       python causal.py --out figures/causal/causal.jsonl --summary      (table + causal.png)
       python causal.py --out /tmp/c.jsonl --tasks niah_single_1 --lengths 512 --samples 2 \
           --ns 1 --calib-len 256 --calib-samples 1                       (smoke run, minutes)
-Test: .venv/bin/python -m pytest -q tests/test_causal.py
 """
 
 import contextlib

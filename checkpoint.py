@@ -10,7 +10,7 @@ cleanly.
 A save writes ckpt.tmp/, fsyncs it, then renames it into place: at every instant ckpt/ (or
 ckpt.old/ during the swap) is a complete checkpoint, so a kill or a full disk while saving never
 loses the last good one. Under --fsdp every rank writes its shards (fsdp.save_checkpoint). The
-step lives in a small step.json; the state file loads to the CPU first (SOURCES.md §9, 34).
+step lives in a small step.json; the state file loads to the CPU first (SOURCES.md §9.34).
 
 Test: .venv/bin/python -m pytest -q tests/test_train.py
 """
@@ -32,8 +32,16 @@ RESUME_KEYS = ("model", "mask_strategy", "mask_schedule", "mask_semantics", "rat
                "per_head", "stats", "calib_len", "calib_samples", "seed", "algo", "lr",
                "weight_decay", "beta", "group_size", "prompts_per_step", "mini_batch_groups",
                "micro_groups", "mu", "warmup_steps", "optimizer", "precision", "kl_clamp",
-               "eps_high", "clip_eps", "aggregation")
+               "eps_high", "clip_eps", "aggregation", "train_scope")
+# Keys added after runs were saved without them: the value those runs had.
+ADDED_LATER = {"train_scope": "all"}
 
+
+
+def code_and_machine() -> dict:
+    """Saved in config.json: the commit of the code (a grid's runs must share one) and the CPU
+    (every timing names its machine)."""
+    return {"code_version": common.code_version(), "cpu": common.cpu_name()}
 
 
 def prepare_run(args) -> tuple[Path, int]:
@@ -47,19 +55,21 @@ def prepare_run(args) -> tuple[Path, int]:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "samples.jsonl", "eval.json"):
             (run_dir / name).unlink(missing_ok=True)
-        common.write_json_atomic(run_dir / "config.json", vars(args))
+        common.write_json_atomic(run_dir / "config.json", vars(args) | code_and_machine())
         return run_dir, 0
     run_dir = Path(args.resume)
     saved = json.loads((run_dir / "config.json").read_text())
-    changed = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS
-               if saved.get(k) != getattr(args, k)}
+    old = {k: saved.get(k, ADDED_LATER.get(k)) for k in RESUME_KEYS}
+    changed = {k: (old[k], getattr(args, k)) for k in RESUME_KEYS if old[k] != getattr(args, k)}
     if changed:
         raise SystemExit(f"refusing to resume {run_dir}: these settings differ from the saved run "
                          f"(saved -> now): {changed}. Start a new run or pass the same flags.")
     start = saved_step(checkpoint_dir(run_dir))
     for name in ("metrics.jsonl", "samples.jsonl"):  # rows a crash left past the checkpoint go
         drop_rows_from(run_dir / name, start)
-    common.write_json_atomic(run_dir / "config.json", vars(args) | {"resumed_at": start})
+    first = {k: saved.get(k) for k in ("code_version", "cpu")}  # where the run started
+    common.write_json_atomic(run_dir / "config.json", vars(args) | first | {
+        "resumed_at": start, "resumed_with": code_and_machine()})
     return run_dir, start
 
 
@@ -68,6 +78,12 @@ def drop_rows_from(path: Path, step: int) -> None:
     if path.exists():
         rows = [r for r in common.read_jsonl(path) if r["step"] < step]
         common.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def save_run(run, step: int) -> None:
+    """save_checkpoint of a train.Run."""
+    save_checkpoint(run.folder, run.model, run.tokenizer, run.optimizer, run.scheduler, step,
+                    run.args, run.masks_ref)
 
 
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, args,

@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -274,6 +275,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def code_version() -> str:
+    """The git commit of this code, with "-dirty" when tracked or new files differ from it; saved
+    with every run so that a grid can show that all of its runs came from one commit."""
+    root = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, check=True,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return sha + ("-dirty" if dirty else "")
 
 
 def cuda_native_bf16(device: str) -> bool:

@@ -1,37 +1,24 @@
 """
 dapo.py -- DAPO (arXiv 2503.14476; SOURCES.md §4) as a diff on grpo.py: one small function per
-change, each citing its section.
-
-Objective (DAPO §3, the boxed objective), advantages A_i as in GRPO (grpo.group_advantages):
+change, each citing its section. Advantages A_i are GRPO's (grpo.group_advantages); the objective
+(DAPO §3, the boxed objective) is
 
     loss = (1 / sum_i |o_i|) * sum_i sum_t -min(rho_i,t * A_i,
                                                 clip(rho_i,t, 1 - eps_low, 1 + eps_high) * A_i)
     over groups with 0 < #correct < G     (a kept group's rewards are not all equal)
 
-The changes from grpo.py (SOURCES.md §4 for the verl recipe):
-  1. Clip-Higher (§3.1): eps_high = 0.28 > eps_low = 0.2. A token with small probability p can only
-     rise to p * (1 + eps) before its gradient is clipped; a higher ceiling lets such tokens grow
-     and keeps entropy up.
-  2. Dynamic sampling (§3.2): `keep_informative_groups`. A group whose rewards are all equal has
-     A = 0 and gives no gradient, so it only shrinks the effective batch. The loop that refills the
-     batch is train.py's: sample more prompts until N informative groups are collected (the recipe
-     gives up after 10 generation batches), then keep N.
-  3. Token-level loss (§3.3): `dapo_loss` = grpo's "token-mean", its denominator the number of loss
-     tokens of the whole step's batch (`num_tokens`, from grpo.batch_counts): micro-batch losses
-     then add up to the full-batch loss, and a long answer's tokens weigh as much as a short one's.
-  4. Overlong reward shaping (§3.4): `overlong_penalty` (soft punishment, on in the recipe) adds to
-     the reward; `truncation_mask` (overlong filtering) drops truncated samples from the loss. Off
-     by default here, as in the verl recipe, which ships only the soft punishment.
-  Removed: the KL term (§2.3) -- a long-CoT policy is meant to move far from the initial model.
+The changes from grpo.py:
+  1. Clip-Higher (§3.1): eps_high 0.28 > eps_low 0.2, so low-probability tokens can grow and
+     entropy stays up.
+  2. Dynamic sampling (§3.2): `keep_informative_groups`; all-equal groups have A = 0 and give no
+     gradient. train.py's loop samples more prompts until N informative groups are collected.
+  3. Token-level loss (§3.3): `dapo_loss`, one denominator for the whole step's tokens
+     (grpo.batch_counts), so micro-batch losses add up to the full-batch loss.
+  4. Overlong reward shaping (§3.4): `overlong_penalty` (the recipe's soft punishment) adds to the
+     reward; `truncation_mask` (overlong filtering) drops truncated samples, off as in verl.
+  Removed: the KL term (§2.3).
 
-Worked example (tests/test_dapo.py::test_worked_example): the group of grpo.py, r = [1, 0, 0, 0]
--> A = [1.5, -0.5, -0.5, -0.5] (eps 0), lengths [1, 2, 3, 2] = 8 tokens, o_1's token at rho = 1.25:
-    DAPO: 1.25 < 1.28, unclipped: -1.25 * 1.5 = -1.875;
-          loss = (-1.875 + 0.5 * (2 + 3 + 2)) / 8 = 0.203125
-    GRPO token-mean: 1.25 > 1.2, clipped: -1.2 * 1.5 = -1.8 (zero gradient);
-          loss = (-1.8 + 3.5) / 8 = 0.2125
-Overlong penalty with the recipe's numbers (max_len 20480, buffer 4096, factor 1): 0 up to 16384
-tokens, -0.5 at 18432, -1 at 20480.
+A worked example (GRPO and DAPO on one group, by hand) is tests/test_dapo.py::test_worked_example.
 
 Shapes: N prompts (= groups), G group size, B = N*G completions, T completion tokens.
 Run the tests: .venv/bin/python -m pytest -q tests/test_dapo.py

@@ -5,7 +5,7 @@ rollout.py holds the plain version of the same thing; this file is the optimisat
 (`--engine hf`).
 
 One `generate` call decodes N prompts x G rows. Four things make it fast (SOURCES.md §8.3,
-§9 choice 18):
+§9.18):
   * each prompt is prefilled alone, unpadded, into a preallocated batch cache (`prefill`): no
     padding mask, so sdpa takes its plain causal kernel;
   * cascade attention (`CascadeCache`, `cascade_attention`): a group's G rows read its prompt's

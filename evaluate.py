@@ -4,32 +4,16 @@ evaluate.py -- what the model is asked, and the one scorer used for benchmark ta
 A `Sample` is one benchmark item ready to prompt and to score. `build_prompt_ids` turns it into the
 token ids the model sees (chat template, assistant header, answer prefix); `score(sample,
 completion)` maps a completion to [0, 1] for the RULER / LongBench v2 tables and for `train.py`'s
-reward alike, so the reward is the metric. The data lives in `tasks/` (RULER's generator, the essay
-haystack, LongBench v2's loader and prompts); this file builds Samples from it, runs a policy on
-them (`rollout.py` generates), and prints the tables.
+reward alike, so the reward is the metric. The data lives in `tasks/`; this file builds Samples
+from it, runs a policy on them (`rollout.py` generates), and prints the tables.
 
 RULER (SOURCES.md §5): string_match_all (niah, vt, cwe, fwe) and string_match_part (qa), after
 RULER's clean-up `scripts/eval/evaluate.py:postprocess_pred`; scores x100 with 2 decimals, greedy
 decoding. LongBench v2 (SOURCES.md §6): the letter extracted from "The correct answer is (X)"
 against the answer; temperature 0.1; the table of `result.py` (Overall, Easy, Hard, Short, Medium,
-Long).
-
-Qwen3's chat template has a thinking switch (SOURCES.md §8): with enable_thinking=False the template
-writes an empty `<think>\\n\\n</think>\\n\\n` after the assistant header, with True it stops at the
-header and the model opens its own reasoning block. We pass the switch explicitly; templates without
-it ignore the variable.
-
-Choices:
-  1. choice: thinking is off for RULER and for training prompts: RULER's answer prefix ("The special
-     magic number ... is") continues the assistant turn directly, and a reasoning block would sit
-     between the two. LongBench v2 can run either way (--thinking; tasks/longbench.py, choice 2 for
-     the budget and extraction).
-  2. choice: unparsed LongBench answers score 0 (result.py's default, no 0.25 credit for a guess).
-     result.py's medium bucket (which tests `== "short"` twice in the published version) is computed
-     correctly here.
-  3. choice: the command line picks its precision from the hardware (--precision auto, common.py):
-     bf16 weights where the device computes bf16 natively (the prefill of long prompts dominates and
-     bf16 halves its memory traffic), fp32 elsewhere; greedy answers differ only at near-ties.
+Long). Qwen3's thinking switch is passed explicitly (SOURCES.md §8.6): off for RULER and training
+(§9.19), either way for LongBench v2. Unparsed answers score 0 (§9.23); precision from the
+hardware (§9.17).
 
 Seeds: Samples are pure functions of (task, length, seed, index); evaluation seeds are <
 TRAIN_SEED_START (tasks/__init__.py). Sampled completions (LongBench's temperature 0.1) are seeded
@@ -39,7 +23,6 @@ Run:
     python evaluate.py --model smollm2-135m --bench ruler --lengths 1024 2048 --samples 20
     python evaluate.py --model smollm2-135m --bench longbench-v2 --data lb2.jsonl [--cot]
     python evaluate.py --model Qwen/Qwen3-4B --bench longbench-v2 --data lb2.jsonl --thinking
-Test: .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
 
 import re
@@ -121,7 +104,7 @@ def template_tokens(tokenizer, thinking: bool = False) -> int:
 
 def ruler_sample(tokenizer, task: str, length: int, seed: int = 0, index: int = 0) -> Sample:
     """One RULER sample fitted to `length` tokens of this tokenizer, chat template included
-    (thinking off, choice 1). Pure function of (tokenizer, task, length, seed, index); train.py uses
+    (thinking off, §9.19). Pure function of (tokenizer, task, length, seed, index); train.py uses
     seeds >= TRAIN_SEED_START."""
     encode = lambda text, prefix: build_prompt_ids(tokenizer, text, chat=True, answer_prefix=prefix)
     fields = ruler.ruler_item(tokenizer, task, length, seed, index, prompt_ids=encode)
@@ -203,7 +186,7 @@ def score(sample: Sample, completion: str) -> float:
 
 def longbench_table(records: list) -> dict:
     """result.py's table: percent correct (1 decimal) overall, by difficulty and by length class,
-    plus counts (choice 2)."""
+    plus counts (§9.23)."""
     def pct(rows):
         return round(100 * sum(r["judge"] for r in rows) / len(rows), 1) if rows else None
     table = {"overall": pct(records)}
@@ -399,7 +382,7 @@ def parse_args(argv=None):
                 f"{TRAIN_SEED_START}")
     if args.thinking and args.bench == "ruler":
         p.error("--thinking is for longbench-v2: RULER's answer prefix follows the assistant "
-                "header (choice 1)")
+                "header (SOURCES.md §9.19)")
     if args.thinking and args.cot:
         p.error("--thinking and --cot are exclusive: the reasoning block is the chain of thought")
     check_args(p, args)

@@ -88,14 +88,13 @@ def known(p, dest, values, choices) -> None:
 def model_window(model: str):
     """max_position_embeddings of a model from its config alone (None when it cannot be read
     without the network or a conversion): the bound of every length flag."""
-    import plan
     import policy
     if model in policy.EMBEDDED:
         config = policy.cache_dir() / model / "config.json"
         return json.loads(config.read_text()).get("max_position_embeddings") \
             if config.exists() else None
     try:
-        return getattr(plan.model_config(model), "max_position_embeddings", None)
+        return getattr(policy.model_config(model), "max_position_embeddings", None)
     except Exception:  # noqa: BLE001 -- a hub id offline: the load will say so
         return None
 

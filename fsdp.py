@@ -1,57 +1,24 @@
 """
 fsdp.py -- the same LongAct training sharded over N processes with PyTorch's FSDP2, masks exact.
 
-The idea. FSDP2 (`torch.distributed.fsdp.fully_shard`) cuts every parameter along dim 0 -- its
-rows -- into N contiguous blocks, one per rank (torch.chunk's rule: ceil(C / N) rows per rank, the
-last ranks get fewer or none), held as a DTensor with placement Shard(0). A row of W_Q / W_K is
-exactly LongAct's unit (SOURCES.md §1.3), so a (C,) row mask slices into one local (c,) mask per
-rank, and every masked operation of masking.py runs on the local rows only: no communication
-beyond what FSDP already does, and the update of one process (to fp32 rounding, note 8).
+FSDP2 (`torch.distributed.fsdp.fully_shard`) cuts every parameter along dim 0 -- its rows -- into
+N contiguous blocks, one per rank (torch.chunk's rule), held as a DTensor with placement Shard(0).
+A row of W_Q / W_K is exactly LongAct's unit (SOURCES.md §1.3), so a (C,) row mask slices into one
+local (c,) mask per rank, and every masked operation of masking.py runs on the local rows only: no
+communication beyond FSDP's own, and the update of one process to fp32 rounding. The paper says
+nothing about sharding; the choices are SOURCES.md §9.30 (units, summed gradients, masks after
+backward) and §9.37 (equal work per rank, global norm, checkpoints, torch version, exactness).
 
     torchrun --nproc-per-node N train.py ... --fsdp
     device = init_distributed(); shard_policy(model); AdamW(model.parameters())
     per step:  prompts = my_share(step_prompts)      # all ranks draw all prompts with one seed
                stats = saliency.finalize_state(reduce_qk_state(state))  # same masks everywhere
                counts = global_counts(mask)          # the loss divides by the WHOLE step's counts
-               loss.backward() per micro-batch       # FSDP sums the ranks' gradients (note 2)
+               loss.backward() per micro-batch       # FSDP sums the ranks' gradients
                mask_grads(model, masks)              # local rows; then clip_grad_norm_ (global)
                drift = masked_step(opt, model, masks, "frozen")
                row = mean_over_ranks(row); rank 0 (is_main()) logs it
     save_checkpoint / load_checkpoint (torch.distributed.checkpoint), export_hf for evaluation
-
-Choices (engineering: the paper says nothing about how its training was sharded, SOURCES.md §1):
-  1. Wrapping: each decoder layer is one FSDP unit; the decoder's remaining parameters (embedding,
-     final norm) and the LM head are ONE unit, `fully_shard([decoder, lm_head])`, because
-     rollout.completion_logprobs calls the decoder and the head directly (never the root's
-     forward) and tied embeddings must live in one unit; the root comes last. One tiny forward
-     through the root right after sharding makes it FSDP's root (the first module to run forward).
-  2. Gradients are SUMMED over ranks (`set_gradient_divide_factor(1.0)` with plain SUM
-     collectives), not averaged (FSDP's default). Each rank's loss already divides by the whole
-     step's counts (`global_counts`, grpo.py note 6), so the sum of the ranks' gradients is the
-     one-process gradient; averaging would divide it by N. (Equivalent: keep the average and
-     multiply every loss by N.)
-  3. Masks act on each rank's local shard AFTER backward: a tensor hook (`register_hook`) on a
-     sharded parameter never fires, because autograd computes the gradient of the unsharded
-     parameter and FSDP reduce-scatters it into the sharded `.grad`. "frozen" copies the local
-     rows outside the mask of the parameter and of every same-shape optimizer state tensor out
-     before `optimizer.step()` and back after (masking.masked_step's rule), so AdamW's weight decay
-     and momentum cannot move them. q/k bias rows follow their weight (masking.masked_params).
-  4. Equal work per rank, or the collectives mismatch and hang: every rank must run the same number
-     of micro-batches and group forwards, and the same number of LM-head chunks (`same_width` pads
-     the completions to the widest rank's). transformers' `generate` already keeps running
-     forwards until every rank is done (synced_gpus, switched on for FSDP-managed modules).
-  5. The grad norm: `torch.nn.utils.clip_grad_norm_` on DTensor gradients reduces over all ranks,
-     so clipping and the logged norm are global (tests/test_fsdp.py compares it with one process).
-  6. Checkpoints: torch.distributed.checkpoint writes each rank's shards in parallel; tested for
-     resuming with the same N. `export_hf` gathers the full state dict on rank 0 (CPU) and writes a
-     plain Hugging Face folder that loads without torch.distributed.
-  7. Minimum torch 2.13 (the version built and tested on): the grouped unit of note 1 runs its
-     decoder and its head in separate calls, which FSDP2 supports since PyTorch's "partial forward
-     of grouped modules" change of April 2026; fully_shard itself is public in
-     torch.distributed.fsdp since 2.6.
-  8. Exactness: one process vs N ranks agree to fp32 rounding, not bit for bit: FSDP reduces each
-     layer call's gradient separately and adds them in another order than autograd does in one
-     process. Rows outside the mask are bit-identical, as in one process.
 
 Shapes: C rows of a parameter (global), c rows on this rank, N ranks, B rows of a batch, T tokens.
 Test: .venv/bin/python -m pytest -q tests/test_fsdp.py   (2 gloo processes on the CPU, seconds)
@@ -77,7 +44,7 @@ from transformers import AutoModelForCausalLM
 import masking
 from common import model_device, swap_folder_in, world_size
 
-MIN_TORCH = (2, 13)  # note 7
+MIN_TORCH = (2, 13)  # §9.37
 
 
 # -----------------------------------------------------------------------------
@@ -94,7 +61,7 @@ def init_distributed(timeout_s: float = 600.0) -> str:
     ("cuda:<local rank>" or "cpu") for the model."""
     if torch_version() < MIN_TORCH:
         raise RuntimeError(f"--fsdp needs torch >= {'.'.join(map(str, MIN_TORCH))} "
-                           f"(fsdp.py note 7); this is {torch.__version__}")
+                           f"(SOURCES.md §9.37); this is {torch.__version__}")
     needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     missing = [k for k in needed if k not in os.environ]
     if missing:
@@ -158,7 +125,7 @@ def reduce_numbers(values: list, op: str = "sum") -> list:
 # sharding the policy
 
 def shard_policy(model, param_dtype: torch.dtype | None = None):
-    """fully_shard every decoder layer, then [decoder, lm_head] as one unit, then the root (note 1).
+    """fully_shard every decoder layer, then [decoder, lm_head] as one unit, then the root (§9.30).
 
     param_dtype: FSDP's mixed precision (e.g. torch.bfloat16: parameters all-gathered in bf16,
     gradients reduced in fp32); None computes in the parameters' dtype (use autocast as before).
@@ -176,10 +143,10 @@ def shard_policy(model, param_dtype: torch.dtype | None = None):
     fully_shard(model, mp_policy=mp)
     for m in model.modules():
         if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)  # note 2: sum the ranks' gradients,
+            m.set_gradient_divide_factor(1.0)  # §9.30: sum the ranks' gradients,
             m.set_force_sum_reduction_for_comms(True)  # as a plain SUM (gloo has no PREMUL_SUM)
     device = model_device(model)
-    with torch.no_grad():  # the first FSDP module to run forward becomes the root (note 1)
+    with torch.no_grad():  # the first FSDP module to run forward becomes the root (§9.30)
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     return model
 
@@ -279,7 +246,7 @@ def masked_step(optimizer, model, masks: dict, semantics: str = "frozen") -> flo
 def global_counts(mask: torch.Tensor) -> tuple:
     """(num_tokens, num_seqs) of the whole step over all ranks: grpo.batch_counts of this rank's
     (B, T) loss mask, all-reduced. With these as the loss's normalisers and summed gradients
-    (note 2), N ranks give the update of one process holding every rank's rows."""
+    (§9.30), N ranks give the update of one process holding every rank's rows."""
     lengths = mask.sum(-1)  # (B,)
     tokens, seqs = int(lengths.sum()), int((lengths > 0).sum())  # = grpo.batch_counts(mask)
     tokens, seqs = reduce_numbers([tokens, seqs])
@@ -287,7 +254,7 @@ def global_counts(mask: torch.Tensor) -> tuple:
 
 
 def same_count(n: int, what: str) -> None:
-    """Raise on every rank unless all ranks have the same `n` (note 4: unequal work hangs)."""
+    """Raise on every rank unless all ranks have the same `n` (§9.37: unequal work hangs)."""
     (lo,), (hi,) = reduce_numbers([n], "min"), reduce_numbers([n], "max")
     if lo != hi:
         raise ValueError(f"{what}: ranks differ ({lo} to {hi}; rank {rank()} has {n}); every rank "
@@ -314,7 +281,7 @@ def mean_over_ranks(row: dict) -> dict:
 
 
 def same_width(r, pad_id: int):
-    """A rollout right-padded (mask 0) to the widest completion over all ranks (note 4)."""
+    """A rollout right-padded (mask 0) to the widest completion over all ranks (§9.37)."""
     T = r.completion_ids.shape[1]
     T_all = int(reduce_numbers([T], "max")[0])
     if T_all == T:

@@ -11,41 +11,16 @@ token t of o_i:
     l_i,t   = -min(rho_i,t * A_i, clip(rho_i,t, 1 - clip_eps, 1 + clip_eps) * A_i) + beta * k3_i,t
     loss    = (1/B) * sum_i (1/|o_i|) * sum_t l_i,t        "seq-mean-token-mean", the paper's
 
-How our version relates to the paper and to TRL / verl (SOURCES.md §3.2-3.4):
-  1. Advantages follow TRL: Bessel-corrected std, eps 1e-4 (verl: 1e-6). `scale` is TRL's
-     `scale_rewards`: "group" (the paper), "batch" (std of all rewards of the step), "none"
-     (Dr. GRPO, arXiv 2503.20783: centring only).
-  2. Choice: a group whose rewards are all equal -- a group of one included -- gets advantage
-     exactly 0: nobody in it did better or worse than a peer. (verl gives a group of one mean 0,
-     std 1, i.e. its raw reward.)
-  3. Clip: symmetric clip_eps 0.2 (PPO, TRL). verl's "dual clip" for negative advantages
-     (clip_ratio_c) is left out.
-  4. KL: k3 with beta 0.04 (the paper); skipped entirely when beta == 0 or ref_logp is None, as TRL
-     does. Choice: each token's k3 is clamped to [-10, 10] by default, verl's `low_var_kl` (§3.3).
-     k3 grows like exp(ref - logp): ONE token whose policy log-prob fell 20 nats below the
-     reference gives k3 = e^20 - 21 = 4.85e8, which would swamp the loss of the whole batch;
-     clamped, it counts 10 and sends no gradient. `kl_clamp=None` is TRL's unclamped k3. The
-     metrics report `kl_max`, the largest UNclamped token k3, so outliers stay visible.
-  5. Aggregations (TRL name / verl name): "seq-mean-token-mean" (grpo / same) = the paper;
-     "token-mean" (bnpo, dapo / token-mean) = sum over all tokens / number of tokens;
-     "seq-mean-token-sum-norm" (dr_grpo / same) = sum over tokens / (number of sequences * max_len),
-     Dr. GRPO's removal of the 1/|o_i| length bias.
-  6. Micro-batch invariance: every aggregation is a sum over this call's rows divided by a count.
-     Pass the counts of the whole step's batch, `num_tokens, num_seqs = batch_counts(mask)` of
-     that batch, and call backward() on each micro-batch's loss with no extra scaling: the summed
-     gradient is then the full-batch gradient. token-mean needs num_tokens; the two seq-mean ones
-     need num_seqs. Left at None they are this call's own counts -- exact for one batch only (TRL's
-     "bnpo" normalises per micro-batch like that).
+Against TRL and verl (SOURCES.md §3.2-3.4; choices §9.10-9.12): TRL's Bessel std with eps 1e-4 and
+its `scale_rewards` (group, batch, none); an all-equal group gets advantage exactly 0; symmetric
+clip 0.2 without verl's dual clip; k3 clamped to [-10, 10] as verl's `low_var_kl` (one token far
+below the reference would otherwise swamp the batch), `kl_max` logging the unclamped largest;
+three aggregations (seq-mean-token-mean, token-mean, seq-mean-token-sum-norm). Micro-batch
+invariance: pass the whole step's counts (`batch_counts`) and call backward() on each
+micro-batch's loss unscaled; the summed gradient is then the full-batch gradient.
 
-Worked example (tests/test_grpo.py::test_worked_example): one group of G = 4, one correct answer.
-    r = [1, 0, 0, 0]: mean 0.25, Bessel std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
-    A = [0.75, -0.25, -0.25, -0.25] / 0.5 = [1.5, -0.5, -0.5, -0.5]    (1.49970, -0.49990, eps 1e-4)
-    lengths |o_i| = [1, 2, 3, 2]; first update (rho = 1), beta = 0, so every token's loss is -A_i:
-      seq-mean-token-mean      (1/4) * (-1.5 + 0.5 + 0.5 + 0.5)                 = 0
-      token-mean               (1/8) * (-1.5 + 2*0.5 + 3*0.5 + 2*0.5)           = 0.25
-      seq-mean-token-sum-norm  (-1.5 + 2*0.5 + 3*0.5 + 2*0.5) / (4 * max_len 4) = 0.125
-    The group cancels out per sequence; counted per token, its long wrong answers weigh more.
-    Had o_1's token rho = 1.5: its loss is -min(1.5 * 1.5, 1.2 * 1.5) = -1.8, zero gradient.
+A worked example (one group of 4, one correct answer, each aggregation by hand) is
+tests/test_grpo.py::test_worked_example.
 
 Shapes: N prompts (= groups), G group size, B = N*G completions, T completion tokens (right-padded)
 Run the tests: .venv/bin/python -m pytest -q tests/test_grpo.py
@@ -150,7 +125,7 @@ def k3_kl(logp, ref_logp, mask, clamp=None):
     """Per-token k3 = exp(d) - d - 1 with d = ref - logp: unbiased for KL(pi || ref), and >= 0.
 
     Schulman, "Approximating KL divergence" (2020); the GRPO paper's eq. 4. 0 on padding. (B, T).
-    clamp=c: verl's low_var_kl, k3 clamped to [-c, c] (note 4); clamped tokens get zero gradient.
+    clamp=c: verl's low_var_kl, k3 clamped to [-c, c] (§9.11); clamped tokens get zero gradient.
     """
     d = torch.where(mask, ref_logp.detach() - logp, 0.0)  # (B, T) the reference model is frozen
     if clamp is None:
@@ -162,7 +137,7 @@ def k3_kl(logp, ref_logp, mask, clamp=None):
 
 
 def aggregate(per_token, mask, aggregation, max_len=None, num_tokens=None, num_seqs=None):
-    """Reduce a (B, T) per-token loss (0 on padding) to a scalar. Counts: file docstring note 6."""
+    """Reduce a (B, T) per-token loss (0 on padding) to a scalar. Counts: §9.12."""
     lengths = mask.sum(-1)  # (B,) |o_i|
     num_tokens = int(lengths.sum()) if num_tokens is None else num_tokens
     num_seqs = int((lengths > 0).sum()) if num_seqs is None else num_seqs
@@ -189,7 +164,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
     """The GRPO loss of the file docstring. logp/old_logp/ref_logp/mask (B, T), advantages (B,).
 
     num_tokens / num_seqs: counts of the whole step's batch when this call sees a micro-batch
-    (note 6). kl_clamp: bound on each token's k3 (note 4; None = unclamped, as TRL).
+    (§9.12). kl_clamp: bound on each token's k3 (§9.11; None = unclamped, as TRL).
     Returns (loss scalar, metrics: clip_frac_low, clip_frac_high, ratio_mean, adv_mean, num_tokens,
     kl = mean token k3 as used in the loss, kl_max = largest unclamped token k3; both 0 without KL).
     """

@@ -1,61 +1,28 @@
 """
 masking.py -- LongAct step 2: from query/key statistics to the weight rows RL may update.
 
-The idea (SOURCES.md §1.3): output channel c of `q_proj` is computed by row c of `q_proj.weight`
-(shape (C, I)), so "update the weights behind the salient activations" means a row mask G per q/k
-matrix and the masked update
+Output channel c of `q_proj` is computed by row c of `q_proj.weight` (C, I), so "update the weights
+behind the salient activations" is a row mask G per q/k matrix (SOURCES.md §1.3):
 
     grad W_Q <- grad W_Q * G_Q,    grad W_K <- grad W_K * G_K,
 
-keeping round(0.3 * D) rows in EVERY head of every W_Q and W_K (a GQA k_proj has fewer heads, same
-rule). W_V, W_O, the MLPs and everything else train normally; the mask is not used at inference.
-A mask may be built once before RL, or every step from that step's statistics (SOURCES.md §1.4).
-
-    stats (saliency.py) --build_masks--> masks {module name: (C,) bool} --masked_step--> training
-
-What happens to rows OUTSIDE this step's mask is a choice the summaries leave open (SOURCES.md §1.4,
-§8). Zeroing their gradient does not keep them fixed: AdamW's decoupled decay `p *= 1 - lr * wd`
-touches every parameter that has a `.grad` (torch/optim/adamw.py), and Adam's moments carry the
-updates of earlier steps into rows whose gradient is zero today -- which matters once masks change
-from step to step. Two semantics, one line apart in `masked_step`:
-  * "frozen" (default): rows outside this step's mask are bit-identical after the step, parameter
-    AND optimizer state. We copy those rows out of the parameter and of every optimizer state tensor
-    of the parameter's shape (Adam's exp_avg / exp_avg_sq), call optimizer.step(), and copy them
-    back. Exact for any element-wise optimizer (AdamW, SGD momentum, a bf16 stochastic-rounding
-    AdamW), also for weight decay, with no special param group.
-  * "grad": only the gradient is masked; the optimizer does the rest, so momentum and weight decay
-    still move rows that are outside today's mask.
+keeping round(0.3 * D) rows in every head (SOURCES.md §9.5); W_V, W_O and the MLPs train
+normally. Masks are built once before RL or every step (§1.4, §9.6); strategies topk (LongAct),
+bottomk, random, all (§9.7, §9.9). Rows outside the mask (§9.8): AdamW's decay and momentum
+move rows whose gradient is zero (§8.1), so "frozen" (default) copies those rows of the parameter
+and of its same-shape optimizer state out, steps, and copies them back (bit-identical); "grad"
+masks only the gradient, the formula as written. `apply_train_scope` decides which weights train
+at all (§9.36).
 
 Each training step (train.py):
     masks = build_masks(stats, ratio=0.3, head_dim=D, seed=mix_seed(run_seed, step))
     optimizer.zero_grad(); for each micro-batch: (loss / n).backward()
-    mask_grads(model, masks)                    # both semantics: the masked gradient of the paper
-    clip_grad_norm_(model.parameters(), 1.0)    # the norm sees zeros outside the mask (intended)
-    drift = masked_step(optimizer, model, masks, "frozen")   # max |delta| of rows outside the mask
-
-Choices (the LongAct full text is not available to us; SOURCES.md §9):
-  1. choice: per head (`per_head=True`, default): round(ratio * D) rows of every head; whole-matrix
-     selection (round(ratio * C) rows) is an option. Ratio 0.3 (SOURCES.md §1.3).
-  2. choice: strategies "topk" (LongAct), "bottomk", "random", "all" (uniform updates: every row).
-     Random draws each matrix's rows from a generator seeded by mix_seed(seed, module name), so
-     matrices differ and dict order does not matter; pass a per-step seed to redraw every step.
-  3. choice: ties go to the lower channel index (stable sort).
-  4. choice: q/k bias rows (Qwen2) follow their weight's rows: bias c only feeds channel c.
-  5. choice ("frozen"): state tensors created during a step (the first step of a fresh optimizer)
-     are left as the optimizer made them; with masked gradients Adam makes zeros there. Adam's step
-     counter is one scalar per parameter, so a row that was frozen for some steps is bias-corrected
-     with the parameter's step count, not its own number of updates.
-  6. choice ("frozen"): rows of state tensors are copied only for element-wise state of the
-     parameter's shape; an optimizer with factored state (Adafactor) would need more.
-  7. Global grad-norm clipping sees zeros outside the mask: the clip factor comes from the trainable
-     gradients only. That is what "update only the salient rows" means.
-Cost of "frozen": a transient copy of the rows outside the mask, for the q/k parameters and each
-of their same-shape state tensors (for AdamW: 3 x (1 - ratio) x the q/k weights).
+    mask_grads(model, masks)                    # the masked gradient of the paper
+    clip_grad_norm_(model.parameters(), 1.0)    # the norm sees zeros outside the mask
+    drift = masked_step(optimizer, model, masks, "frozen")   # max |delta| outside the mask
 
 Shapes: H heads, D head dim, C = H*D output channels (rows) of one q/k matrix, I input features.
-
 Run:  python masking.py qk_stats.safetensors --ratio 0.3 --strategy topk [--out masks.safetensors]
-Test: .venv/bin/python -m pytest -q tests/test_masking.py
 """
 
 import argparse
@@ -71,6 +38,7 @@ from common import QK_SUFFIXES, atomic_path, load_stats_file, mix_seed, natural_
 # -----------------------------------------------------------------------------
 STRATEGIES = ("topk", "bottomk", "random", "all")  # the choice list; topk is LongAct
 SEMANTICS = ("frozen", "grad")  # what rows outside the mask do; frozen is the default
+SCOPES = ("all", "qk")  # which weights train at all (§9.36); "all" is the paper's
 DEFAULT_RATIO = 0.3  # LongAct's share of trainable rows (SOURCES.md §1.3)
 
 
@@ -206,6 +174,20 @@ def load_masks(path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- applying masks
+def apply_train_scope(model: torch.nn.Module, scope: str = "all") -> int:
+    """Which weights train at all; returns the number of trainable parameter elements.
+    "all" (the paper): every weight, LongAct masking only the q/k rows. "qk": only the q/k
+    projections' weights and biases, everything else frozen (`requires_grad=False`, so it gets
+    no gradient, no optimizer state, no weight decay): then the q/k rows are the only thing that
+    can learn, and which rows train is the whole question (SOURCES.md §9.36)."""
+    if scope not in SCOPES:
+        raise ValueError(f"train scope {scope!r}: expected one of {SCOPES}")
+    for name, p in model.named_parameters():  # tied weights appear once
+        module = name.rpartition(".")[0]
+        p.requires_grad_(scope == "all" or module.endswith(QK_SUFFIXES))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def check_masks(model: torch.nn.Module, masks: dict[str, Tensor],
                 require_all_qk: bool = True) -> None:
     """Raise ValueError naming the module and both shapes when masks do not fit the model.
@@ -242,7 +224,7 @@ def masked_params(model: torch.nn.Module, masks: dict[str, Tensor]) -> list:
         if bool(m.all()):
             continue
         module = model.get_submodule(name)
-        for pname in ("weight", "bias"):  # choice 4: bias row c follows weight row c
+        for pname in ("weight", "bias"):  # §9.7: bias row c follows weight row c
             p = getattr(module, pname, None)
             if isinstance(p, torch.nn.Parameter) and p.requires_grad:
                 out.append((f"{name}.{pname}", p, m.to(p.device)))
@@ -259,7 +241,7 @@ def mask_grads(model: torch.nn.Module, masks: dict[str, Tensor]) -> None:
 
 
 def _state_keys(optimizer, p) -> list:
-    """Keys of the optimizer's state tensors of p's shape (element-wise state, choice 6)."""
+    """Keys of the optimizer's state tensors of p's shape (element-wise state, §9.8)."""
     state = optimizer.state.get(p, {})
     return [k for k, t in state.items() if torch.is_tensor(t) and t.shape == p.shape]
 

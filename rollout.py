@@ -13,7 +13,7 @@ G = 8; SOURCES.md §1). Both halves of a step share that prompt:
     Exact: tests/test_rollout.py compares it with G full [prompt; completion] forwards.
 Sampling sees the distribution the loss scores (a complete GenerationConfig, the model's own
 swapped out); completion masks come from the position of the first EOS, never from
-`ids != pad` (pad == EOS for SmolLM2 and Qwen). Choices: SOURCES.md §9, 18 and 20.
+`ids != pad` (pad == EOS for SmolLM2 and Qwen). Choices: SOURCES.md §9.18, §9.20.
 
     sample_groups(model, tok, prompts, G, T)  -> Rollout: G completions per prompt
     completion_logprobs(model, rollout)       -> (B, T) log pi(y_t | x, y_<t), with gradients
@@ -86,7 +86,7 @@ def generation_config(max_new_tokens: int, temperature: float, top_p: float, pad
 
     Each field that could change the sampled distribution gets its neutral value explicitly; the
     fields whose "off" is None (min_p, suppress_tokens, sequence_bias, ...) stay None, which is why
-    `only_config` must also swap out the model's own generation_config (choice 5)."""
+    `only_config` must also swap out the model's own generation_config (SOURCES.md §9.18)."""
     sampling = temperature > 0
     return GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sampling,

@@ -1,57 +1,32 @@
 """
 saliency.py -- LongAct step 1: how large each query/key channel's activations are on long inputs.
 
-The idea (LongAct, arXiv 2604.14922; SOURCES.md §1.1): when an LLM reads a long context, a few
-channels of its query and key vectors carry much larger activations than the rest. Quantization
-work knows such outliers are the critical ones (AWQ's "salient channels"), and the massive-values
-study finds them in the low-frequency RoPE dims of Q and K (SOURCES.md §2). LongAct lets RL update
-only the weight rows behind those channels (`masking.py`).
-
-The statistic (SOURCES.md §1.2; from third-party summaries, not the paper's own text): per head h
-and head dim d,
+When an LLM reads a long context, a few channels of its query and key vectors carry much larger
+activations than the rest (LongAct, arXiv 2604.14922; SOURCES.md §1.1, §2: AWQ's salient
+channels, the massive values of Q and K in low-frequency RoPE dims). LongAct lets RL update only
+the weight rows behind those channels (`masking.py`). The statistic (SOURCES.md §1.2, from
+third-party summaries), per head h and head dim d:
 
     M_{h,d} = (1/B) sum_i sqrt( sum_s Q_{i,s,h,d}^2 )        (the same for K)
 
 the L2 norm over the positions s of each sequence i, averaged over the B sequences. With
 q = x @ W_q.T (+ b_q), output channel c = h*D + d is row c of W_q: one number per weight row.
-We hook the output of every `q_proj` / `k_proj` and reduce on the fly (no activation is stored):
-  * in a calibration pass:  collect_qk_stats(model, batches)   (a static mask, computed once), or
+Hooks on every `q_proj` / `k_proj` output reduce on the fly (no activation is stored):
+  * a calibration pass:  collect_qk_stats(model, batches)   (a static mask, computed once), or
   * around the rollout's prefill, every RL step, without an extra forward (SOURCES.md §1.4):
         hook, state = prefill_collector(model)           # a fresh state per step
         rollout.sample_groups(..., prefill_hook=hook)    # may run several times a step (DAPO)
         stats = finalize_state(state)                    # {name: (C,) float32}
-
-Choices (the paper's full text is not available to us; SOURCES.md §9):
-  1. choice: hook the projection OUTPUTS (before RoPE and before Qwen3's q_norm/k_norm): channel c
-     is exactly row c of the weight `masking.py` selects. RoPE rotates pairs (d, d + D/2) and keeps
-     each pair's norm, so pair-level magnitudes are the same after it.
-  2. choice: the default statistic `seq_l2` is M above. Options: `mean_abs` (AWQ's score: mean |x|
-     over all real tokens), `l2` (one L2 norm over all real tokens of all sequences), `max_abs`.
-  3. choice: calibration text = windows of RULER's essay haystack (`tasks/haystack.py`), 8 x 2048
-     tokens by default, raw text without a chat template: the paper says "long contexts".
-  4. choice: every accumulator is float32; bf16 activations (autocast) are cast before any sum.
-  5. choice: padding is excluded through the attention mask and positions come from the mask (as
-     `generate` numbers left-padded rows), so a padded sequence gives its unpadded statistics.
-     `seq_l2` counts a sequence only if it has a real token, and needs whole sequences per call.
-  6. choice: the calibration pass runs the base model (`model.base_model`), without the LM head.
-  7. choice: per-step statistics see what the prefill sees: each prompt once (not once per group
-     member) minus its last token, and no completion tokens -- the prompt is the long context.
-     Under DAPO they cover every generation batch of the step, also groups dropped afterwards.
-  8. choice: "concentration" = share of a matrix's summed statistic held by the channels a 30% mask
-     keeps (per head by default, as `masking.build_masks`); 0.30 would mean none. Where the top
-     channels sit: their share in the low-frequency half of RoPE's frequencies (0.5 = even).
+Choices (the hook site, the statistic and its options, the inputs, fp32 accumulation, padding):
+SOURCES.md §9.1-9.4. The concentration table and heatmaps: experiments/concentration.py.
 
 Shapes: B sequences, T tokens, L layers, H heads (KV heads for k_proj), D head dim, C = H*D
         channels, N non-padding tokens.
-
 Run:  python saliency.py --model smollm2-135m --seq-len 2048 --num-samples 8 \
           --out qk_stats.safetensors --plot qk_saliency.png
-      (forward only; figures/qk_saliency.txt holds the output of a run with --stat mean_abs)
-Test: .venv/bin/python -m pytest -q tests/test_saliency.py
 """
 
 import contextlib
-import re
 import time
 from pathlib import Path
 
@@ -60,9 +35,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import flags
-from common import (PRECISIONS, QK_SUFFIXES, atomic_path, autocast, choose_precision,
-                    head_dim_of, load_stats_file, model_device, natural_key,
-                    positions_from_mask, qk_modules)
+from common import (PRECISIONS, atomic_path, autocast, choose_precision, head_dim_of,
+                    load_stats_file, model_device, positions_from_mask, qk_modules)
+from experiments.concentration import concentration, format_table, plot_stats
+from masking import DEFAULT_RATIO
 from policy import load_policy
 from tasks.haystack import calibration_prompts
 
@@ -71,7 +47,6 @@ from tasks.haystack import calibration_prompts
 
 STATS = ("seq_l2", "mean_abs", "l2", "max_abs")  # the choice list; the first is the default
 DEFAULT_STAT = STATS[0]
-DEFAULT_RATIO = 0.3  # LongAct's share of trainable Q/K rows (SOURCES.md §1.3)
 
 # -----------------------------------------------------------------------------
 # pure functions: the streaming reduction
@@ -110,14 +85,14 @@ def update_stats(acc: dict, x: torch.Tensor, mask, stat: str = DEFAULT_STAT) -> 
     B, T, C = x.shape
     if mask is not None and tuple(mask.shape) != (B, T):
         raise ValueError(f"attention mask has shape {tuple(mask.shape)}, activations {(B, T, C)}")
-    x = x.detach().float()  # (B, T, C) fp32 before any sum (choice 4); stays on its device
+    x = x.detach().float()  # (B, T, C) fp32 before any sum (§9.4); stays on its device
     keep = (torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None
             else mask.to(device=x.device, dtype=torch.bool))  # (B, T)
     tokens = int(keep.sum())
     if tokens == 0:  # an all-padding batch adds nothing (and amax of an empty tensor would fail)
         return dict(acc)
     prev = acc["value"].to(x.device)  # (C,) the accumulator follows the activations (GPU stays GPU)
-    real_seqs = keep.any(dim=1)  # (B,) sequences with at least one real token (choice 5)
+    real_seqs = keep.any(dim=1)  # (B,) sequences with at least one real token (§9.4)
     if stat == "seq_l2":
         x = x.masked_fill(~keep[..., None], 0.0)  # (B, T, C) inf/NaN in padding cannot leak
         value = prev + x.square().sum(dim=1)[real_seqs].sqrt().sum(dim=0)  # (B, C) -> (C,)
@@ -146,107 +121,6 @@ def finalize(acc: dict, stat: str = DEFAULT_STAT) -> torch.Tensor:
     if stat == "l2":
         return value.sqrt()  # one L2 norm over every token seen
     return value.clone()
-
-
-# -----------------------------------------------------------------------------
-# pure functions: analysis of finished statistics
-
-
-def layer_pairs(stats: dict) -> list:
-    """[(layer prefix, q name, k name)] in layer order; a side is None when a layer lacks it."""
-    prefixes = {n[:-len(s)] for n in stats for s in QK_SUFFIXES if n.endswith(s)}
-    pick = lambda p, s: p + s if p + s in stats else None  # noqa: E731
-    return [(p, pick(p, "q_proj"), pick(p, "k_proj")) for p in sorted(prefixes, key=natural_key)]
-
-
-def top_channels(s: torch.Tensor, ratio: float, head_dim: int, per_head: bool) -> torch.Tensor:
-    """Channel ids a `ratio` mask keeps (as masking.build_masks; ties go to the lower index)."""
-    C = s.numel()
-    n = head_dim if per_head else C
-    k = round(ratio * n)
-    grouped = s.float().view(C // n, n)  # (H, D) per head, or (1, C)
-    order = torch.sort(grouped, dim=1, descending=True, stable=True).indices  # (H, n)
-    offsets = torch.arange(0, C, n).unsqueeze(1)  # (H, 1) first channel of each group
-    return (order[:, :k] + offsets).flatten()  # (H*k,)
-
-
-def concentration(stats: dict, ratio: float = DEFAULT_RATIO, *, head_dim: int,
-                  per_head: bool = True):
-    """How concentrated each matrix's statistic is, and where its top channels sit (choice 8).
-
-    Returns (per_module, metrics). per_module[name] holds:
-      top_share       share of sum(stat) held by the channels a `ratio` mask keeps (flat: ratio)
-      dim_hist        (D,) how many top channels have dim index d = c % D (summed over heads)
-      mean_freq_index mean RoPE frequency index d mod (D/2) of the top channels; in HF's
-                      rotate_half layout d and d + D/2 share one frequency; higher = lower
-      low_freq_share  share of top channels with frequency index >= D/4 (0.5 = no preference)
-    metrics: the mean of each scalar over the q and over the k matrices ("q_top_share", ...).
-
-    Example: head_dim 4, stats {"...q_proj": [1, 1, 1, 7]}, ratio 0.25 -> one top channel, c = 3:
-      top_share 7/10 = 0.7, dim_hist [0, 0, 0, 1], frequency index 3 mod 2 = 1 -> low_freq_share 1.
-    """
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    half = head_dim // 2
-    per_module = {}
-    for name, s in stats.items():
-        if s.numel() % head_dim:
-            raise ValueError(f"{name}: {s.numel()} channels do not split into heads of {head_dim}")
-        top = top_channels(s, ratio, head_dim, per_head)  # (k,)
-        d = top % head_dim  # (k,) dim inside the head
-        freq = d % half  # (k,) RoPE frequency index, 0 = fastest rotation
-        per_module[name] = {
-            "top_share": (s[top].sum() / s.sum()).item(),
-            "dim_hist": torch.bincount(d, minlength=head_dim),  # (D,)
-            "mean_freq_index": freq.float().mean().item(),
-            "low_freq_share": (freq >= half // 2).float().mean().item(),
-        }
-    metrics = {}
-    for side in ("q", "k"):
-        rows = [v for n, v in per_module.items() if n.endswith(f"{side}_proj")]
-        for key in ("top_share", "mean_freq_index", "low_freq_share"):
-            if rows:
-                metrics[f"{side}_{key}"] = sum(r[key] for r in rows) / len(rows)
-    return per_module, metrics
-
-
-def top_dims(hist: torch.Tensor, n: int = 3) -> str:
-    """The n dims holding the most top channels, e.g. '63,31,62' (ties: the lower index)."""
-    order = sorted(range(hist.numel()), key=lambda d: (-int(hist[d]), d))[:n]
-    return ",".join(str(d) for d in order)
-
-
-def _cells(row: dict | None) -> tuple:
-    """(top share, low-freq share, top dims) of one matrix as strings; dashes if it is missing."""
-    if row is None:
-        return "-", "-", "-"
-    return f"{row['top_share']:.3f}", f"{row['low_freq_share']:.2f}", top_dims(row["dim_hist"])
-
-
-def _row(cells) -> str:
-    """One table line: the layer label left-aligned, then right-aligned columns."""
-    widths = (6, 10, 10, 11, 11, 14, 14)
-    return "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
-                   for i, (c, w) in enumerate(zip(cells, widths)))
-
-
-def format_table(per_module: dict, metrics: dict, ratio: float, head_dim: int) -> str:
-    """The per-layer table the CLI prints: top share, low-frequency share and top dims of q, k."""
-    pct = f"top{round(100 * ratio)}%"
-    head = ("layer", f"q {pct}", f"k {pct}", "q lowfreq", "k lowfreq", "q top dims", "k top dims")
-    lines = [_row(head)]
-    for i, (prefix, q, k) in enumerate(layer_pairs(per_module)):
-        m = re.search(r"(\d+)\.\w*\.?$", prefix)  # "model.layers.12.self_attn." -> "12"
-        (qs, ql, qd), (ks, kl, kd) = _cells(per_module.get(q)), _cells(per_module.get(k))
-        lines.append(_row((m.group(1) if m else str(i), qs, ks, ql, kl, qd, kd)))
-    mean = [format(metrics[k], ".3f" if "top" in k else ".2f") if k in metrics else "-"
-            for k in ("q_top_share", "k_top_share", "q_low_freq_share", "k_low_freq_share")]
-    lines.append(_row(("mean", *mean)))
-    lines.append(f"flat saliency would give {ratio:.3f} and 0.50. lowfreq = share of the top "
-                 f"channels whose RoPE frequency index (d mod {head_dim // 2}) is >= "
-                 f"{head_dim // 4};\ntop dims = the dims d = c mod {head_dim} that hold the most "
-                 f"top channels, summed over heads.")
-    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -330,7 +204,7 @@ def qk_hooks(model, stat: str = DEFAULT_STAT, state: dict | None = None):
 
 
 def prefill_collector(model, stat: str = DEFAULT_STAT):
-    """(hook, state): per-step statistics from the rollout's prefill, no extra forward (choice 7).
+    """(hook, state): per-step statistics from the rollout's prefill, no extra forward (§9.3).
 
     `hook(attention_mask)` is a context manager: inside it, every q/k output is folded into `state`
     with that (N, P) mask; on exit the hooks are gone, so decoding steps are not counted. Every call
@@ -361,17 +235,18 @@ def collect_qk_stats(model, batches, stat: str = DEFAULT_STAT) -> dict:
     """Run `model` over `batches` and return {q/k module name: (C,) float32 statistic}.
 
     batches: iterable of dicts with "input_ids" (B, T), optionally "attention_mask" (B, T).
-    Autocast is the caller's choice (the CLI uses bf16); the accumulators are float32 either way.
+    Autocast is the caller's choice (the CLI picks it from the hardware); the accumulators are
+    float32 either way.
     """
     device = model_device(model)
-    body = model.base_model  # the transformer without the LM head (choice 6)
+    body = model.base_model  # the transformer without the LM head (§9.4)
     with qk_hooks(model, stat) as state:
         for batch in batches:
             ids = batch["input_ids"].to(device)  # (B, T)
             mask = batch.get("attention_mask")
             mask = None if mask is None else mask.to(device)  # (B, T)
             state["mask"] = mask
-            pos = None if mask is None else positions_from_mask(mask)  # (B, T) (choice 5)
+            pos = None if mask is None else positions_from_mask(mask)  # (B, T) (§9.4)
             body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     return finalize_state(state)
 
@@ -383,47 +258,6 @@ def make_batches(prompts: list, batch_size: int):
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def plot_stats(stats: dict, head_dim: int, path, title: str = "") -> None:
-    """Heatmaps layer x channel (left) for q (top row) and k (bottom row); right: folded over heads.
-
-    Each layer's row is divided by its mean, so layers of different scale share one log scale.
-    matplotlib is imported here so the rest of the file works without it.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    fig, axes = plt.subplots(2, 2, figsize=(15, 9), gridspec_kw={"width_ratios": [3, 1]})
-    for r, side in enumerate(("q", "k")):
-        names = [q if side == "q" else k for _, q, k in layer_pairs(stats)]
-        grid = torch.stack([stats[n].float() for n in names if n])  # (L, C)
-        grid = grid / grid.mean(dim=1, keepdim=True).clamp_min(1e-12)  # (L, C) / layer mean
-        L, C = grid.shape
-        folded = grid.view(L, C // head_dim, head_dim).mean(dim=1)  # (L, D) mean over heads
-        panels = ((grid, f"{side}_proj output channel c (head = c // {head_dim})"),
-                  (folded, f"dim d within head (d, d+{head_dim // 2}: same frequency)"))
-        for c, (img, xlab) in enumerate(panels):
-            lim = 10.0 if c == 0 else 4.0  # a decade around the mean; head averages spread less
-            ax = axes[r, c]
-            im = ax.imshow(img.clamp(1 / lim, lim).numpy(), aspect="auto", interpolation="nearest",
-                           cmap="magma", norm=LogNorm(vmin=1 / lim, vmax=lim))
-            step = head_dim if c == 0 else head_dim // 2  # head boundaries / rotate_half halves
-            for x in range(step, img.shape[1], step):
-                ax.axvline(x - 0.5, color="white", lw=0.6, alpha=0.7)
-            ax.set_xlabel(xlab)
-            ax.set_ylabel("layer")
-            ax.set_title(f"{side}_proj: {'per channel' if c == 0 else 'mean over heads'}")
-            fig.colorbar(im, ax=ax, label="stat / layer mean" if c == 1 else None)
-    fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
-    finally:
-        plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -432,15 +266,15 @@ def parse_args(argv=None):
     p = flags.Parser(description="LongAct step 1: q/k channel statistics on long text.")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or HF folder")
-    g.add_argument("--seq-len", type=int, default=2048, help="tokens per prompt (choice 3)")
+    g.add_argument("--seq-len", type=int, default=2048, help="tokens per prompt (§9.3)")
     g.add_argument("--num-samples", type=int, default=8, help="number of calibration prompts")
     g.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass")
     g.add_argument("--seed", type=int, default=0, help="picks the essay windows")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="bf16 autocast where the device has native bf16, else fp32 (choice 4)")
+                   help="bf16 autocast where the device has native bf16, else fp32 (§9.17)")
     g = p.add_argument_group("statistic and outputs")
-    g.add_argument("--stat", choices=STATS, default=DEFAULT_STAT, help="statistic (choice 2)")
+    g.add_argument("--stat", choices=STATS, default=DEFAULT_STAT, help="statistic (§9.2)")
     g.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="top share in the table")
     g.add_argument("--out", default="qk_stats.safetensors", help="where the statistics are written")
     g.add_argument("--plot", default=None, help="optional heatmap image (needs matplotlib)")

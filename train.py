@@ -17,7 +17,8 @@ Per RL step (`rl_step`), as the paper describes it:
                 (rows outside the step's mask stay bit-identical)            grpo.py, dapo.py
 and RULER at the training length and at 2x it, before and after. Lines that make this LongAct rather
 than plain GRPO/DAPO carry the tag `# [LongAct]`. Choices where the paper is silent: SOURCES.md
-§9, items 6, 15-17, 24, 26-28, 32. Checks before loading: preflight.py; checkpoints: checkpoint.py.
+§9, items 6, 15-17, 24, 26-28, 32, 36. Checks before loading: preflight.py; checkpoints:
+checkpoint.py.
 Outputs in --out-dir/RUN: config.json, qk_stats.safetensors, masks.safetensors (static mask),
 metrics.jsonl (one line per step), samples.jsonl, eval.json, phases.json, ckpt/.
 """
@@ -46,6 +47,7 @@ import policy
 import preflight
 import rollout
 import saliency
+import timeplan
 from tasks import haystack
 from tasks.train_data import draw_samples, load_train_data, read_train_rows
 
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step: masks from each step's prompts; static: from calibration text once")
     g.add_argument("--mask-semantics", default="frozen", choices=masking.SEMANTICS,
                    help="frozen: rows outside the mask do not move at all; grad: masked gradient")
+    g.add_argument("--train-scope", default="all", choices=masking.SCOPES,
+                   help="weights that train: all (the paper) or only q/k (a positive control)")
     g.add_argument("--ratio", type=float, default=0.3, help="share of rows per head that train")
     g.add_argument("--stat", default=saliency.STATS[0], choices=saliency.STATS, help="saliency")
     g.add_argument("--per-head", action=argparse.BooleanOptionalAction, default=True,
@@ -205,7 +209,7 @@ def parse_args(argv=None):
 # model, reference, optimizer
 
 def reference_model(args):
-    """GRPO's KL reference: the initial policy, frozen (choice 4). fp32 on a CPU, so the KL is
+    """GRPO's KL reference: the initial policy, frozen (§9.15). fp32 on a CPU, so the KL is
     exactly 0 before the first update; bf16 on a GPU, where it only runs forwards under bf16
     autocast anyway and halves its memory (8 GB instead of 16 GB for Qwen3-4B): there the step-0
     KL is small but not exactly 0 (norms and residuals round differently)."""
@@ -340,7 +344,7 @@ def accumulate_gradients(model, r, groups, adv, mask, old, ref, args, autocast) 
     the mini-batch's counts, so their gradients add up to the mini-batch gradient."""
     G, device = r.group_size, mask.device
     rows = rollout.group_rows(groups, G, device)  # (b,) the mini-batch's rows
-    # the loss divides by the mini-batch's counts over every rank (fsdp.py note 2)
+    # the loss divides by the mini-batch's counts over every rank (SOURCES.md §9.30)
     counts = fsdp.global_counts(mask[rows]) if args.fsdp else grpo.batch_counts(mask[rows])
     stats = []
     for i in range(0, len(groups), args.micro_groups):
@@ -476,6 +480,15 @@ def before_eval(run) -> dict:
     return scores
 
 
+STEP_LINE = ("step {step:4d} | reward {reward:.3f} acc {acc:.3f} len {len:5.1f} trunc "
+             "{frac_truncated:.2f} eq-groups {frac_all_equal:.2f} | loss {loss:+.4f} clip "
+             "{clip_frac_low:.3f}/{clip_frac_high:.3f} kl {kl:.4f} (max {kl_max:.2f}) gnorm "
+             "{grad_norm:.3f} lr {lr:.1e} | qk {qk_trainable:.2f} J-prev {mask_jaccard_prev:.2f} "
+             "J-0 {mask_jaccard_step0:.2f} | t sample {t_sample:.1f}s update {t_update:.1f}s")
+UPDATE_KEYS = dict.fromkeys(("loss", "clip_frac_low", "clip_frac_high", "kl", "kl_max",
+                             "grad_norm", "lr"), 0.0)  # 0 on a step that did not update
+
+
 def log_step(run_dir: Path, row: dict, args) -> None:
     """One line per step on stdout, the same as JSON in metrics.jsonl. Under --fsdp the numbers
     are averaged over ranks (each describes its share), the largest KL is the largest."""
@@ -484,16 +497,7 @@ def log_step(run_dir: Path, row: dict, args) -> None:
         row = fsdp.mean_over_ranks(row) | {"kl_max": kl_max, "step": row["step"]}
     if not fsdp.is_main():
         return
-    tqdm.write(
-        f"step {row['step']:4d} | reward {row['reward']:.3f} acc {row['acc']:.3f} "
-        f"len {row['len']:5.1f} trunc {row['frac_truncated']:.2f} "
-        f"eq-groups {row['frac_all_equal']:.2f} | loss {row.get('loss', 0):+.4f} "
-        f"clip {row.get('clip_frac_low', 0):.3f}/{row.get('clip_frac_high', 0):.3f} "
-        f"kl {row.get('kl', 0):.4f} (max {row.get('kl_max', 0):.2f}) "
-        f"gnorm {row.get('grad_norm', 0):.3f} lr {row.get('lr', 0):.1e} | "
-        f"qk {row['qk_trainable']:.2f} J-prev {row['mask_jaccard_prev']:.2f} "
-        f"J-0 {row['mask_jaccard_step0']:.2f} | t sample {row['t_sample']:.1f}s "
-        f"update {row['t_update']:.1f}s")
+    tqdm.write(STEP_LINE.format_map(UPDATE_KEYS | row))
     common.append_jsonl(run_dir / "metrics.jsonl", row)
 
 
@@ -547,6 +551,7 @@ def load_model(args, run_dir: Path):
     else:
         source = str(checkpoint.checkpoint_dir(run_dir)) if args.resume else args.model
         model, tokenizer = policy.load_policy(source, dtype=dtype, device=args.device)
+    masking.apply_train_scope(model, args.train_scope)  # before the optimizer sees the params
     if args.grad_checkpointing:  # before sharding (fsdp.py)
         model.activation_checkpointing_enable({"use_reentrant": False})
     return (fsdp.shard_policy(model) if args.fsdp else model), tokenizer
@@ -586,12 +591,12 @@ def main(argv=None):
                 write_evals(run.folder, evals)
             stopping = bool(fsdp.reduce_numbers([int(stop.set)], "max")[0])  # all ranks agree
             if stopping or (args.save_every and (step + 1) % args.save_every == 0):
-                save(run, step + 1)
+                checkpoint.save_run(run, step + 1)
                 saved = step + 1
             if stopping:
                 return run.folder
     if saved != args.steps:  # the last step's checkpoint, unless the loop just wrote it
-        save(run, args.steps)
+        checkpoint.save_run(run, args.steps)
     if args.fsdp:  # a plain Hugging Face folder of the trained policy, for evaluation
         fsdp.export_hf(run.model, run.tokenizer, run.folder / "final")
     if args.eval:
@@ -603,11 +608,6 @@ def main(argv=None):
     return run.folder
 
 
-def save(run, step: int) -> None:
-    checkpoint.save_checkpoint(run.folder, run.model, run.tokenizer, run.optimizer, run.scheduler,
-                               step, run.args, run.masks_ref)
-
-
 def announce(run) -> None:
     """The plan's sizing reasons and the run's one-line summary (main rank)."""
     if not fsdp.is_main():
@@ -616,8 +616,8 @@ def announce(run) -> None:
     for flag, why in a.plan_reasons.items():
         print(f"--{flag.replace('_', '-')} {why}")
     print(f"run {run.folder} | {a.algo} | mask {a.mask_strategy} ({a.mask_schedule}, "
-          f"{a.mask_semantics}) ratio {a.ratio} | B={a.prompts_per_step} G={a.group_size} | "
-          f"steps {run.start}..{a.steps}", flush=True)
+          f"{a.mask_semantics}) ratio {a.ratio}, trains {a.train_scope} | B={a.prompts_per_step} "
+          f"G={a.group_size} | steps {run.start}..{a.steps}", flush=True)
 
 
 def finish(run, phases: dict, t0: float) -> None:
@@ -638,7 +638,8 @@ def show_config_or_plan(args):
     for flag, why in getattr(args, "plan_reasons", {}).items():
         print(f"--{flag.replace('_', '-')} {why}")
     if args.plan:
-        return plan.print_plan(args)
+        plan.print_plan(args)
+        return timeplan.print_time_plan(args)
     width = max(map(len, vars(args)))
     for k, v in sorted(vars(args).items()):
         print(f"{k:<{width}}  {v}")

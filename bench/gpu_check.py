@@ -48,6 +48,7 @@ import optim
 import plan
 import policy
 import rollout
+import timeplan
 import train
 from common import write_json_atomic, write_text_atomic
 
@@ -174,11 +175,11 @@ def random_rollout(args, config, device, gen):
 def check_model(name: str, device, dry: bool, seed: int = 0) -> dict:
     """Build policy + reference + optimizer as train.py does, then parts (b), (c), (d)."""
     args = paper_args(name, device, dry)
-    config = transformers.Qwen3Config(**TINY[name]) if dry else plan.model_config(args.model)
+    config = transformers.Qwen3Config(**TINY[name]) if dry else policy.model_config(args.model)
     s = plan.settings_for_args(args)
     rows = plan.plan(config, s)
     peaks = plan.memory_peaks(rows)
-    times = {r["phase"]: r["seconds"] for r in plan.time_plan(
+    times = {r["phase"]: r["seconds"] for r in timeplan.time_plan(
         config, s, 1, 1, False, {max(args.eval_lengths): s.eval_batch}, 1)}
     sample_s = dataclasses.replace(s, new_tokens=SAMPLE_TOKENS if not dry else 4)
     out = dict(model=name, preset=PRESETS[name], optimizer=args.optimizer,
@@ -218,7 +219,7 @@ def check_model(name: str, device, dry: bool, seed: int = 0) -> dict:
         with part(records, f"(c) sampling: {n} groups x {args.group_size} rows, "
                   f"{sample_s.new_tokens} new tokens", device,
                   plan.memory_peaks(plan.plan(config, sample_s))["sampling"],
-                  plan.time_plan(config, sample_s, n, 1, False, {}, 0)[0]["seconds"]) as rec, \
+                  timeplan.time_plan(config, sample_s, n, 1, False, {}, 0)[0]["seconds"]) as rec, \
                 autocast():
             ro = rollout.sample_groups(model, IdTokenizer(config), prompts, args.group_size,
                                        sample_s.new_tokens, seed=seed)

@@ -8,23 +8,15 @@ Two parts, on the embedded SmolLM2-135M-Instruct:
                grad    mask_grads + masked_step(..., "grad")     (masked gradient only)
                frozen  mask_grads + masked_step(..., "frozen")   (rows outside copied back,
                        parameter and AdamW moments)
-             A fresh per-head top-30% mask is built every step from random statistics (the cost
-             of build_masks is part of "grad" and "frozen"). Reported: the whole step, and the
-             update alone (masking + clip + optimizer step), where the difference lives.
-  2. prefill the decoder over the prompt, as rollout prefills it, with and without
-             saliency.prefill_collector's hooks (the per-step statistic at no extra forward),
-             plus finalize_state.
+             A fresh per-head top-30% mask is built every step (its cost is part of "grad" and
+             "frozen"). Reported: the whole step, and the update alone (masking + clip + step).
+  2. prefill the decoder over the prompt with and without saliency.prefill_collector's hooks
+             (the per-step statistic at no extra forward), plus finalize_state.
 
-Choices:
-  1. The masks come from random statistics: the cost depends on the mask's shape (the number of
-     rows outside), not on which rows they are.
-  2. Each variant has its own AdamW over the same parameters; lr 1e-6 keeps the model sane.
-  3. Interleaved timing: every round runs each variant once, alternating the order, after one
-     untimed warm-up round; medians are reported with the ratios to "plain" / "no hooks".
-  4. fp32 by default; --bf16 runs forward + backward under bf16 autocast (whether that is faster
-     depends on the CPU: the capability printed below says whether it has native bf16).
-  5. Threads: on a shared machine several OpenMP threads wait on each other; use --threads 1.
+Medians and ratios to "plain" / "no hooks" (RESULTS.md holds them). How it measures (random
+statistics, one AdamW per variant, interleaved rounds, fp32 or --bf16, threads): SOURCES.md §9.41.
 
+Shapes: B prompts per batch, T tokens.
 Run (from the repository root):
     .venv/bin/python -m bench.masking --threads 1
     .venv/bin/python -m bench.masking --threads 1 --batch 1 --seq-len 64 --repeats 1   (smoke)

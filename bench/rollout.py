@@ -2,51 +2,23 @@
 bench/rollout.py -- rollout.py's hot paths, each measured side by side with the slower way.
 
 In long-context RL a step samples G completions of each of N long prompts, then runs forward and
-backward through them. rollout.py prefills each prompt once, shares its KV cache across its G rows,
-and samples the whole step in one `generate` call. On the embedded SmolLM2-135M-Instruct (essay
-text, SOURCES.md §7) this script measures:
+backward through them. On the embedded SmolLM2-135M-Instruct (essay text, SOURCES.md §7):
 
-  1. sampling        `sample_groups` today: each prompt prefilled alone, then N prompts x G rows
-                     in ONE generate call, decoded by engine.decode with cascade attention (a
-                     group's prompt keys/values read once per step for its G rows), vs its
-                     per-group path (one call per prompt), vs the previous code: one call per
-                     prompt, the prompt cache repeated to every row, transformers' own loop
-                     (torch.multinomial), torch's linears. In fp32 on an AVX-512 CPU today's
-                     paths decode through oneDNN linears (engine.onednn_linears). --more splits the
-                     gain: the batched call without oneDNN, also on transformers' loop, and on
-                     the repeated cache. --ragged gives the prompts different lengths.
-                     Default: the demo's N = 4 prompts of 1024 tokens, G = 8, T = 32, fp32
-                     (--bf16: under bf16 autocast).
+  1. sampling        `sample_groups` today (each prompt prefilled alone, N x G rows in one
+                     generate call, engine.decode with cascade attention, oneDNN linears in fp32)
+                     vs its per-group path (one call per prompt) vs the previous code (the
+                     prompt cache repeated to every row, transformers' own loop, torch's
+                     linears). --more splits the gain; --ragged varies the prompt lengths.
+                     Default: the demo's shape at 1024 tokens, G = 8, T = 32, fp32 (--bf16).
   2. fwd + backward  `group_logprobs(...).sum().backward()` (one prompt forward shared by G rows)
-                     vs `full_sequence_logprobs` (G full [prompt; completion] rows in one batch;
-                     with --separate also as G single-row passes), one group, bf16 autocast.
+                     vs `full_sequence_logprobs` (G full rows in one batch; --separate: G passes)
   3. memory          bytes saved for backward by `group_logprobs` at several prompt lengths,
-                     against a naive trainer that takes log_softmax over the logits of every
-                     position (P x V).
-It prints medians and ratios; what they mean for a run is the README's business ("Measured").
+                     against a naive trainer's log_softmax over every position (P x V)
 
-Choices (engineering, not method):
-  1. Equal work when sampling: a forward hook on the LM head sets the EOS logits to -inf in part 1,
-     so every row generates exactly T tokens. (The model's generation_config cannot do this:
-     sample_groups ignores it on purpose, rollout.py choice 5.)
-  2. Interleaved timing: every round runs each contender once, alternating which goes first, after
-     one untimed warm-up round (the sampling warm-up decodes 2 tokens: it only has to meet every
-     kernel shape once); medians are reported. The prefill share of sampling is timed through
-     sample_groups' own prefill_hook, so it costs no extra forward.
-  3. Precision: sampling in fp32 by default (--bf16 for bf16 autocast); forward + backward under
-     bf16 autocast, as the training update runs (fp32 G-row naive passes need twice the memory).
-  4. Saved-tensor bytes come from `torch.autograd.graph.saved_tensors_hooks`, each storage counted
-     once (the expanded prompt KV is one storage). Tensors saved INSIDE `torch.utils.checkpoint`
-     regions are invisible to an outer hook -- the point of checkpointing: rollout's per-chunk
-     logits are recomputed in backward, not stored. Saved tensors shaped like a parameter are
-     booked as "weights" (fp32 parameters and their bf16 autocast copies), the rest as activations.
-  5. The naive memory baseline is measured on ONE row and scaled by G: a batched pass saves G times
-     the activations of one row (same weights).
-  6. Peak RSS (Linux only) is reset through /proc/self/clear_refs; glibc returns large blocks to
-     the OS (mallopt), so a freed buffer does not hide the next peak. Only part 3 does this.
-  7. Threads: with other jobs on the same cores, several OpenMP threads wait on each other at every
-     op and distort the ratios; `--threads 1` avoids it (the script warns).
+It prints medians and ratios (RESULTS.md holds them). How it measures (equal work, interleaved
+rounds, precision, saved-tensor accounting, peak RSS, threads): SOURCES.md §9.41.
 
+Shapes: N prompts, G rows per prompt, P prompt tokens, T new tokens, V vocabulary.
 Run (from the repository root):
     .venv/bin/python -m bench.rollout --threads 1
     .venv/bin/python -m bench.rollout --threads 1 --repeats 1 --parts sampling

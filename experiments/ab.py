@@ -2,48 +2,40 @@
 experiments/ab.py -- the A/B question of LongAct at a scale one CPU can run: does updating only the
 salient q/k rows beat updating all of them, and beat the same number of random rows?
 
-    python -m experiments.ab run     [--arms ...] [--seeds 0 1 2] [--grid runs/ab]   # resumable
-    python -m experiments.ab summary [--grid runs/ab] [--out figures/ab]           # table, figures
-    python -m experiments.ab pilot   [--grid runs/ab-pilot]                         # one short run
+    python -m experiments.ab run     [--setting 2] [--arms ...] [--seeds 0 1 2]    # resumable
+    python -m experiments.ab summary [--setting 2]                 # table and figure, from files
+    python -m experiments.ab pilot   [--setting 2] [--arms ...] [--grid ...] [--extra ...]
 
 Arms (SOURCES.md §1, §2): the paper's LongAct (per-head L2 saliency, masks from each step's
 batch), LongAct with the static calibration mask, random rows at the same count per head (the
 control that matters most: RL updates are sparse by nature, and random sparse subsets can match
-full updates),
-bottom-k rows, and all q/k rows (uniform). All under GRPO; LongAct and uniform also under DAPO.
-Every arm starts from the same model and the same evaluation samples, so the "before" evaluation is
-computed once (train.py --before-eval) and shared.
+full updates), bottom-k rows, all q/k rows (uniform), 1 row of 64 per head (q/k nearly frozen),
+LongAct under `--mask-semantics grad`, a ratio sweep; DAPO arms in setting 1.
 
-Choices (this project's; SOURCES.md §9):
-  1. choice: each run is a separate `train.py` process with its own folder; a finished run has
-     eval.json with "after"; an unfinished one is resumed from its last checkpoint. The grid can be
-     finished over several sittings.
-  2. choice: seeds are blocks. Within a seed every arm trains on the same prompts and starts from
-     the same model, so the comparison of two arms uses their per-seed differences (a paired t
-     interval, 95%, Student's t at seeds - 1 degrees of freedom); only an interval that excludes 0
-     counts as a difference. The smallest difference the grid can detect is (t_0.975 + t_0.80) x
-     the standard deviation of those differences (pooled over the arms' pairings with uniform) /
-     sqrt(seeds): a two-sided test at 5% with 80% power. The unpaired version (pooled seed-to-seed
-     standard deviation x sqrt(2 / seeds), 2 (seeds - 1) degrees of freedom) is printed too. A
-     cell's evaluation samples are the same for every run: the spread is the training's noise plus
-     which borderline samples flip.
-  3. choice: the small outputs of each finished run (config, metrics, eval, the first samples) are
-     copied to --out/runs/ for committing; weights stay in the run folder.
+Settings (SOURCES.md §9.29, §9.43): 1 trains every weight (the paper's scope; there the q/k rows
+hardly mattered); 2 trains only the q/k projections (`--train-scope qk`), where the rows are the
+only thing that learns. Setting 2 was pre-registered before its grid ran (ab2_preregistration.md,
+PREREGISTERED below); its summary reports the positive control and the primary comparison
+against that rule. Every arm of a seed starts from the same model and trains on the same prompts;
+the "before" evaluation is computed once and shared, and arms are compared by paired per-seed
+differences (a 95% t interval; SOURCES.md §9.42).
 
 Shapes: S seeds, A arms, K evaluation cells.
 """
 
 import argparse
-import json
 import math
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import common
+from experiments.stats import (T_80, T_975, difference, mean_se, paired_detectable, pooled_sd,
+                               t_quantile)
 
-ARMS = {  # name -> train.py flags (on top of SETTING)
+ARMS = {  # name -> train.py flags (on top of the setting's)
     "grpo-longact": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step"],
     "grpo-longact-static": ["--algo", "grpo", "--mask-strategy", "topk",
                             "--mask-schedule", "static"],
@@ -52,23 +44,56 @@ ARMS = {  # name -> train.py flags (on top of SETTING)
     "grpo-uniform": ["--algo", "grpo", "--mask-strategy", "all"],
     "dapo-longact": ["--algo", "dapo", "--mask-strategy", "topk", "--mask-schedule", "step"],
     "dapo-uniform": ["--algo", "dapo", "--mask-strategy", "all"],
-}
-GRPO_ARMS = [a for a in ARMS if a.startswith("grpo")]  # `make ab`'s default arms
-CONTROLS = {  # run on request (--arms), summarised with the rest
     # q/k nearly frozen: 1 row of 64 per head (the most salient): can the choice of rows matter?
     "grpo-longact-1row": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step",
                           "--ratio", "0.015625"],
+    # the paper's formula as a gradient hook would apply it: AdamW's momentum and decay untouched
+    "grpo-longact-grad": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step",
+                          "--mask-semantics", "grad"],
 }
-ARMS |= CONTROLS
-# The setting, chosen with pilots so that the uniform arm still improves at the end and no cell
-# sits at 0 or 100 (README, "A/B"; SOURCES.md §9): the multi-key task (a haystack of distractor
-# needles) at 512 tokens, where a run takes minutes, not a quarter of an hour; 12 steps at lr 1e-5,
-# because 16 steps took the trained task to 98% at both lengths. Evaluation on held-out seeds at
-# the training length and 2x, on the trained task and an untrained one, 50 samples per cell.
+for _ratio in ("0.2", "0.4"):  # the paper's ratio ablation (0.3 is the default arm)
+    ARMS[f"grpo-longact-r{_ratio}"] = ARMS["grpo-longact"] + ["--ratio", _ratio]
+    ARMS[f"grpo-random-r{_ratio}"] = ARMS["grpo-random"] + ["--ratio", _ratio]
+GRPO_ARMS = ["grpo-longact", "grpo-longact-static", "grpo-random", "grpo-bottomk", "grpo-uniform"]
+# Setting 1 (SOURCES.md §9.29): every weight trains. The multi-key task (a haystack of
+# distractor needles) at 512 tokens, 12 steps at lr 1e-5; evaluation on held-out seeds at the
+# training length and 2x, on the trained task and an untrained one, 50 samples per cell.
 SETTING = ["--train-task", "niah_multikey_2", "--train-len", "512", "--steps", "12",
            "--lr", "1e-5", "--warmup-steps", "2", "--prompts-per-step", "4", "--group-size", "8",
            "--eval-tasks", "niah_multikey_2", "niah_multikey_3", "--eval-lengths", "512", "1024",
            "--eval-samples", "50", "--save-every", "1"]
+# Setting 2 (SOURCES.md §9.43): only the q/k projections train, so which rows train is the whole
+# question; lr from the pilots (dev/LOG.md); fp32 everywhere, so that sittings on different CPUs
+# run one grid.
+SETTING_2_LR = "1e-4"
+SETTING_2 = (SETTING[:SETTING.index("--lr")] + ["--lr", SETTING_2_LR]
+             + SETTING[SETTING.index("--lr") + 2:] + ["--train-scope", "qk", "--precision", "fp32"])
+ARMS_2 = ["grpo-longact", "grpo-random", "grpo-uniform", "grpo-longact-1row", "grpo-longact-grad",
+          "grpo-longact-static", "grpo-bottomk", "grpo-longact-r0.2", "grpo-longact-r0.4",
+          "grpo-random-r0.2", "grpo-random-r0.4"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    flags: list  # train.py flags of every run
+    arms: list  # what `run` runs by default, in the order of the tables
+    grid: str  # the runs' folders (weights too; not committed)
+    out: str  # the summary, figure and small run files (committed)
+    baselines: tuple  # every arm minus each of these, paired by seed
+    primary: tuple | None = None  # (arm, baseline): the pre-registered comparison
+    control: tuple | None = None  # (arm, baseline): the positive control
+    preregistration: str | None = None  # the file that states the rule, committed before the runs
+
+
+SETTINGS = {
+    1: Setting(SETTING, GRPO_ARMS, "runs/ab", "figures/ab",
+               ("grpo-uniform", "grpo-random", "dapo-uniform")),
+    2: Setting(SETTING_2, ARMS_2, "runs/ab2", "figures/ab2",
+               ("grpo-random", "grpo-uniform", "grpo-longact-1row"),
+               primary=("grpo-longact", "grpo-random"),
+               control=("grpo-uniform", "grpo-longact-1row"),
+               preregistration="experiments/ab2_preregistration.md"),
+}
 SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json")
 
 
@@ -84,16 +109,16 @@ def is_finished(folder: Path) -> bool:
     return f.exists() and "after" in common.read_json(f)
 
 
-def train_argv(grid: Path, arm: str, seed: int, extra: list) -> list:
+def train_argv(grid: Path, arm: str, seed: int, extra: list, flags: list = SETTING) -> list:
     folder = run_dir(grid, arm, seed)
-    argv = SETTING + ARMS[arm] + ["--seed", str(seed), "--out-dir", str(grid), "--run-name",
+    argv = flags + ARMS[arm] + ["--seed", str(seed), "--out-dir", str(grid), "--run-name",
                                   folder.name, "--before-eval", str(grid / "before.json"), *extra]
     if (folder / "ckpt").exists() or (folder / "ckpt.old").exists():
         argv += ["--resume", str(folder)]
     return argv
 
 
-def run_grid(grid: Path, arms: list, seeds: list, extra: list) -> None:
+def run_grid(grid: Path, arms: list, seeds: list, extra: list, flags: list = SETTING) -> None:
     """Every unfinished (arm, seed) in turn, seed-major so that each sitting adds whole seeds."""
     grid.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
@@ -102,44 +127,13 @@ def run_grid(grid: Path, arms: list, seeds: list, extra: list) -> None:
             if is_finished(folder):
                 print(f"{folder.name}: finished, skipped")
                 continue
-            argv = [sys.executable, "train.py", *train_argv(grid, arm, seed, extra)]
+            argv = [sys.executable, "train.py", *train_argv(grid, arm, seed, extra, flags)]
             print(f"{folder.name}: {' '.join(argv[1:])}", flush=True)
             subprocess.run(argv, check=True)
 
 
 # -----------------------------------------------------------------------------
 # summary (pure functions, then files)
-
-def mean_se(xs: list) -> tuple:
-    """(mean, standard error of the mean); se is nan for a single value."""
-    n = len(xs)
-    m = sum(xs) / n
-    if n < 2:
-        return m, float("nan")
-    var = sum((x - m) ** 2 for x in xs) / (n - 1)  # Bessel-corrected
-    return m, math.sqrt(var / n)
-
-
-# Student's t quantiles by degrees of freedom (two-sided 95% = 0.975, power 80% = 0.80), from any
-# statistics table; a df between entries takes the next smaller df (the wider interval).
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
-T_80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889,
-        9: 0.883, 10: 0.879, 12: 0.873, 15: 0.866, 20: 0.860, 30: 0.854, 60: 0.848}
-
-
-def t_quantile(table: dict, dof: int) -> float:
-    if dof < 1:
-        return float("nan")
-    return table[max(k for k in table if k <= dof)]
-
-
-def pooled_sd(groups: list) -> float:
-    """Pooled within-arm standard deviation over arms with >= 2 seeds."""
-    num = sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in groups if len(g) > 1)
-    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
-    return math.sqrt(num / dof) if dof else float("nan")
-
 
 def collect(folder: Path) -> dict:
     """{arm: {seed: {"after", "before", "reward": [per step], "minutes": {phase: min}}}} of the
@@ -194,8 +188,8 @@ def paired(runs: dict, arm: str, base: str, cell: str) -> list:
 
 
 def detectable_paired(runs: dict, cell: str, base: str = "grpo-uniform") -> float:
-    """Smallest difference the paired comparison detects in `cell` (choice 2): the SD of the
-    per-seed differences from `base`, pooled over every other arm of its algorithm."""
+    """Smallest difference the paired comparison detects in `cell` (SOURCES.md §9.42): the SD
+    of the per-seed differences from `base`, pooled over every other arm of its algorithm."""
     algo = base.split("-")[0]
     diffs = [paired(runs, a, base, cell) for a in runs if a != base and a.startswith(algo + "-")]
     diffs = [d for d in diffs if len(d) > 1]
@@ -206,20 +200,15 @@ def detectable_paired(runs: dict, cell: str, base: str = "grpo-uniform") -> floa
     return (t_quantile(T_975, dof) + t_quantile(T_80, dof)) * pooled_sd(diffs) / math.sqrt(seeds)
 
 
-def difference(ds: list) -> tuple:
-    """Mean of per-seed differences and the half-width of its paired 95% t interval."""
-    d, se = mean_se(ds)
-    return d, t_quantile(T_975, len(ds) - 1) * se
-
-
-def summary_table(runs: dict) -> tuple:
-    """Markdown table of mean +- se per arm and cell, and the smallest detectable difference."""
+def summary_table(runs: dict, base: str = "grpo-uniform") -> tuple:
+    """Markdown table of mean +- se per arm and cell, and the smallest detectable difference
+    (paired: from the per-seed differences of every GRPO arm with `base`)."""
     cells = cells_of(runs)
     before = next(iter(next(iter(runs.values())).values()))["before"]
     lines = ["| arm | seeds | " + " | ".join(cells) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in cells) + " |",
              "| before (shared) | - | " + " | ".join(f"{before[c]:.1f}" for c in cells) + " |"]
-    mde = {c: detectable_paired(runs, c) for c in cells}
+    mde = {c: detectable_paired(runs, c, base) for c in cells}
     for arm in (a for a in ARMS if a in runs):
         row = [mean_se(after_scores(runs, arm, c)) for c in cells]
         lines.append(f"| {arm} | {len(runs[arm])} | " + " | ".join(
@@ -254,6 +243,58 @@ def differences_table(runs: dict,
     return "\n".join(lines)
 
 
+def preregistered(runs: dict, setting: Setting) -> str:
+    """The positive control and the primary comparison on the mean of cells, read by the rule
+    the setting's pre-registration states (the same words, applied to the numbers)."""
+    lines = [f"Pre-registered in {setting.preregistration}: mean of cells, paired by seed, "
+             "95% t interval."]
+    control_ok = None
+    for role, (arm, base) in (("positive control", setting.control),
+                              ("primary comparison", setting.primary)):
+        if arm not in runs or base not in runs or len(paired(runs, arm, base, ALL)) < 2:
+            lines.append(f"- {role}, {arm} - {base}: fewer than 2 paired seeds, no reading yet")
+            continue
+        ds = paired(runs, arm, base, ALL)  # (S,)
+        d, half = difference(ds)
+        lo, hi = d - half, d + half
+        if role == "positive control":
+            control_ok = lo > 0
+            reading = ("separates: in this setting the q/k rows matter" if control_ok else
+                       "does not separate: this setting cannot show which rows matter")
+        elif control_ok is not True:
+            reading = "not read: the positive control has not separated"
+        else:
+            reading = ("LongAct's rows beat random rows" if lo > 0 else
+                       "random rows beat LongAct's" if hi < 0 else
+                       "no difference detected (the interval includes 0)")
+        mde = paired_detectable(ds)
+        more = (f"; smallest detectable {mde:.1f} > 4 with 3 seeds: the rule adds seeds 3 and 4"
+                if len(ds) == 3 and mde > 4 else f"; smallest detectable {mde:.1f}")
+        lines.append(f"- {role}, {arm} - {base}: {d:+.1f} [{lo:+.1f}, {hi:+.1f}] over "
+                     f"{len(ds)} seeds: {reading}{more}")
+    return "\n".join(lines)
+
+
+def ratio_table(runs: dict) -> str:
+    """The ratio ablation: LongAct and random rows at each ratio, mean of cells (mean +- se), and
+    their paired difference [95% interval]."""
+    arms = {"0.2": ("grpo-longact-r0.2", "grpo-random-r0.2"),
+            "0.3": ("grpo-longact", "grpo-random"),
+            "0.4": ("grpo-longact-r0.4", "grpo-random-r0.4")}
+    lines = ["| ratio | LongAct | random rows | LongAct - random |",
+             "| ---: | ---: | ---: | ---: |"]
+    for ratio, (la, rnd) in arms.items():
+        if la not in runs or rnd not in runs:
+            continue
+        cells = [mean_se(after_scores(runs, a, ALL)) for a in (la, rnd)]
+        d, half = difference(paired(runs, la, rnd, ALL))
+        ci = f"{d:+.1f}" if math.isnan(half) else f"{d:+.1f} [{d - half:+.1f}, {d + half:+.1f}]"
+        lines.append(f"| {ratio} | " + " | ".join(
+            f"{m:.1f}" if math.isnan(se) else f"{m:.1f} ± {se:.1f}" for m, se in cells)
+            + f" | {ci} |")
+    return "\n".join(lines) if len(lines) > 3 else ""  # a sweep needs two ratios or more
+
+
 def timing_table(runs: dict) -> str:
     """Wall minutes per run (mean over seeds) by phase, and the grid's total."""
     phases = ["statistics", "training", "eval after", "total"]
@@ -267,7 +308,7 @@ def timing_table(runs: dict) -> str:
         total += sum(m.get("total", 0.0) for m in mins)
         lines.append(f"| {arm} | {len(mins)} | " + " | ".join(
             f"{sum(m.get(p, 0.0) for m in mins) / len(mins):.1f}" for p in phases) + " |")
-    lines.append(f"| grid (sum of run totals) | - | " + " | ".join("" for _ in phases[:-1]) +
+    lines.append("| grid (sum of run totals) | - | " + " | ".join("" for _ in phases[:-1]) +
                  f" | {total:.1f} |")
     return "\n".join(lines)
 
@@ -325,25 +366,32 @@ def plot(runs: dict, out: Path) -> None:
         fig.savefig(tmp, dpi=120, format="png")
 
 
-def summarize(grid: Path, out: Path) -> None:
-    """Copy each finished run's small files into out/runs (for committing), rebuild the table and
-    figures from out/runs alone."""
+def copy_small_files(grid: Path, out: Path) -> None:
+    """Each finished run's small files (and its first samples) into out/runs, for committing."""
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    if grid.exists():
-        for run in grid.iterdir():
-            if run.is_dir() and is_finished(run):
-                dst = out / "runs" / run.name
-                dst.mkdir(exist_ok=True)
-                for name in SMALL_FILES:
-                    if (run / name).exists():
-                        shutil.copy(run / name, dst / name)
-                samples = (run / "samples.jsonl").read_text().splitlines()[:8]
-                common.write_text_atomic(dst / "samples.jsonl", "".join(s + "\n" for s in samples))
+    for run in (grid.iterdir() if grid.exists() else []):
+        if run.is_dir() and is_finished(run):
+            dst = out / "runs" / run.name
+            dst.mkdir(exist_ok=True)
+            for name in SMALL_FILES:
+                if (run / name).exists():
+                    shutil.copy(run / name, dst / name)
+            samples = (run / "samples.jsonl").read_text().splitlines()[:8]
+            common.write_text_atomic(dst / "samples.jsonl", "".join(s + "\n" for s in samples))
+
+
+def summarize(setting: Setting, grid: Path, out: Path) -> None:
+    """Copy the finished runs' small files, then rebuild the tables and the figure from out/runs
+    alone (so a clean clone rebuilds them from committed files)."""
+    copy_small_files(grid, out)
     runs = collect(out / "runs")
     if not runs:
         raise SystemExit(f"no finished run in {out / 'runs'} or {grid}")
-    table, _ = summary_table(runs)
-    text = "\n\n".join([table, differences_table(runs), reward_trend(runs), timing_table(runs)])
+    table, _ = summary_table(runs, setting.primary[1] if setting.primary else "grpo-uniform")
+    parts = [preregistered(runs, setting)] if setting.preregistration else []
+    parts += [table, differences_table(runs, setting.baselines), ratio_table(runs),
+              reward_trend(runs), timing_table(runs)]
+    text = "\n\n".join(p for p in parts if p)
     common.write_text_atomic(out / "ab_table.md", text + "\n")
     print(text)
     plot(runs, out)
@@ -352,19 +400,23 @@ def summarize(grid: Path, out: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description="LongAct A/B grid: arms x seeds, then a summary.")
     p.add_argument("command", choices=["run", "summary", "pilot"])
-    p.add_argument("--grid", default="runs/ab", help="folder of the grid's runs (weights too)")
-    p.add_argument("--out", default="figures/ab", help="summary table, figures, small run files")
-    p.add_argument("--arms", nargs="+", default=GRPO_ARMS, choices=sorted(ARMS))
+    p.add_argument("--setting", type=int, choices=sorted(SETTINGS), default=1)
+    p.add_argument("--grid", default=None, help="the runs' folder (default: the setting's)")
+    p.add_argument("--out", default=None, help="summary folder (default: the setting's)")
+    p.add_argument("--arms", nargs="+", default=None, choices=sorted(ARMS),
+                   help="default: the setting's arms (pilot: grpo-uniform)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                   help="more train.py flags for every run (e.g. --threads 2)")
+                   help="more train.py flags for every run (e.g. --threads 2); last, they win")
     a = p.parse_args(argv)
-    if a.command == "run":
-        run_grid(Path(a.grid), a.arms, a.seeds, a.extra)
-    elif a.command == "pilot":
-        run_grid(Path(a.grid), ["grpo-uniform"], [0], a.extra)
-    else:
-        summarize(Path(a.grid), Path(a.out))
+    setting = SETTINGS[a.setting]
+    if a.command == "summary":
+        return summarize(setting, Path(a.grid or setting.grid), Path(a.out or setting.out))
+    if a.command == "pilot":  # one seed, outside the grid's folder
+        grid = Path(a.grid or setting.grid + "-pilot")
+        return run_grid(grid, a.arms or ["grpo-uniform"], a.seeds[:1], a.extra, setting.flags)
+    return run_grid(Path(a.grid or setting.grid), a.arms or setting.arms, a.seeds, a.extra,
+                    setting.flags)
 
 
 if __name__ == "__main__":

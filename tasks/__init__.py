@@ -13,7 +13,7 @@ Generators return plain dicts of `Sample` fields; `evaluate.py` builds the `Samp
 
 Seeds: a sample is a pure function of (task, length, seed, index). Evaluation uses seeds below
 TRAIN_SEED_START; `train.py` uses seeds from TRAIN_SEED_START on, which also switches RULER to
-source material that no evaluation sample uses (tasks/ruler.py, choice 6), so no training prompt is
+source material that no evaluation sample uses (SOURCES.md §9.22), so no training prompt is
 ever an evaluation prompt.
 Test: .venv/bin/python -m pytest -q tests/test_evaluate.py
 """

@@ -8,43 +8,18 @@ SQuAD/HotpotQA, whose context grows until the prompt reaches a target length cou
 evaluated model's own tokens. Templates, answer prefixes, generation budgets and task arguments
 follow `scripts/data/synthetic/constants.py` and `scripts/synthetic.yaml`; the generators follow
 `scripts/data/synthetic/{niah,variable_tracking,common_words_extraction,freq_words_extraction,
-qa}.py`. The metrics (string_match_all/part) live with the scorer in
-`evaluate.py`.
+qa}.py`. The metrics (string_match_all/part) live with the scorer in `evaluate.py`.
 
     ruler_item(tok, "niah_single_2", 4096, seed=0, index=0, prompt_ids=f)
       -> dict(task, length, index, seed, prompt, answer_prefix, references, metric, max_new_tokens,
               prompt_tokens, meta): the fields of `evaluate.Sample`
     f(text, answer_prefix) -> the ids the model sees, chat template included (evaluate.py's)
 
-Choices (where RULER leaves room, or a faithful detail is impractical here):
-  1. choice: a length is RULER's `max_seq_length`: prompt tokens (chat template + task text + answer
-     prefix) PLUS the task's generation budget must fit in it. Instead of RULER's coarse search
-     (steps of 500 essay words or 25 haystack units, estimated on the first sample) we binary-search
-     the haystack size for EACH sample, so every sample lands within 2% below the target. Units are
-     words (essays, QA documents, cwe/fwe lists) or noise sentences; the needle haystack of
-     niah_multikey_2/3 cannot be split, so those land within one distractor line (21 / ~80 tokens
-     with SmolLM2's tokenizer: up to 8% below 1k, 4% below 2k, under 2% from 4k on).
-  2. choice: to reach that precision, QA contexts may end with one distractor document cut at a word
-     boundary, and the noise haystack may end with a partial copy of its five-sentence paragraph.
-     RULER's essay haystack is cut mid-sentence too (it takes the first N words), so a cut
-     distractor is in the benchmark's spirit.
-  3. choice: RULER draws needle keys and the cwe word list from the `wonderwords` package (not
-     installed here); we draw them from the lowercase vocabulary of the shipped essays. Keys stay
-     "word-word" pairs as in RULER.
-  4. choice: sentence boundaries for needle insertion in essays come from a regex (`. ! ?` followed
-     by space) instead of NLTK's punkt, which needs a download.
-  5. choice: RULER fixes some shuffles with the dataset seed (42), so every sample shares one
-     permutation; we draw all randomness from the sample's own RNG. The vt in-context example is
-     generated per sample (RULER makes one and renames its variables per sample) and, like the cwe
-     example, sits as plain text at the start of the user turn (RULER's layout for base models); the
-     answer prefix follows the assistant header.
-  6. choice: the evaluation pool of QA questions is the first 1000 answerable questions of each file
-     (RULER's default 500 samples use the first 500); training seeds draw from the rest. Essay
-     haystacks start at the first essay word for evaluation (as RULER) and at a seeded random word
-     for training.
-  7. choice: HotpotQA questions keep their two supporting paragraphs always; their eight distractor
-     paragraphs come first in the distractor stream, so at short lengths where RULER's generator
-     would fail (all ten paragraphs do not fit in 1k tokens) some of them are dropped.
+Where RULER leaves room, or a faithful detail is impractical here (SOURCES.md §9.22): a length
+is RULER's `max_seq_length` (prompt plus generation budget), reached by a per-sample binary search
+on the haystack size; needle keys and cwe words from the essays' vocabulary instead of
+`wonderwords`; regex sentence splits instead of NLTK; one RNG per sample; the first 1000 QA
+questions reserved for evaluation; HotpotQA keeps its two supporting paragraphs always.
 
 Test: .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
@@ -147,7 +122,7 @@ NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 # niah.py: 40 evenly spaced insertion depths in percent of the essay's sentences,
 # np.round(np.linspace(0, 100, 40)).
 DEPTHS = [round(100 * i / 39) for i in range(40)]
-EVAL_QA_QUESTIONS = 1000  # choice 6: evaluation questions are the first 1000 of each QA file
+EVAL_QA_QUESTIONS = 1000  # §9.22: evaluation questions are the first 1000 of each QA file
 VT_ICL_LENGTH = 500       # variable_tracking.py: the in-context example has max_seq_length=500
 
 
@@ -200,7 +175,7 @@ def qa_dataset(name: str) -> tuple:
         return qas, docs
     # HotpotQA (distractor setting): a document is "title\ntext"; qa.py puts all 10 paragraphs of a
     # question in its context. We keep the supporting ones as gold, the other 8 first among the
-    # distractors (choice 7).
+    # distractors (§9.22).
     as_doc = lambda t, p: f"{t}\n{''.join(p)}"
     docs = sorted({as_doc(t, p) for d in data for t, p in d["context"]})
     index = {d: i for i, d in enumerate(docs)}
@@ -214,7 +189,7 @@ def qa_dataset(name: str) -> tuple:
 
 
 # -----------------------------------------------------------------------------
-# fitting the haystack to the target length (choice 1)
+# fitting the haystack to the target length (§9.22)
 
 def largest_fit(count, lo: int, hi: int, limit: int) -> int:
     """Largest n in [lo, hi] with count(n) <= limit, by binary search (count is ~monotone in n).
@@ -256,7 +231,7 @@ def fit_prompt(task: str, build: dict, length: int, budget: int, prompt_ids):
 # are drawn up front from the sample's RNG, and render(n) is a pure function of the haystack size n.
 
 def random_value(rng: random.Random, kind: str) -> str:
-    """niah.py's needle keys/values: a 7-digit number, a 'word-word' key (choice 3) or a UUID4."""
+    """niah.py's needle keys/values: a 7-digit number, a 'word-word' key (§9.22) or a UUID4."""
     if kind == "numbers":
         return str(rng.randint(10**6, 10**7 - 1))
     if kind == "words":
@@ -282,7 +257,7 @@ def niah_texts(cfg: dict, query: str):
 def niah_essay_render(template: str, fill: dict, needles: list, rng: random.Random, length: int,
                       training: bool):
     """niah.py's essay haystack: (render, lo, hi). render(n) takes n essay words from the start
-    (evaluation) or a random word (training, choice 6) and inserts the needles between sentences at
+    (evaluation) or a random word (training, §9.22) and inserts the needles between sentences at
     sampled depths."""
     words = essay_words()
     start = rng.randrange(len(words) - length) if training else 0
@@ -303,7 +278,7 @@ def niah_essay_render(template: str, fill: dict, needles: list, rng: random.Rand
 def niah_unit_render(cfg: dict, template: str, fill: dict, needles: list, rng: random.Random,
                      pos_seed: float, length: int):
     """niah.py's `repeat` (n noise sentences, the last copy of the paragraph possibly partial,
-    choice 2) and `needle` (n distractor needles, drawn once up to the largest n tried) haystacks:
+    §9.22) and `needle` (n distractor needles, drawn once up to the largest n tried) haystacks:
     (render, lo, hi)."""
     haystack = cfg["type_haystack"]
     hi = length // 3 if haystack == "repeat" else length // 10  # sentence >= 3 tokens, needle >= 10
@@ -469,7 +444,7 @@ def gen_qa(cfg: dict, rng: random.Random, length: int, seed: int, index: int) ->
     """QA: the question's gold document(s) among distractors, each shown as 'Document i:\\n...' in
     shuffled order. Distractors come first from the question's own article (SQuAD) or own 8
     paragraphs (HotpotQA), then at random from the whole file, as qa.py; n = distractor words shown,
-    the last document possibly cut (choice 2)."""
+    the last document possibly cut (§9.22)."""
     qas, docs = qa_dataset(cfg["dataset"])
     if is_training_seed(seed):
         q = qas[EVAL_QA_QUESTIONS + rng.randrange(len(qas) - EVAL_QA_QUESTIONS)]
@@ -506,7 +481,7 @@ def gen_qa(cfg: dict, rng: random.Random, length: int, seed: int, index: int) ->
 # one sample
 
 def ruler_item(tokenizer, task: str, length: int, seed: int, index: int, prompt_ids) -> dict:
-    """One RULER sample fitted to `length` tokens (prompt + generation budget, choice 1), as a dict
+    """One RULER sample fitted to `length` tokens (prompt + generation budget, §9.22), as a dict
     of `evaluate.Sample` fields. Pure function of (tokenizer, task, length, seed, index).
     Evaluation: seed < TRAIN_SEED_START; training: seed >= TRAIN_SEED_START (tasks/__init__.py).
     prompt_ids(text, answer_prefix) -> the token ids the model is given (chat template included)."""

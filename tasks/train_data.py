@@ -8,7 +8,7 @@ model loads.
     draw_samples(data, tok, args, seed, n)    one generation batch, a pure function of the seed
 
 Builtin samples use seeds >= tasks.TRAIN_SEED_START, disjoint from every evaluation seed
-(SOURCES.md §9, choice 2 of train.py). A bad row names the file, the line and the field.
+(SOURCES.md §9.16). A bad row names the file, the line and the field.
 Test: .venv/bin/python -m pytest -q tests/test_flags.py tests/test_train.py
 """
 

@@ -5,6 +5,7 @@ Run: .venv/bin/python -m pytest -q tests/test_ab.py
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,59 @@ def test_arms_are_compared_within_their_algorithm(tmp_path):
             fake_run(tmp_path, arm, seed, 50.0 + seed)
     rows = [line.split(" |")[0] for line in ab.differences_table(ab.collect(tmp_path)).splitlines()]
     assert rows[2:] == ["| grpo-longact - grpo-uniform", "| dapo-longact - dapo-uniform"]
+
+
+def test_setting_2_trains_only_qk_in_fp32_and_every_arm_parses():
+    import train
+    s = ab.SETTINGS[2]
+    assert s.flags[s.flags.index("--train-scope") + 1] == "qk"
+    assert s.flags[s.flags.index("--precision") + 1] == "fp32"
+    assert {"grpo-longact-grad", "grpo-longact-1row", "grpo-random-r0.4"} <= set(s.arms)
+    for arm in s.arms:  # each run's command line is a valid train.py command line
+        args = train.build_parser().parse_args(ab.train_argv(Path("g"), arm, 0, [], s.flags))
+        assert args.train_scope == "qk" and args.seed == 0
+    grad = train.build_parser().parse_args(ab.train_argv(Path("g"), "grpo-longact-grad", 0, [],
+                                                         s.flags))
+    assert grad.mask_semantics == "grad" and grad.mask_strategy == "topk"
+    assert ab.SETTINGS[1].flags == ab.SETTING and "--train-scope" not in ab.SETTING
+
+
+def test_preregistered_reading_follows_the_rule(tmp_path):
+    s = ab.SETTINGS[2]
+    values = {"grpo-uniform": [50.0, 52.0, 54.0], "grpo-longact-1row": [40.0, 41.0, 42.0],
+              "grpo-longact": [47.0, 49.0, 52.0], "grpo-random": [46.0, 49.0, 50.0]}
+    for arm, vals in values.items():
+        for seed, v in enumerate(vals):
+            fake_run(tmp_path, arm, seed, v)
+    text = ab.preregistered(ab.collect(tmp_path), s)
+    # control: differences 10, 11, 12 -> +11 [8.5, 13.5]: separates
+    assert "positive control, grpo-uniform - grpo-longact-1row: +11.0 [+8.5, +13.5]" in text
+    assert "separates" in text
+    # primary: 1, 0, 2 -> +1, sd 1, half 4.303 / sqrt(3): includes 0; detectable (4.303 + 1.061)
+    # / sqrt(3) = 3.1 < 4, so no extra seeds
+    assert "no difference detected" in text and "smallest detectable 3.1" in text
+    assert "adds seeds" not in text
+
+
+def test_primary_is_not_read_without_a_separating_control(tmp_path):
+    values = {"grpo-uniform": [40.0, 45.0, 41.0], "grpo-longact-1row": [41.0, 40.0, 44.0],
+              "grpo-longact": [60.0, 61.0, 62.0], "grpo-random": [40.0, 41.0, 42.0]}
+    for arm, vals in values.items():
+        for seed, v in enumerate(vals):
+            fake_run(tmp_path, arm, seed, v)
+    text = ab.preregistered(ab.collect(tmp_path), ab.SETTINGS[2])
+    assert "does not separate" in text and "not read: the positive control" in text
+
+
+def test_summary_rebuilds_from_committed_files_alone(tmp_path):
+    for arm in ("grpo-longact", "grpo-random", "grpo-longact-r0.2", "grpo-random-r0.2"):
+        for seed in range(2):
+            fake_run(tmp_path / "grid", arm, seed, 50.0 + seed + len(arm))
+    out = tmp_path / "out"
+    ab.summarize(ab.SETTINGS[2], tmp_path / "grid", out)
+    first = (out / "ab_table.md").read_text()
+    assert (out / "ab.png").exists() and (out / "runs" / "grpo-random-seed1" / "eval.json").exists()
+    assert "| 0.2 |" in first and "| 0.3 |" in first  # the ratio ablation
+    assert "fewer than 2 paired seeds" in first  # no control arms yet
+    ab.summarize(ab.SETTINGS[2], tmp_path / "nothing-here", out)  # from out/runs alone
+    assert (out / "ab_table.md").read_text() == first

@@ -87,7 +87,7 @@ def test_score_averages_to_the_ruler_metric():
 
 def distractor_line_tokens(tok, task):
     """Tokens of one needle-haystack line: the indivisible unit of niah_multikey_2/3
-    (tasks/ruler.py, choice 1)."""
+    (SOURCES.md §9.22)."""
     _, cfg = ruler.RULER_TASKS[task]
     rng = ruler.sample_rng("unit")
     line = ruler.NEEDLE.format(type_needle_v=cfg["type_needle_v"],

@@ -6,7 +6,7 @@ mask_grads / masked_step in this process.
 
 Tolerance: one process and 2 ranks agree to fp32 rounding (PARAM_ATOL), not bit for bit: FSDP
 reduce-scatters each layer call's gradient separately and so adds the same terms in another order
-than autograd does in one process (fsdp.py note 8). Measured: at most 5.3e-7 after 3 steps at
+than autograd does in one process (SOURCES.md §9.37). Measured: at most 5.3e-7 after 3 steps at
 lr 1e-2, where one step moves a weight by about 1e-2. Adam and clipping are scale-invariant, so a
 wrong loss normalisation (averaged instead of summed gradients) would not show in the weights:
 the grad norm before clipping is the check for it.

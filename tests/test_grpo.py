@@ -65,7 +65,7 @@ def test_all_equal_group_and_group_of_one_get_exact_zero(scale):
     # 0.1 is not exact in binary: the mean of three 0.1s can be off by an ulp; 1 ulp / 1e-4 != 0
     adv, m = group_advantages(torch.tensor([0.1, 0.1, 0.1]), 3, scale=scale)
     assert torch.equal(adv, torch.zeros(3)) and m["frac_all_equal_groups"] == 1.0
-    # a group of one: no peer, so advantage 0 (verl would give the raw reward; see grpo.py note 2)
+    # a group of one: no peer, so advantage 0 (verl would give the raw reward; see SOURCES.md §9.10)
     adv, _ = group_advantages(torch.tensor([0.3, 1.0]), 1, scale=scale)
     assert torch.equal(adv, torch.zeros(2)) and not adv.isnan().any()
 

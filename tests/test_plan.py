@@ -10,7 +10,6 @@
 Run: .venv/bin/python -m pytest -q tests/test_plan.py
 """
 
-import argparse
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +18,7 @@ import transformers
 
 import optim
 import plan
+import policy
 import train
 import engine
 import rollout
@@ -137,15 +137,15 @@ def meta_param_count(config) -> int:
 @pytest.mark.parametrize("name,hub,billions", [("qwen3-4b", "Qwen/Qwen3-4B", 4.02),
                                                ("qwen3-8b", "Qwen/Qwen3-8B", 8.19)])
 def test_published_configs_give_the_published_parameter_counts(name, hub, billions):
-    cfg = plan.model_config(name)
+    cfg = policy.model_config(name)
     n = plan.param_counts(cfg)["total"]
     assert n == meta_param_count(cfg)
     assert n / 1e9 == pytest.approx(billions, abs=0.005)
-    assert plan.model_config(hub).to_dict() == cfg.to_dict()  # hub ids resolve offline
+    assert policy.model_config(hub).to_dict() == cfg.to_dict()  # hub ids resolve offline
 
 
 def test_paper_setting_fits_one_h200_for_qwen3_8b_only_with_bf16_weights_and_moments():
-    cfg = plan.model_config("qwen3-8b")
+    cfg = policy.model_config("qwen3-8b")
     budget = 0.9 * 141
     sr = plan.peaks(plan.plan(cfg, plan.Settings(optimizer="bf16-sr")))
     assert sr["update"] <= budget and sr["sampling"] <= budget and sr["step"] <= budget
@@ -158,10 +158,10 @@ def test_paper_setting_fits_one_h200_for_qwen3_8b_only_with_bf16_weights_and_mom
 def test_sampling_kv_cache_is_hand_computable():
     # Qwen3-8B, one group: the prompt's 16383 cached positions once + 8 rows x 1024 suffix
     # positions, 36 layers, 8 KV heads of 128, bf16 keys and values (2 + 2 bytes)
-    rows = plan.plan(plan.model_config("qwen3-8b"), plan.Settings())
+    rows = plan.plan(policy.model_config("qwen3-8b"), plan.Settings())
     kv = rows_by_item(rows, "sampling")["KV cache (cascade: prefix once per prompt)"]
     assert kv == (16383 + 8 * 1024) * 36 * 8 * 128 * 4
-    four = plan.plan(plan.model_config("qwen3-8b"), plan.Settings(prompts_per_generate=4))
+    four = plan.plan(policy.model_config("qwen3-8b"), plan.Settings(prompts_per_generate=4))
     assert rows_by_item(four, "sampling")["KV cache (cascade: prefix once per prompt)"] == 4 * kv
 
 

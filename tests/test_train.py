@@ -49,6 +49,8 @@ def test_resume_gives_identical_weights(tiny_dir, qa_file, tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training did move the weights
     config = json.loads((straight / "config.json").read_text())
     assert config["algo"] == "grpo" and config["steps"] == 4
+    resumed_config = json.loads((resumed / "config.json").read_text())
+    assert resumed_config["resumed_at"] == 2 and "code_version" in resumed_config["resumed_with"]
     state = torch.load(straight / "ckpt" / "trainer_state.pt", weights_only=False)
     assert state["config"]["ratio"] == 0.3
     assert len((straight / "metrics.jsonl").read_text().splitlines()) == 4
@@ -98,6 +100,7 @@ def test_default_run_uses_per_step_masks_and_logs_their_dynamics(tiny_dir, qa_fi
     run = train.main(args_for(tiny_dir, qa_file, tmp_path, "step", 3, "--weight-decay", "0.1"))
     config = json.loads((run / "config.json").read_text())
     assert (config["mask_schedule"], config["stat"], config["per_head"]) == ("step", "seq_l2", True)
+    assert config["code_version"] and config["cpu"]  # a grid shows its runs share one commit
     rows = rows_of(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[0]["mask_jaccard_step0"] == 1.0 and rows[0]["mask_jaccard_prev"] == 1.0
@@ -112,6 +115,20 @@ def test_grad_semantics_lets_rows_outside_the_mask_drift(tiny_dir, qa_file, tmp_
     run = train.main(args_for(tiny_dir, qa_file, tmp_path, "grad", 2, "--weight-decay", "0.1",
                               "--mask-semantics", "grad"))
     assert all(r["drift_outside_mask"] > 0 for r in rows_of(run))
+
+
+def test_qk_scope_trains_only_the_qk_projections(tiny_dir, qa_file, tmp_path):
+    # every other weight frozen: bit-identical after steps with weight decay; q/k rows move
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "qk", 2, "--weight-decay", "0.1",
+                              "--train-scope", "qk", "--mask-strategy", "all", "--beta", "0"))
+    start = load_file(str(Path(tiny_dir) / "model.safetensors"))
+    after = weights(run)
+    qk = [n for n in start if n.rsplit(".", 1)[0].endswith(("q_proj", "k_proj"))]
+    assert qk and all(not torch.equal(start[n], after[n]) for n in qk)
+    assert all(torch.equal(start[n], after[n]) for n in start if n not in qk)
+    with pytest.raises(SystemExit, match="train_scope"):  # a resume keeps the scope
+        train.main(args_for(tiny_dir, qa_file, tmp_path, "qk", 3, "--weight-decay", "0.1",
+                            "--mask-strategy", "all", "--beta", "0", "--resume", str(run)))
 
 
 def test_resume_refuses_changed_optimisation_settings(tiny_dir, qa_file, tmp_path):
@@ -190,7 +207,7 @@ def test_fsdp_two_ranks_train_like_one_process_and_resume(tiny_dir, qa_file, tmp
     a = weights(one)
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     c = load_file(str(tmp_path / "half" / "final" / "model.safetensors"))
-    # fp32 rounding: FSDP adds the ranks' gradients in another order (fsdp.py note 8), and Adam
+    # fp32 rounding: FSDP adds the ranks' gradients in another order (SOURCES.md §9.37), and Adam
     # divides by sqrt(v), which turns a rounding difference of a near-zero gradient entry into a
     # visible one: agreement is judged against how far training moved the weights
     start = load_file(str(Path(tiny_dir) / "model.safetensors"))
