@@ -190,10 +190,12 @@ def paired(runs: dict, arm: str, base: str, cell: str) -> list:
 def detectable_paired(runs: dict, cell: str, base: str = "grpo-uniform") -> float:
     """Smallest difference the paired comparison detects in `cell` (SOURCES.md §9.42): the SD
     of the per-seed differences from `base`, pooled over every other arm of its algorithm."""
+    if base not in runs:  # the baseline has not run yet
+        return float("nan")
     algo = base.split("-")[0]
     diffs = [paired(runs, a, base, cell) for a in runs if a != base and a.startswith(algo + "-")]
     diffs = [d for d in diffs if len(d) > 1]
-    if base not in runs or not diffs:
+    if not diffs:
         return float("nan")
     seeds = max(len(d) for d in diffs)
     dof = seeds - 1

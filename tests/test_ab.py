@@ -166,3 +166,7 @@ def test_summary_rebuilds_from_committed_files_alone(tmp_path):
     assert "fewer than 2 paired seeds" in first  # no control arms yet
     ab.summarize(ab.SETTINGS[2], tmp_path / "nothing-here", out)  # from out/runs alone
     assert (out / "ab_table.md").read_text() == first
+    # a grid that has not run its primary baseline yet still summarises (the pilots)
+    fake_run(tmp_path / "pilot", "grpo-uniform", 0, 60.0)
+    ab.summarize(ab.SETTINGS[2], tmp_path / "pilot", tmp_path / "pilot-out")
+    assert "| grpo-uniform | 1 |" in (tmp_path / "pilot-out" / "ab_table.md").read_text()
