@@ -118,13 +118,19 @@ def train_argv(grid: Path, arm: str, seed: int, extra: list, flags: list = SETTI
     return argv
 
 
-def run_grid(grid: Path, arms: list, seeds: list, extra: list, flags: list = SETTING) -> None:
-    """Every unfinished (arm, seed) in turn, seed-major so that each sitting adds whole seeds."""
+def run_grid(grid: Path, arms: list, seeds: list, extra: list, flags: list = SETTING,
+             committed: Path | None = None) -> None:
+    """Every unfinished (arm, seed) in turn, seed-major so that each sitting adds whole seeds.
+    `committed` is the summary folder: a run whose small files are committed there is finished
+    (runs/ is not kept between sittings), and its shared "before" is reused from there."""
     grid.mkdir(parents=True, exist_ok=True)
+    if committed and (committed / "before.json").exists() and not (grid / "before.json").exists():
+        shutil.copy(committed / "before.json", grid / "before.json")
     for seed in seeds:
         for arm in arms:
             folder = run_dir(grid, arm, seed)
-            if is_finished(folder):
+            kept = committed / "runs" / folder.name if committed else None
+            if is_finished(folder) or (kept and is_finished(kept)):
                 print(f"{folder.name}: finished, skipped")
                 continue
             argv = [sys.executable, "train.py", *train_argv(grid, arm, seed, extra, flags)]
@@ -315,6 +321,19 @@ def timing_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def provenance(folder: Path) -> str:
+    """Which commits and CPUs the finished runs in `folder` came from (their config.json): a
+    grid's runs should share one commit (SOURCES.md §9.42)."""
+    seen = {}
+    for run in sorted(p for p in folder.iterdir() if is_finished(p)):
+        cfg = common.read_json(run / "config.json") if (run / "config.json").exists() else {}
+        key = (cfg.get("code_version") or "not recorded", cfg.get("cpu") or "not recorded")
+        seen[key] = seen.get(key, 0) + 1
+    lines = ["| commit | CPU | runs |", "| --- | --- | ---: |"]
+    lines += [f"| {c} | {cpu} | {n} |" for (c, cpu), n in sorted(seen.items())]
+    return "\n".join(lines)
+
+
 def reward_trend(runs: dict, k: int = 4) -> str:
     """Mean training reward over the first and the last k steps per arm (is it still rising?)."""
     lines = [f"| arm | reward, first {k} steps | reward, last {k} steps | last {k} minus the {k} "
@@ -371,6 +390,8 @@ def plot(runs: dict, out: Path) -> None:
 def copy_small_files(grid: Path, out: Path) -> None:
     """Each finished run's small files (and its first samples) into out/runs, for committing."""
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    if (grid / "before.json").exists():  # the shared "before", for the next sitting
+        shutil.copy(grid / "before.json", out / "before.json")
     for run in (grid.iterdir() if grid.exists() else []):
         if run.is_dir() and is_finished(run):
             dst = out / "runs" / run.name
@@ -392,7 +413,7 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
     table, _ = summary_table(runs, setting.primary[1] if setting.primary else "grpo-uniform")
     parts = [preregistered(runs, setting)] if setting.preregistration else []
     parts += [table, differences_table(runs, setting.baselines), ratio_table(runs),
-              reward_trend(runs), timing_table(runs)]
+              reward_trend(runs), timing_table(runs), provenance(out / "runs")]
     text = "\n\n".join(p for p in parts if p)
     common.write_text_atomic(out / "ab_table.md", text + "\n")
     print(text)
@@ -418,7 +439,7 @@ def main(argv=None):
         grid = Path(a.grid or setting.grid + "-pilot")
         return run_grid(grid, a.arms or ["grpo-uniform"], a.seeds[:1], a.extra, setting.flags)
     return run_grid(Path(a.grid or setting.grid), a.arms or setting.arms, a.seeds, a.extra,
-                    setting.flags)
+                    setting.flags, committed=Path(a.out or setting.out))
 
 
 if __name__ == "__main__":

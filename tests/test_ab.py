@@ -170,3 +170,19 @@ def test_summary_rebuilds_from_committed_files_alone(tmp_path):
     fake_run(tmp_path / "pilot", "grpo-uniform", 0, 60.0)
     ab.summarize(ab.SETTINGS[2], tmp_path / "pilot", tmp_path / "pilot-out")
     assert "| grpo-uniform | 1 |" in (tmp_path / "pilot-out" / "ab_table.md").read_text()
+
+
+def test_a_new_sitting_skips_committed_runs_and_reuses_the_before(tmp_path, monkeypatch):
+    """runs/ is not kept between sittings: what is committed in the summary folder counts."""
+    out = tmp_path / "out"
+    fake_run(tmp_path / "old-grid", "grpo-random", 0, 55.0)
+    (tmp_path / "old-grid" / "before.json").write_text('{"t@1024": 10.0}')
+    ab.summarize(ab.SETTINGS[2], tmp_path / "old-grid", out)
+    assert (out / "before.json").exists()
+    assert "| not recorded | not recorded | 1 |" in (out / "ab_table.md").read_text()
+    started = []
+    monkeypatch.setattr(ab.subprocess, "run", lambda argv, check: started.append(argv))
+    grid = tmp_path / "new-grid"
+    ab.run_grid(grid, ["grpo-random", "grpo-uniform"], [0], [], ab.SETTING_2, committed=out)
+    assert (grid / "before.json").read_text() == '{"t@1024": 10.0}'
+    assert len(started) == 1 and "grpo-uniform-seed0" in started[0]
