@@ -79,3 +79,11 @@ def test_auto_never_picks_emulated_bf16_on_a_gpu(monkeypatch, capability, expect
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
     assert common.choose_precision("auto", "cuda:0")[0] == expected
+
+
+def test_cpu_name_says_which_machine_a_timing_came_from(monkeypatch):
+    # one model name ("AMD EPYC") covers CPUs of very different speeds: family, cores and the
+    # vector capability come with it
+    monkeypatch.setattr(common.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    name = common.cpu_name()
+    assert name.endswith(" cores, AVX2)") and "(" in name
