@@ -277,7 +277,8 @@ def preregistered(runs: dict, setting: Setting) -> str:
                        "no difference detected (the interval includes 0)")
         mde = paired_detectable(ds)
         more = (f"; smallest detectable {mde:.1f} > 4 with 3 seeds: the rule adds seeds 3 and 4"
-                if len(ds) == 3 and mde > 4 else f"; smallest detectable {mde:.1f}")
+                if role != "positive control" and len(ds) == 3 and mde > 4  # rule 2: primary
+                else f"; smallest detectable {mde:.1f}")
         lines.append(f"- {role}, {arm} - {base}: {d:+.1f} [{lo:+.1f}, {hi:+.1f}] over "
                      f"{len(ds)} seeds: {reading}{more}")
     return "\n".join(lines)

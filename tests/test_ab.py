@@ -25,6 +25,13 @@ def fake_run(folder, arm, seed, after, finished=True):
     return run
 
 
+def fake_grid(folder, values):
+    """{arm: [mean of cells per seed]} -> finished fake runs."""
+    for arm, vals in values.items():
+        for seed, v in enumerate(vals):
+            fake_run(folder, arm, seed, v)
+
+
 def test_mean_and_standard_error_by_hand():
     m, se = ab.mean_se([1.0, 2.0, 3.0])  # sd 1 -> se 1/sqrt(3)
     assert m == 2.0 and se == pytest.approx(1 / math.sqrt(3))
@@ -131,9 +138,7 @@ def test_preregistered_reading_follows_the_rule(tmp_path):
     s = ab.SETTINGS[2]
     values = {"grpo-uniform": [50.0, 52.0, 54.0], "grpo-longact-1row": [40.0, 41.0, 42.0],
               "grpo-longact": [47.0, 49.0, 52.0], "grpo-random": [46.0, 49.0, 50.0]}
-    for arm, vals in values.items():
-        for seed, v in enumerate(vals):
-            fake_run(tmp_path, arm, seed, v)
+    fake_grid(tmp_path, values)
     text = ab.preregistered(ab.collect(tmp_path), s)
     # control: differences 10, 11, 12 -> +11 [8.5, 13.5]: separates
     assert "positive control, grpo-uniform - grpo-longact-1row: +11.0 [+8.5, +13.5]" in text
@@ -147,11 +152,20 @@ def test_preregistered_reading_follows_the_rule(tmp_path):
 def test_primary_is_not_read_without_a_separating_control(tmp_path):
     values = {"grpo-uniform": [40.0, 45.0, 41.0], "grpo-longact-1row": [41.0, 40.0, 44.0],
               "grpo-longact": [60.0, 61.0, 62.0], "grpo-random": [40.0, 41.0, 42.0]}
-    for arm, vals in values.items():
-        for seed, v in enumerate(vals):
-            fake_run(tmp_path, arm, seed, v)
+    fake_grid(tmp_path, values)
     text = ab.preregistered(ab.collect(tmp_path), ab.SETTINGS[2])
     assert "does not separate" in text and "not read: the positive control" in text
+
+
+def test_rule_2_adds_seeds_for_the_primary_comparison_only(tmp_path):
+    # both comparisons have a detectable difference above 4 points with 3 seeds; the rule is
+    # about the primary one, so only its line asks for seeds 3 and 4
+    values = {"grpo-uniform": [60.0, 70.0, 65.0], "grpo-longact-1row": [40.0, 41.0, 42.0],
+              "grpo-longact": [60.0, 71.0, 62.0], "grpo-random": [50.0, 51.0, 58.0]}
+    fake_grid(tmp_path, values)
+    control, primary = ab.preregistered(ab.collect(tmp_path), ab.SETTINGS[2]).splitlines()[1:]
+    assert "separates" in control and "adds seeds" not in control
+    assert "adds seeds 3 and 4" in primary
 
 
 def test_summary_rebuilds_from_committed_files_alone(tmp_path):
