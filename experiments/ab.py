@@ -356,7 +356,17 @@ def plot(runs: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     arms = [arm for arm in ARMS if arm in runs]  # fixed order and colour per arm
-    colour = {arm: f"C{i}" for i, arm in enumerate(ARMS)}
+    bases = [arm for arm in ARMS if "-r0." not in arm]  # ten arms, ten distinct colours
+    colour = {arm: f"C{i}" for i, arm in enumerate(bases)}
+    # A ratio arm (grpo-random-r0.2) keeps its parent's colour and differs by line and hatch,
+    # so "same rows, another ratio" reads at a glance.
+    line = {arm: "-" for arm in bases}
+    hatch = {arm: None for arm in bases}
+    for arm in ARMS:
+        if "-r0." in arm:
+            parent, ratio = arm.rsplit("-r", 1)
+            colour[arm] = colour[parent]
+            line[arm], hatch[arm] = {"0.2": ("--", "//"), "0.4": (":", "..")}[ratio]
     fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.8))
     for arm in arms:
         curves = [r["reward"] for r in runs[arm].values()]  # (S, steps)
@@ -364,7 +374,8 @@ def plot(runs: dict, out: Path) -> None:
         stats = [mean_se([c[t] for c in curves]) for t in range(T)]  # (T,) over seeds
         m = [s[0] for s in stats]
         se = [0 if math.isnan(s[1]) else s[1] for s in stats]
-        a.plot(range(T), m, label=f"{arm} ({len(curves)} seeds)", color=colour[arm])
+        a.plot(range(T), m, label=f"{arm} ({len(curves)} seeds)", color=colour[arm],
+               linestyle=line[arm])
         a.fill_between(range(T), [x - e for x, e in zip(m, se)], [x + e for x, e in zip(m, se)],
                        alpha=0.15, color=colour[arm])
     a.set(xlabel="step", ylabel="training reward", title="training reward, mean ± s.e. over seeds")
@@ -376,10 +387,11 @@ def plot(runs: dict, out: Path) -> None:
         stats = [mean_se(after_scores(runs, arm, c)) for c in cells]  # (K,) over seeds
         b.bar([j + i * width for j in range(len(cells))], [s[0] for s in stats], width,
               yerr=[0 if math.isnan(s[1]) else s[1] for s in stats], label=arm, capsize=2,
-              color=colour[arm])
+              color=colour[arm], hatch=hatch[arm], edgecolor="white", linewidth=0)
     b.hlines([before[c] for c in cells], [j - width / 2 for j in range(len(cells))],
              [j + 0.8 - width / 2 for j in range(len(cells))], colors="k", label="before")
-    b.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))], cells, fontsize=8)
+    b.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))],
+                 [c.replace("@", "\n@") for c in cells], fontsize=8)  # two lines: no overlap
     b.set(ylabel="accuracy (%)", ylim=(0, 105),
           title="accuracy after training, mean ± s.e. over seeds (black: before)")
     b.legend(fontsize=7, ncol=2)
