@@ -50,6 +50,10 @@ ARMS = {  # name -> train.py flags (on top of the setting's)
     # the paper's formula as a gradient hook would apply it: AdamW's momentum and decay untouched
     "grpo-longact-grad": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step",
                           "--mask-semantics", "grad"],
+    # a fixed random subset (drawn once from the seed): random rows as stable as LongAct's, so
+    # that saliency and a stable mask can be told apart (exploratory in setting 2)
+    "grpo-random-static": ["--algo", "grpo", "--mask-strategy", "random",
+                           "--mask-schedule", "static"],
 }
 for _ratio in ("0.2", "0.4"):  # the paper's ratio ablation (0.3 is the default arm)
     ARMS[f"grpo-longact-r{_ratio}"] = ARMS["grpo-longact"] + ["--ratio", _ratio]
@@ -281,6 +285,9 @@ def preregistered(runs: dict, setting: Setting) -> str:
                 else f"; smallest detectable {mde:.1f}")
         lines.append(f"- {role}, {arm} - {base}: {d:+.1f} [{lo:+.1f}, {hi:+.1f}] over "
                      f"{len(ds)} seeds: {reading}{more}")
+    extra = [arm for arm in ARMS if arm in runs and arm not in setting.arms]
+    if extra:  # runs outside the pre-registered grid are shown, and named as such
+        lines.append(f"- not pre-registered, exploratory: {', '.join(extra)}")
     return "\n".join(lines)
 
 

@@ -147,6 +147,19 @@ def test_preregistered_reading_follows_the_rule(tmp_path):
     # / sqrt(3) = 3.1 < 4, so no extra seeds
     assert "no difference detected" in text and "smallest detectable 3.1" in text
     assert "adds seeds" not in text
+    assert "exploratory" not in text  # every arm here is in the pre-registered grid
+
+
+def test_an_arm_outside_the_preregistration_is_named_exploratory(tmp_path):
+    values = {"grpo-uniform": [50.0, 52.0, 54.0], "grpo-longact-1row": [40.0, 41.0, 42.0],
+              "grpo-longact": [47.0, 49.0, 52.0], "grpo-random": [46.0, 49.0, 50.0],
+              "grpo-random-static": [48.0]}
+    assert "grpo-random-static" not in ab.SETTINGS[2].arms
+    fake_grid(tmp_path, values)
+    text = ab.preregistered(ab.collect(tmp_path), ab.SETTINGS[2])
+    assert text.splitlines()[-1] == "- not pre-registered, exploratory: grpo-random-static"
+    # the rule's reading does not change with it
+    assert "positive control, grpo-uniform - grpo-longact-1row: +11.0 [+8.5, +13.5]" in text
 
 
 def test_primary_is_not_read_without_a_separating_control(tmp_path):

@@ -110,6 +110,20 @@ def test_default_run_uses_per_step_masks_and_logs_their_dynamics(tiny_dir, qa_fi
     assert any(r["mask_jaccard_prev"] < 1.0 for r in rows[1:])  # the prompts change, so do masks
 
 
+def test_static_random_rows_are_one_fixed_draw_for_the_run(tiny_dir, qa_file, tmp_path):
+    # the fixed random subset: drawn once from the seed, never redrawn, not the top-k rows
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "rs", 3, "--mask-strategy", "random",
+                              "--mask-schedule", "static", "--weight-decay", "0.1"))
+    rows = rows_of(run)
+    assert all(r["mask_jaccard_prev"] == 1.0 and r["drift_outside_mask"] == 0.0 for r in rows)
+    topk = train.main(args_for(tiny_dir, qa_file, tmp_path, "ts", 1, "--mask-schedule", "static"))
+    a = load_file(str(run / "masks.safetensors"))
+    b = load_file(str(topk / "masks.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(a[n].sum() == b[n].sum() for n in a)  # the same number of rows ...
+    assert any(not torch.equal(a[n], b[n]) for n in a)  # ... but other rows
+
+
 def test_grad_semantics_lets_rows_outside_the_mask_drift(tiny_dir, qa_file, tmp_path):
     # AdamW decays every parameter with a gradient: a masked gradient alone does not freeze rows
     run = train.main(args_for(tiny_dir, qa_file, tmp_path, "grad", 2, "--weight-decay", "0.1",
