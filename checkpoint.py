@@ -32,16 +32,24 @@ RESUME_KEYS = ("model", "mask_strategy", "mask_schedule", "mask_semantics", "rat
                "per_head", "stats", "calib_len", "calib_samples", "seed", "algo", "lr",
                "weight_decay", "beta", "group_size", "prompts_per_step", "mini_batch_groups",
                "micro_groups", "mu", "warmup_steps", "optimizer", "precision", "kl_clamp",
-               "eps_high", "clip_eps", "aggregation", "train_scope")
+               "eps_high", "clip_eps", "aggregation", "train_scope", "hub_kernels")
 # Keys added after runs were saved without them: the value those runs had.
-ADDED_LATER = {"train_scope": "all"}
-
+ADDED_LATER = {"train_scope": "all", "hub_kernels": False}
 
 
 def code_and_machine() -> dict:
-    """Saved in config.json: the commit of the code (a grid's runs must share one) and the CPU
-    (every timing names its machine)."""
-    return {"code_version": common.code_version(), "cpu": common.cpu_name()}
+    """Saved in config.json: the commit of the code (a grid's runs must share one), the CPU (every
+    timing names its machine) and the package versions with the lock's hash (common.versions)."""
+    return {"code_version": common.code_version(), "cpu": common.cpu_name(),
+            "versions": common.versions()}
+
+
+def warn_if_versions_changed(run_dir: Path, saved: dict, now: dict) -> None:
+    """A resume under other package versions continues, with one line that says what moved: the
+    run's numbers then come from two environments (config.json keeps both)."""
+    changed = common.versions_changed(saved.get("versions"), now["versions"])
+    if changed:
+        print(f"warning: resuming {run_dir} under other versions than it started with: {changed}")
 
 
 def prepare_run(args) -> tuple[Path, int]:
@@ -67,9 +75,11 @@ def prepare_run(args) -> tuple[Path, int]:
     start = saved_step(checkpoint_dir(run_dir))
     for name in ("metrics.jsonl", "samples.jsonl"):  # rows a crash left past the checkpoint go
         drop_rows_from(run_dir / name, start)
-    first = {k: saved.get(k) for k in ("code_version", "cpu")}  # where the run started
+    first = {k: saved.get(k) for k in ("code_version", "cpu", "versions")}  # where it started
+    now = code_and_machine()
+    warn_if_versions_changed(run_dir, saved.get("resumed_with", saved), now)
     common.write_json_atomic(run_dir / "config.json", vars(args) | first | {
-        "resumed_at": start, "resumed_with": code_and_machine()})
+        "resumed_at": start, "resumed_with": now})
     return run_dir, start
 
 
@@ -96,7 +106,8 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
     Under --fsdp every rank writes its shards (torch.distributed.checkpoint, fsdp.py)."""
     state = {"step": step, "scheduler": scheduler.state_dict(), "config": vars(args),
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-             "masks_ref": masks_ref, "world": fsdp.world()}  # masks_ref: mask-dynamics metrics
+             "masks_ref": masks_ref, "world": fsdp.world(),  # masks_ref: mask-dynamics metrics
+             "versions": common.versions()}
     if args.fsdp:
         return fsdp.save_checkpoint(run_dir / "ckpt", model, optimizer, state)
     tmp, final = run_dir / "ckpt.tmp", run_dir / "ckpt"
@@ -104,7 +115,7 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(state | {"optimizer": optimizer.state_dict()}, tmp / STATE_FILES[0])
-    common.write_json_atomic(tmp / STEP_FILE, {"step": step})
+    common.write_json_atomic(tmp / STEP_FILE, {"step": step, "versions": state["versions"]})
     if final.exists() and args.keep_checkpoints > 1:  # the previous one stays, complete, as
         final.rename(run_dir / f"ckpt-step{saved_step(final)}")  # ckpt-step<k>/
     common.swap_folder_in(tmp, final)  # fsynced; the previous ckpt/ is dropped once it is in

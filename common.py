@@ -300,6 +300,57 @@ def code_version() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+LOCK_FILE = Path(__file__).resolve().parent / "requirements.lock"
+RECORDED = ("torch", "transformers", "datasets", "tokenizers", "safetensors", "accelerate", "gguf")
+
+
+def lock_hash(path: Path = LOCK_FILE) -> str:
+    """The first 16 hex digits of the lock file's sha256: which locked environment a result came
+    from (SOURCES.md §9.44). "no lock file" where the code runs without one (an embedded copy)."""
+    if not path.exists():
+        return "no lock file"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def locked_versions(path: Path = LOCK_FILE) -> dict:
+    """{package: version} pinned by the lock (torch from its header line), {} without a lock."""
+    if not path.exists():
+        return {}
+    pins = re.findall(r"^#?\s*([A-Za-z0-9_.-]+)==([^\s;\\]+)", path.read_text(), re.M)
+    return {name.lower().replace("_", "-"): version for name, version in pins}
+
+
+def versions() -> dict:
+    """Python, the packages that compute a result, CUDA/cuDNN where a GPU is used, the lock's
+    hash, and which recorded packages differ from the lock: saved with every run, checkpoint and
+    evaluation, so that two numbers are compared only with their environments in view."""
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for name in RECORDED:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+        out["cudnn"] = str(torch.backends.cudnn.version())
+    out["lock"] = lock_hash()
+    pins = locked_versions()
+    # a local build tag (+cpu, +cu130) is the build, not the release: compare releases
+    out["differs_from_lock"] = sorted(
+        f"{n} {out[n]} (lock {pins[n]})" for n in RECORDED
+        if n in pins and out[n].split("+")[0] != pins[n].split("+")[0])
+    return out
+
+
+def versions_changed(saved: dict | None, now: dict) -> str:
+    """One line naming what differs between two `versions()` records ("" when nothing does)."""
+    if not saved:
+        return "versions not recorded when the run started"
+    keys = [k for k in now if k != "differs_from_lock" and saved.get(k) != now[k]]
+    return ", ".join(f"{k} {saved.get(k, 'not recorded')} -> {now[k]}" for k in keys)
+
+
 def cuda_native_bf16(device: str) -> bool:
     """Does this GPU compute bf16 in hardware? Compute capability 8.0 (Ampere) or later has bf16
     tensor cores. torch.cuda.is_bf16_supported() alone also answers True where bf16 is only

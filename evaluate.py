@@ -25,6 +25,7 @@ Run:
     python evaluate.py --model Qwen/Qwen3-4B --bench longbench-v2 --data lb2.jsonl --thinking
 """
 
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -241,6 +242,28 @@ def check_ruler_args(tasks, lengths, window=None):
                              f"lengths include the generation budget)")
 
 
+def prompt_sha(sample: Sample) -> str:
+    """16 hex digits of the sha256 of what the model is asked (prompt and answer prefix): two
+    runs' records of one item can be checked to hold the same prompt."""
+    return hashlib.sha256((sample.prompt + "\0" + sample.answer_prefix).encode()).hexdigest()[:16]
+
+
+def item_rows(records: list) -> list:
+    """One row per evaluated item, the same for RULER and LongBench v2: its id, the hash of its
+    prompt, the model's answer, the references and its correctness in [0, 1] (RULER's per-sample
+    score; 1 or 0 for a LongBench v2 choice). Arms are paired item by item on these rows."""
+    rows = []
+    for r in records:
+        if "_id" in r:  # LongBench v2
+            rows.append(dict(id=r["_id"], prompt_sha=r["prompt_sha"], answer=r["response"],
+                             references=[r["answer"]], correct=float(r["judge"])))
+        else:  # RULER: (task, length, seed, index) names the item
+            rows.append(dict(id=f"{r['task']}@{r['length']}/s{r['seed']}/{r['index']}",
+                             prompt_sha=r["prompt_sha"], answer=r["completion"],
+                             references=r["references"], correct=float(r["score"])))
+    return rows
+
+
 def evaluate_ruler(model, tokenizer, tasks=tuple(ruler.RULER_TASKS), lengths=(4096,),
                    samples: int = 20, seed: int = 0, batch: int = 8, progress: bool = True,
                    engine: str = "fast"):
@@ -259,8 +282,9 @@ def evaluate_ruler(model, tokenizer, tasks=tuple(ruler.RULER_TASKS), lengths=(40
         metric = RULER_METRICS[cell[0].metric]
         scores[task][L] = metric([o for o, _ in outs], [s.references for s in cell])
         records += [dict(task=task, length=L, index=s.index, seed=s.seed,
-                         prompt_tokens=s.prompt_tokens, references=s.references, completion=text,
-                         truncated=trunc, score=score(s, text))
+                         prompt_sha=prompt_sha(s), prompt_tokens=s.prompt_tokens,
+                         references=s.references, completion=text, truncated=trunc,
+                         score=score(s, text))
                     for s, (text, trunc) in zip(cell, outs)]
     bar.close()
     average = {L: round(sum(scores[t][L] for t in tasks) / len(tasks), 2) for L in lengths}
@@ -287,7 +311,8 @@ def evaluate_longbench(model, tokenizer, items: list, max_len: int = longbench.L
         sample = longbench_sample(item, i, tokenizer, max_len, window, cot, seed, thinking)
         response = complete(sample, i)
         record = dict(_id=item["_id"], difficulty=item["difficulty"], length=item["length"],
-                      answer=item["answer"], truncated=sample.meta["truncated"],
+                      answer=item["answer"], prompt_sha=prompt_sha(sample),
+                      truncated=sample.meta["truncated"],
                       truncated_by=sample.meta["truncated_by"])
         if cot:
             record["response_cot"] = response
@@ -428,6 +453,7 @@ def main(argv=None):
           f"model {args.model}")
     out = args.out or f"runs/eval/{args.bench}_{Path(args.model).name}_s{args.seed}.json"
     write_json_atomic(out, dict(bench=args.bench, model=args.model, args=vars(args),
+                                versions=common.versions(),
                                 seconds=round(seconds, 1), table=table, records=records))
     print(f"wrote {out}")
 

@@ -90,7 +90,7 @@ def model_window(model: str):
     without the network or a conversion): the bound of every length flag."""
     import policy
     if model in policy.EMBEDDED:
-        config = policy.cache_dir() / model / "config.json"
+        config = policy.embedded_dir(model) / "config.json"
         return json.loads(config.read_text()).get("max_position_embeddings") \
             if config.exists() else None
     try:

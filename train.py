@@ -24,6 +24,8 @@ metrics.jsonl (one line per step), samples.jsonl, eval.json, phases.json, ckpt/.
 """
 
 import argparse
+import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adamw: fp32 weights and state; bf16-sr: bf16 weights, stochastic rounding")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute in backward")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    g.add_argument("--hub-kernels", action="store_true",
+                   help="let transformers swap layers for kernels from the hub (off: only the "
+                        "code this repository and its lock ship runs; SOURCES.md §9.44)")
     g.add_argument("--fsdp", action="store_true",
                    help="shard the policy over torchrun's processes with FSDP2 (fsdp.py)")
     g.add_argument("--thinking", action="store_true",
@@ -172,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy evaluation prompts per generate call (-1 = the most the plan "
                         "fits on --gpu with the training state resident)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = ends)")
+    g.add_argument("--val-samples", type=int, default=0,
+                   help="also evaluate the final policy on this many samples per cell of a "
+                        "validation set (other items: evaluation seed --val-seed); 0 = none")
+    g.add_argument("--val-seed", type=int, default=1,
+                   help="the validation set's evaluation seed (the reported cells use seed 0)")
     g.add_argument("--no-eval", dest="eval", action="store_false", help="skip evaluation")
     g.add_argument("--before-eval", default=None,
                    help="a JSON file with the 'before' evaluation of the same starting model "
@@ -214,7 +224,7 @@ def reference_model(args):
     autocast anyway and halves its memory (8 GB instead of 16 GB for Qwen3-4B): there the step-0
     KL is small but not exactly 0 (norms and residuals round differently)."""
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    ref, _ = policy.load_policy(args.model, dtype=dtype,
+    ref, _ = policy.load_policy(args.model, dtype=dtype, hub_kernels=args.hub_kernels,
                                  device="cpu" if args.fsdp else args.device)
     ref.eval().requires_grad_(False)
     return fsdp.shard_policy(ref) if args.fsdp else ref
@@ -437,25 +447,38 @@ def step_masks(model, args, step: int, state, static_masks: dict) -> dict:
 # -----------------------------------------------------------------------------
 # evaluation, logging
 
-def run_eval(run) -> dict:
-    """RULER at the given lengths on held-out seeds; LongBench v2 with --longbench.
-    Returns {"task@length": score in percent}."""
+def run_eval(run, seed: int = 0, samples: int = 0, longbench: bool = True) -> tuple:
+    """RULER at the given lengths on held-out seeds (evaluation seed `seed`, `samples` per cell,
+    default --eval-samples); LongBench v2 with --longbench. Returns ({"task@length": score in
+    percent}, per-item rows: evaluate.item_rows)."""
     args, model, tokenizer = run.args, run.model, run.tokenizer
     model.eval()
     with run.autocast():
-        table, _ = evaluate.evaluate_ruler(model, tokenizer, args.eval_tasks, args.eval_lengths,
-                                           args.eval_samples, seed=0, batch=args.eval_batch,
-                                           engine=args.engine)
+        table, records = evaluate.evaluate_ruler(
+            model, tokenizer, args.eval_tasks, args.eval_lengths, samples or args.eval_samples,
+            seed=seed, batch=args.eval_batch, engine=args.engine)
         out = {f"{t}@{n}": s for t, row in table["scores"].items() for n, s in row.items()}
         out.update({f"ruler_avg@{n}": s for n, s in table["average"].items()})
-        if args.longbench:
+        if args.longbench and longbench:
             items = preflight.longbench_items(args)  # loaded and validated before the model
-            lb, _ = evaluate.evaluate_longbench(model, tokenizer, items,
-                                                max_len=args.longbench_max_len,
-                                                thinking=args.thinking, engine=args.engine)
+            lb, lb_records = evaluate.evaluate_longbench(model, tokenizer, items,
+                                                         max_len=args.longbench_max_len,
+                                                         thinking=args.thinking,
+                                                         engine=args.engine)
             out.update({f"longbench_v2/{k}": v for k, v in lb.items()
                         if isinstance(v, (int, float))})
-    return out
+            records += lb_records
+    return out, evaluate.item_rows(records)
+
+
+def evaluation(run, evals: dict, phases: dict, name: str, phase: str, **kw) -> None:
+    """One named evaluation: its scores into eval.json, its items into items/<name>.jsonl."""
+    fn = before_eval if name == "before" else run_eval
+    evals[name], items = common.timed(phases, phase, fn, run, **kw)
+    write_evals(run.folder, evals)
+    if fsdp.is_main():
+        common.write_text_atomic(run.folder / "items" / f"{name}.jsonl",
+                                 "".join(json.dumps(r) + "\n" for r in items))
 
 
 def eval_settings(args) -> dict:
@@ -473,11 +496,12 @@ def before_eval(run) -> dict:
         if saved["settings"] != eval_settings(args):
             raise SystemExit(f"{path}: made with other evaluation settings {saved['settings']}; "
                              f"this run has {eval_settings(args)}")
-        return saved["scores"]
-    scores = run_eval(run)
+        return saved["scores"], saved.get("items", [])  # files made before items: none
+    scores, items = run_eval(run)
     if path is not None and fsdp.is_main():
-        common.write_json_atomic(path, {"settings": eval_settings(args), "scores": scores})
-    return scores
+        common.write_json_atomic(path, {"settings": eval_settings(args), "scores": scores,
+                                        "versions": common.versions(), "items": items})
+    return scores, items
 
 
 STEP_LINE = ("step {step:4d} | reward {reward:.3f} acc {acc:.3f} len {len:5.1f} trunc "
@@ -547,10 +571,12 @@ def load_model(args, run_dir: Path):
     then sharded (a resume loads the shards later, resume_state)."""
     dtype = torch.bfloat16 if args.optimizer == "bf16-sr" else torch.float32
     if args.fsdp:
-        model, tokenizer = policy.load_policy(args.model, dtype=dtype, device="cpu")
+        model, tokenizer = policy.load_policy(args.model, dtype=dtype, device="cpu",
+                                              hub_kernels=args.hub_kernels)
     else:
         source = str(checkpoint.checkpoint_dir(run_dir)) if args.resume else args.model
-        model, tokenizer = policy.load_policy(source, dtype=dtype, device=args.device)
+        model, tokenizer = policy.load_policy(source, dtype=dtype, device=args.device,
+                                              hub_kernels=args.hub_kernels)
     masking.apply_train_scope(model, args.train_scope)  # before the optimizer sees the params
     if args.grad_checkpointing:  # before sharding (fsdp.py)
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -576,8 +602,7 @@ def main(argv=None):
     run.data = load_train_data(args, run.tokenizer, rows)
     announce(run)
     if args.eval and "before" not in evals:  # every rank evaluates (forwards are collective)
-        evals["before"] = common.timed(phases, "eval before", before_eval, run)
-        write_evals(run.folder, evals)
+        evaluation(run, evals, phases, "before", "eval before")
     saved = run.start if args.resume else -1  # the step of the newest checkpoint on disk
     with checkpoint.StopFlag() as stop:
         for step in tqdm(range(run.start, args.steps), desc="RL steps", initial=run.start,
@@ -587,8 +612,7 @@ def main(argv=None):
                 log_step(run.folder, row | {"elapsed": time.time() - t0}, args)
             if args.eval and args.eval_every and (step + 1) % args.eval_every == 0 \
                     and step + 1 < args.steps:
-                evals[f"step{step + 1}"] = common.timed(phases, "eval during", run_eval, run)
-                write_evals(run.folder, evals)
+                evaluation(run, evals, phases, f"step{step + 1}", "eval during")
             stopping = bool(fsdp.reduce_numbers([int(stop.set)], "max")[0])  # all ranks agree
             if stopping or (args.save_every and (step + 1) % args.save_every == 0):
                 checkpoint.save_run(run, step + 1)
@@ -600,8 +624,10 @@ def main(argv=None):
     if args.fsdp:  # a plain Hugging Face folder of the trained policy, for evaluation
         fsdp.export_hf(run.model, run.tokenizer, run.folder / "final")
     if args.eval:
-        evals["after"] = common.timed(phases, "eval after", run_eval, run)
-        write_evals(run.folder, evals)
+        if args.val_samples:  # before "after": a run with "after" in eval.json is finished
+            evaluation(run, evals, phases, "after_val", "eval validation", seed=args.val_seed,
+                       samples=args.val_samples, longbench=False)
+        evaluation(run, evals, phases, "after", "eval after")
         if main_rank:
             print(evaluate.format_before_after(evals["before"], evals["after"]))
     finish(run, phases, t0)
@@ -620,10 +646,28 @@ def announce(run) -> None:
           f"G={a.group_size} | steps {run.start}..{a.steps}", flush=True)
 
 
+def qk_change(run) -> dict:
+    """How far the q/k projections moved from the initial policy (the KL reference): the L2 norm
+    of the change over every q/k weight, and of the initial weights. A yardstick of step size
+    beside the KL ({} without a reference, or under --fsdp; SOURCES.md §9.45)."""
+    if run.ref_model is None or run.args.fsdp:
+        return {}
+    now, ref = common.qk_modules(run.model), common.qk_modules(run.ref_model)
+    with torch.no_grad():
+        moved = sum(float((now[n].weight.float() - ref[n].weight.float()).pow(2).sum())
+                    for n in now)
+        size = sum(float(ref[n].weight.float().pow(2).sum()) for n in ref)
+    return {"qk_change_l2": math.sqrt(moved), "qk_weight_l2": math.sqrt(size),
+            "qk_rel_change": math.sqrt(moved / size)}
+
+
 def finish(run, phases: dict, t0: float) -> None:
     phases["total"] = time.time() - t0
     if fsdp.is_main():
         common.write_json_atomic(run.folder / "phases.json", phases)
+        change = qk_change(run)
+        if change:
+            common.write_json_atomic(run.folder / "qk_change.json", change)
         print("wall time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
         print(f"run folder {run.folder}")
 

@@ -329,16 +329,25 @@ def timing_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def versions_label(v: dict | None) -> str:
+    """The versions a run recorded (common.versions), short; runs made before: "not recorded"."""
+    if not v:
+        return "not recorded"
+    names = ("python", "torch", "transformers", "datasets")
+    return ", ".join(f"{k} {v.get(k, '?')}" for k in names) + f", lock {v.get('lock', '?')}"
+
+
 def provenance(folder: Path) -> str:
-    """Which commits and CPUs the finished runs in `folder` came from (their config.json): a
-    grid's runs should share one commit (SOURCES.md §9.42)."""
+    """Which commits, CPUs and package versions the finished runs in `folder` came from (their
+    config.json): a grid's runs should share one commit and one environment (SOURCES.md §9.42)."""
     seen = {}
     for run in sorted(p for p in folder.iterdir() if is_finished(p)):
         cfg = common.read_json(run / "config.json") if (run / "config.json").exists() else {}
-        key = (cfg.get("code_version") or "not recorded", cfg.get("cpu") or "not recorded")
+        key = (cfg.get("code_version") or "not recorded", cfg.get("cpu") or "not recorded",
+               versions_label(cfg.get("versions")))
         seen[key] = seen.get(key, 0) + 1
-    lines = ["| commit | CPU | runs |", "| --- | --- | ---: |"]
-    lines += [f"| {c} | {cpu} | {n} |" for (c, cpu), n in sorted(seen.items())]
+    lines = ["| commit | CPU | versions | runs |", "| --- | --- | --- | ---: |"]
+    lines += [f"| {c} | {cpu} | {v} | {n} |" for (c, cpu, v), n in sorted(seen.items())]
     return "\n".join(lines)
 
 

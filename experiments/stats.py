@@ -5,12 +5,14 @@ and the smallest difference it can detect (SOURCES.md §9.42). Pure functions of
 
     d, half = difference([a_s - b_s for each seed s])   # mean and half-width of the 95% interval
     paired_detectable(ds)                                # two-sided 5%, power 80%
+    crossed_bootstrap(d)       # d: (S, I) per seed and item: seeds and items both resampled
 
-Shapes: S seeds (one number per seed in every list).
+Shapes: S seeds (one number per seed in every list), I evaluation items.
 Test: .venv/bin/python -m pytest -q tests/test_ab.py
 """
 
 import math
+import random
 
 def mean_se(xs: list) -> tuple:
     """(mean, standard error of the mean); se is nan for a single value."""
@@ -55,3 +57,26 @@ def paired_detectable(ds: list) -> float:
     _, se = mean_se(ds)
     dof = len(ds) - 1
     return (t_quantile(T_975, dof) + t_quantile(T_80, dof)) * se
+
+
+def crossed_bootstrap(d: list, reps: int = 2000, seed: int = 0) -> tuple:
+    """(mean, low, high): the mean of d, (S, I) differences of two arms per seed and item, and
+    the 95% percentile interval of a two-way ("pigeonhole") bootstrap that redraws the seeds and
+    the items independently, with replacement (SOURCES.md §9.45). Both are random factors here:
+    another seed retrains, another item re-asks, and each item is asked in every seed, so an
+    interval over seeds alone ignores the items and one over items alone ignores the training
+    noise. With 3 seeds the seed draw has only 10 distinct outcomes: read it beside the t
+    interval, never alone."""
+    S, I = len(d), len(d[0])  # (S, I)
+    rng = random.Random(seed)
+    means = []
+    for _ in range(reps):
+        weight = [0] * I  # how often each item is drawn: (I,)
+        for _ in range(I):
+            weight[rng.randrange(I)] += 1
+        per_seed = [sum(w * x for w, x in zip(weight, row)) / I for row in d]  # (S,)
+        means.append(sum(per_seed[rng.randrange(S)] for _ in range(S)) / S)
+    means.sort()
+    mean = sum(sum(row) for row in d) / (S * I)
+    return mean, means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+

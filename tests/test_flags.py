@@ -48,6 +48,8 @@ TRAIN = [  # (flags, what the message says)
     (["--steps", "-3"], "--steps -3: must be >= 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
     (["--eval-samples", "0"], "--eval-samples 0: must be >= 1"),
+    (["--val-samples", "10", "--val-seed", "0"], "--val-seed 0: must be > 0"),
+    (["--val-samples", "-1"], "--val-samples -1: must be >= 0"),
     (["--eval-lengths", "1024", "-5"], "--eval-lengths -5: must be >= 1"),
     (["--lr", "0"], "--lr 0.0: must be > 0"),
     (["--temperature", "0"], "--temperature 0.0: must be > 0"),

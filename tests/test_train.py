@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import common
 import preflight
 import train
 
@@ -240,7 +241,8 @@ def test_keep_checkpoints_keeps_the_newest_and_a_step_file(tiny_dir, qa_file, tm
     run = train.main(args_for(tiny_dir, qa_file, tmp_path, "keep", 3, "--beta", "0",
                               "--save-every", "1", "--keep-checkpoints", "2"))
     assert sorted(p.name for p in run.glob("ckpt*")) == ["ckpt", "ckpt-step2"]
-    assert json.loads((run / "ckpt" / "step.json").read_text()) == {"step": 3}
+    step_file = json.loads((run / "ckpt" / "step.json").read_text())
+    assert step_file["step"] == 3 and step_file["versions"]["lock"] == common.lock_hash()
     assert checkpoint.saved_step(run / "ckpt-step2") == 2
     one = train.main(args_for(tiny_dir, qa_file, tmp_path, "one", 2, "--beta", "0",
                               "--save-every", "1"))
