@@ -2,8 +2,8 @@
 experiments/ab.py -- the A/B question of LongAct at a scale one CPU can run: does updating only the
 salient q/k rows beat updating all of them, and beat the same number of random rows?
 
-    python -m experiments.ab run     [--setting 2] [--arms ...] [--seeds 0 1 2]    # resumable
-    python -m experiments.ab summary [--setting 2]                 # table and figure, from files
+    python -m experiments.ab run     [--setting 2|2b] [--arms ...] [--seeds 0 1 2]  # resumable
+    python -m experiments.ab summary [--setting 2|2b]              # table and figure, from files
     python -m experiments.ab pilot   [--setting 2] [--arms ...] [--grid ...] [--extra ...]
 
 Arms (SOURCES.md §1, §2): the paper's LongAct (per-head L2 saliency, masks from each step's
@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from experiments.stats import (T_80, T_975, difference, mean_se, paired_detectable, pooled_sd,
-                               t_quantile)
+from experiments import rates
+from experiments.stats import (T_80, T_975, crossed_bootstrap, difference, mean_se,
+                               paired_detectable, pooled_sd, t_quantile)
 
 ARMS = {  # name -> train.py flags (on top of the setting's)
     "grpo-longact": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step"],
@@ -75,6 +76,15 @@ SETTING_2 = (SETTING[:SETTING.index("--lr")] + ["--lr", SETTING_2_LR]
 ARMS_2 = ["grpo-longact", "grpo-random", "grpo-uniform", "grpo-longact-1row", "grpo-longact-grad",
           "grpo-longact-static", "grpo-bottomk", "grpo-longact-r0.2", "grpo-longact-r0.4",
           "grpo-random-r0.2", "grpo-random-r0.4"]
+# Setting 2b (SOURCES.md §9.46, ab2b_preregistration.md): setting 2 with three arms, each at x1,
+# x2 and x4 of its learning rate and read at its own best rate, chosen on 25 validation samples
+# per cell (evaluation seed 1) that no reported cell uses. Every run keeps per-item records.
+for _arm in rates.ARMS:
+    for _f in rates.FACTORS:
+        ARMS[rates.rate_arm(_arm, _f)] = ARMS[_arm] + [
+            "--lr", f"{float(SETTING_2_LR) * float(_f):g}"]
+SETTING_2B = SETTING_2 + ["--val-samples", "25", "--val-seed", "1", "--threads", "2"]
+ARMS_2B = [rates.rate_arm(a, f) for f in rates.FIRST for a in rates.ARMS]
 
 
 @dataclass(frozen=True)
@@ -87,18 +97,24 @@ class Setting:
     primary: tuple | None = None  # (arm, baseline): the pre-registered comparison
     control: tuple | None = None  # (arm, baseline): the positive control
     preregistration: str | None = None  # the file that states the rule, committed before the runs
+    secondary: tuple | None = None  # (arm, baseline): the pre-registered secondary comparison
+    by_rate: bool = False  # arms are read at their best learning rates (experiments/rates.py)
 
 
 SETTINGS = {
-    1: Setting(SETTING, GRPO_ARMS, "runs/ab", "figures/ab",
-               ("grpo-uniform", "grpo-random", "dapo-uniform")),
-    2: Setting(SETTING_2, ARMS_2, "runs/ab2", "figures/ab2",
-               ("grpo-random", "grpo-uniform", "grpo-longact-1row"),
-               primary=("grpo-longact", "grpo-random"),
-               control=("grpo-uniform", "grpo-longact-1row"),
-               preregistration="experiments/ab2_preregistration.md"),
+    "1": Setting(SETTING, GRPO_ARMS, "runs/ab", "figures/ab",
+                 ("grpo-uniform", "grpo-random", "dapo-uniform")),
+    "2": Setting(SETTING_2, ARMS_2, "runs/ab2", "figures/ab2",
+                 ("grpo-random", "grpo-uniform", "grpo-longact-1row"),
+                 primary=("grpo-longact", "grpo-random"),
+                 control=("grpo-uniform", "grpo-longact-1row"),
+                 preregistration="experiments/ab2_preregistration.md"),
+    "2b": Setting(SETTING_2B, ARMS_2B, "runs/ab2b", "figures/ab2b", (),
+                  primary=("grpo-longact", "grpo-random-static"),
+                  secondary=("grpo-longact", "grpo-uniform"), by_rate=True,
+                  preregistration="experiments/ab2b_preregistration.md"),
 }
-SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json")
+SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json", "qk_change.json")
 
 
 # -----------------------------------------------------------------------------
@@ -146,21 +162,35 @@ def run_grid(grid: Path, arms: list, seeds: list, extra: list, flags: list = SET
 # summary (pure functions, then files)
 
 def collect(folder: Path) -> dict:
-    """{arm: {seed: {"after", "before", "reward": [per step], "minutes": {phase: min}}}} of the
-    finished runs in `folder`."""
+    """{arm: {seed: {"after", "before", "val" (validation, when run), "items" ({item id:
+    (correctness, prompt hash)} after training; {} for runs made before item records),
+    "reward": [per step], "kl_last" (mean KL of the last 4 steps), "qk" (qk_change.json),
+    "minutes": {phase: min}}}} of the finished runs in `folder`."""
     out = {}
     for run in sorted(p for p in folder.iterdir() if (p / "eval.json").exists()):
         arm, _, seed = run.name.rpartition("-seed")
         ev = common.read_json(run / "eval.json")
         if arm not in ARMS or "after" not in ev:
             continue
-        rewards = [r["reward"] for r in common.read_jsonl(run / "metrics.jsonl")]
+        metrics = common.read_jsonl(run / "metrics.jsonl")
         phases = common.read_json(run / "phases.json") if (run / "phases.json").exists() else {}
-        out.setdefault(arm, {})[int(seed)] = {"after": with_mean(ev["after"]),
-                                              "before": with_mean(ev["before"]),
-                                              "reward": rewards,
-                                              "minutes": {k: v / 60 for k, v in phases.items()}}
+        qk = run / "qk_change.json"
+        out.setdefault(arm, {})[int(seed)] = {
+            "after": with_mean(ev["after"]), "before": with_mean(ev["before"]),
+            "val": with_mean(ev["after_val"]) if "after_val" in ev else None,
+            "items": read_items(run / "items" / "after.jsonl"),
+            "reward": [r["reward"] for r in metrics],
+            "kl_last": sum(r.get("kl", 0.0) for r in metrics[-4:]) / len(metrics[-4:]),
+            "qk": common.read_json(qk) if qk.exists() else {},
+            "minutes": {k: v / 60 for k, v in phases.items()}}
     return out
+
+
+def read_items(path: Path) -> dict:
+    """{item id: (correctness, prompt hash)} of one evaluation's items file ({} if none)."""
+    if not path.exists():
+        return {}
+    return {r["id"]: (r["correct"], r["prompt_sha"]) for r in common.read_jsonl(path)}
 
 
 ALL = "mean of cells"  # a run's mean over its task@length cells: 4x the samples of one cell
@@ -313,7 +343,9 @@ def ratio_table(runs: dict) -> str:
 
 def timing_table(runs: dict) -> str:
     """Wall minutes per run (mean over seeds) by phase, and the grid's total."""
-    phases = ["statistics", "training", "eval after", "total"]
+    phases = ["statistics", "training", "eval after", "eval validation", "total"]
+    if not any("eval validation" in r["minutes"] for arm in runs.values() for r in arm.values()):
+        phases.remove("eval validation")  # grids made before validation sets
     lines = ["| arm | runs | " + " | ".join(phases) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in phases) + " |"]
     total = 0.0
@@ -372,14 +404,19 @@ def plot(runs: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     arms = [arm for arm in ARMS if arm in runs]  # fixed order and colour per arm
-    bases = [arm for arm in ARMS if "-r0." not in arm]  # ten arms, ten distinct colours
+    bases = [arm for arm in ARMS if "-r0." not in arm and "-lrx" not in arm]  # ten colours
     colour = {arm: f"C{i}" for i, arm in enumerate(bases)}
     # A ratio arm (grpo-random-r0.2) keeps its parent's colour and differs by line and hatch,
     # so "same rows, another ratio" reads at a glance.
     line = {arm: "-" for arm in bases}
     hatch = {arm: None for arm in bases}
     for arm in ARMS:
-        if "-r0." in arm:
+        if "-lrx" in arm:  # a learning-rate arm: its arm's colour, a line per rate
+            parent, factor = rates.split(arm)
+            colour[arm], hatch[arm] = colour[parent], None
+            line[arm] = {"0.25": (0, (1, 3)), "0.5": ":", "1": "-", "2": "--", "4": "-.",
+                         "8": (0, (5, 1)), "16": (0, (3, 1, 1, 1))}[factor]
+        elif "-r0." in arm:
             parent, ratio = arm.rsplit("-r", 1)
             colour[arm] = colour[parent]
             line[arm], hatch[arm] = {"0.2": ("--", "//"), "0.4": (":", "..")}[ratio]
@@ -428,6 +465,8 @@ def copy_small_files(grid: Path, out: Path) -> None:
             for name in SMALL_FILES:
                 if (run / name).exists():
                     shutil.copy(run / name, dst / name)
+            if (run / "items").exists():  # per-item records: a few hundred KB per run
+                shutil.copytree(run / "items", dst / "items", dirs_exist_ok=True)
             samples = (run / "samples.jsonl").read_text().splitlines()[:8]
             common.write_text_atomic(dst / "samples.jsonl", "".join(s + "\n" for s in samples))
 
@@ -440,19 +479,26 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
     if not runs:
         raise SystemExit(f"no finished run in {out / 'runs'} or {grid}")
     table, _ = summary_table(runs, setting.primary[1] if setting.primary else "grpo-uniform")
-    parts = [preregistered(runs, setting)] if setting.preregistration else []
-    parts += [table, differences_table(runs, setting.baselines), ratio_table(runs),
-              reward_trend(runs), timing_table(runs), provenance(out / "runs")]
+    if setting.by_rate:  # setting 2b: each arm at its best rate (experiments/rates.py)
+        parts = [rates.reading(runs, setting.primary, setting.secondary,
+                               setting.preregistration), rates.rates_table(runs), table,
+                 rates.step_size(runs)]
+    else:
+        parts = [preregistered(runs, setting)] if setting.preregistration else []
+        parts += [table, differences_table(runs, setting.baselines), ratio_table(runs)]
+    parts += [reward_trend(runs), timing_table(runs), provenance(out / "runs")]
     text = "\n\n".join(p for p in parts if p)
     common.write_text_atomic(out / "ab_table.md", text + "\n")
     print(text)
     plot(runs, out)
+    if setting.by_rate:
+        rates.plot_step_size(runs, out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="LongAct A/B grid: arms x seeds, then a summary.")
     p.add_argument("command", choices=["run", "summary", "pilot"])
-    p.add_argument("--setting", type=int, choices=sorted(SETTINGS), default=1)
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="1")
     p.add_argument("--grid", default=None, help="the runs' folder (default: the setting's)")
     p.add_argument("--out", default=None, help="summary folder (default: the setting's)")
     p.add_argument("--arms", nargs="+", default=None, choices=sorted(ARMS),
@@ -467,8 +513,30 @@ def main(argv=None):
     if a.command == "pilot":  # one seed, outside the grid's folder
         grid = Path(a.grid or setting.grid + "-pilot")
         return run_grid(grid, a.arms or ["grpo-uniform"], a.seeds[:1], a.extra, setting.flags)
-    return run_grid(Path(a.grid or setting.grid), a.arms or setting.arms, a.seeds, a.extra,
-                    setting.flags, committed=Path(a.out or setting.out))
+    grid, out = Path(a.grid or setting.grid), Path(a.out or setting.out)
+    run_grid(grid, a.arms or setting.arms, a.seeds, a.extra, setting.flags, committed=out)
+    if setting.by_rate and not a.arms:  # rules 2 and 3 of the pre-registration, then done
+        run_rate_rules(setting, grid, out, a.extra)
+
+
+def run_rate_rules(setting: Setting, grid: Path, out: Path, extra: list) -> None:
+    """Setting 2b's rules, in order: widen an arm whose best rate sits at an end of its range
+    (until none does), then, if the primary comparison's smallest detectable difference at the
+    best rates exceeds 4 with 3 seeds, seeds 3 and 4 for the three arms at their best rates."""
+    while True:
+        copy_small_files(grid, out)
+        runs = collect(out / "runs")
+        more = rates.arms_to_add(runs)
+        if not more:
+            break
+        run_grid(grid, more, list(rates.SEEDS), extra, setting.flags, committed=out)
+    best = rates.best_rates(runs)
+    if len(best) == len(rates.ARMS):
+        a, b = (rates.rate_arm(x, best[x]) for x in setting.primary)
+        c = rates.compare(runs, a, b)
+        if c["seeds"] == 3 and c["detectable"] > 4:
+            chosen = [rates.rate_arm(x, f) for x, f in best.items()]
+            run_grid(grid, chosen, [3, 4], extra, setting.flags, committed=out)
 
 
 if __name__ == "__main__":

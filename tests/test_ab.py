@@ -121,7 +121,7 @@ def test_arms_are_compared_within_their_algorithm(tmp_path):
 
 def test_setting_2_trains_only_qk_in_fp32_and_every_arm_parses():
     import train
-    s = ab.SETTINGS[2]
+    s = ab.SETTINGS["2"]
     assert s.flags[s.flags.index("--train-scope") + 1] == "qk"
     assert s.flags[s.flags.index("--precision") + 1] == "fp32"
     assert {"grpo-longact-grad", "grpo-longact-1row", "grpo-random-r0.4"} <= set(s.arms)
@@ -131,11 +131,11 @@ def test_setting_2_trains_only_qk_in_fp32_and_every_arm_parses():
     grad = train.build_parser().parse_args(ab.train_argv(Path("g"), "grpo-longact-grad", 0, [],
                                                          s.flags))
     assert grad.mask_semantics == "grad" and grad.mask_strategy == "topk"
-    assert ab.SETTINGS[1].flags == ab.SETTING and "--train-scope" not in ab.SETTING
+    assert ab.SETTINGS["1"].flags == ab.SETTING and "--train-scope" not in ab.SETTING
 
 
 def test_preregistered_reading_follows_the_rule(tmp_path):
-    s = ab.SETTINGS[2]
+    s = ab.SETTINGS["2"]
     values = {"grpo-uniform": [50.0, 52.0, 54.0], "grpo-longact-1row": [40.0, 41.0, 42.0],
               "grpo-longact": [47.0, 49.0, 52.0], "grpo-random": [46.0, 49.0, 50.0]}
     fake_grid(tmp_path, values)
@@ -154,9 +154,9 @@ def test_an_arm_outside_the_preregistration_is_named_exploratory(tmp_path):
     values = {"grpo-uniform": [50.0, 52.0, 54.0], "grpo-longact-1row": [40.0, 41.0, 42.0],
               "grpo-longact": [47.0, 49.0, 52.0], "grpo-random": [46.0, 49.0, 50.0],
               "grpo-random-static": [48.0]}
-    assert "grpo-random-static" not in ab.SETTINGS[2].arms
+    assert "grpo-random-static" not in ab.SETTINGS["2"].arms
     fake_grid(tmp_path, values)
-    text = ab.preregistered(ab.collect(tmp_path), ab.SETTINGS[2])
+    text = ab.preregistered(ab.collect(tmp_path), ab.SETTINGS["2"])
     assert text.splitlines()[-1] == "- not pre-registered, exploratory: grpo-random-static"
     # the rule's reading does not change with it
     assert "positive control, grpo-uniform - grpo-longact-1row: +11.0 [+8.5, +13.5]" in text
@@ -166,7 +166,7 @@ def test_primary_is_not_read_without_a_separating_control(tmp_path):
     values = {"grpo-uniform": [40.0, 45.0, 41.0], "grpo-longact-1row": [41.0, 40.0, 44.0],
               "grpo-longact": [60.0, 61.0, 62.0], "grpo-random": [40.0, 41.0, 42.0]}
     fake_grid(tmp_path, values)
-    text = ab.preregistered(ab.collect(tmp_path), ab.SETTINGS[2])
+    text = ab.preregistered(ab.collect(tmp_path), ab.SETTINGS["2"])
     assert "does not separate" in text and "not read: the positive control" in text
 
 
@@ -176,7 +176,7 @@ def test_rule_2_adds_seeds_for_the_primary_comparison_only(tmp_path):
     values = {"grpo-uniform": [60.0, 70.0, 65.0], "grpo-longact-1row": [40.0, 41.0, 42.0],
               "grpo-longact": [60.0, 71.0, 62.0], "grpo-random": [50.0, 51.0, 58.0]}
     fake_grid(tmp_path, values)
-    control, primary = ab.preregistered(ab.collect(tmp_path), ab.SETTINGS[2]).splitlines()[1:]
+    control, primary = ab.preregistered(ab.collect(tmp_path), ab.SETTINGS["2"]).splitlines()[1:]
     assert "separates" in control and "adds seeds" not in control
     assert "adds seeds 3 and 4" in primary
 
@@ -186,16 +186,16 @@ def test_summary_rebuilds_from_committed_files_alone(tmp_path):
         for seed in range(2):
             fake_run(tmp_path / "grid", arm, seed, 50.0 + seed + len(arm))
     out = tmp_path / "out"
-    ab.summarize(ab.SETTINGS[2], tmp_path / "grid", out)
+    ab.summarize(ab.SETTINGS["2"], tmp_path / "grid", out)
     first = (out / "ab_table.md").read_text()
     assert (out / "ab.png").exists() and (out / "runs" / "grpo-random-seed1" / "eval.json").exists()
     assert "| 0.2 |" in first and "| 0.3 |" in first  # the ratio ablation
     assert "fewer than 2 paired seeds" in first  # no control arms yet
-    ab.summarize(ab.SETTINGS[2], tmp_path / "nothing-here", out)  # from out/runs alone
+    ab.summarize(ab.SETTINGS["2"], tmp_path / "nothing-here", out)  # from out/runs alone
     assert (out / "ab_table.md").read_text() == first
     # a grid that has not run its primary baseline yet still summarises (the pilots)
     fake_run(tmp_path / "pilot", "grpo-uniform", 0, 60.0)
-    ab.summarize(ab.SETTINGS[2], tmp_path / "pilot", tmp_path / "pilot-out")
+    ab.summarize(ab.SETTINGS["2"], tmp_path / "pilot", tmp_path / "pilot-out")
     assert "| grpo-uniform | 1 |" in (tmp_path / "pilot-out" / "ab_table.md").read_text()
 
 
@@ -204,7 +204,7 @@ def test_a_new_sitting_skips_committed_runs_and_reuses_the_before(tmp_path, monk
     out = tmp_path / "out"
     fake_run(tmp_path / "old-grid", "grpo-random", 0, 55.0)
     (tmp_path / "old-grid" / "before.json").write_text('{"t@1024": 10.0}')
-    ab.summarize(ab.SETTINGS[2], tmp_path / "old-grid", out)
+    ab.summarize(ab.SETTINGS["2"], tmp_path / "old-grid", out)
     assert (out / "before.json").exists()
     assert "| not recorded | not recorded | 1 |" in (out / "ab_table.md").read_text()
     started = []

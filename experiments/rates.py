@@ -1,0 +1,241 @@
+"""
+experiments/rates.py -- setting 2b: each arm at its own best learning rate, so that "which rows"
+is read apart from "how big a step" (experiments/ab2b_preregistration.md, SOURCES.md §9.46).
+
+In setting 2 the arms ranked almost exactly by how far the policy moved. A random row redrawn
+every step trains in about 30% of the steps; a fixed random subset trains every step but may still
+move the attention logits less than LongAct's rows at one learning rate. So each arm (LongAct, a
+fixed random 30%, all q/k rows) runs at x1, x2 and x4 of setting 2's rate; its best rate is chosen
+on validation items that no reported cell uses; the comparisons are read at the best rates.
+
+    best_rates(runs)       {arm: factor}: the highest validation mean of cells over seeds
+    arms_to_add(runs)      the next factor for an arm whose best rate is at an end of its range
+    reading(runs, ...)     the pre-registered comparisons at the best rates (t and crossed)
+    step_size(runs)        every run's outcome beside its KL and q/k change, and how much of the
+                           outcome the step size explains, with and without the arm
+
+Shapes: S seeds, I evaluation items, R runs.
+Test: .venv/bin/python -m pytest -q tests/test_rates.py
+"""
+
+import math
+
+from experiments.stats import crossed_bootstrap, difference, mean_se, paired_detectable
+
+ARMS = ("grpo-longact", "grpo-random-static", "grpo-uniform")  # read at their own best rates
+FACTORS = ("0.25", "0.5", "1", "2", "4", "8", "16")  # the ends a widening may reach
+FIRST = ("1", "2", "4")  # the pre-registered range, x setting 2's learning rate
+SEEDS = (0, 1, 2)  # the seeds that choose a rate; seeds 3 and 4 (rule 3) never re-choose it
+ALL = "mean of cells"
+
+
+def rate_arm(arm: str, factor: str) -> str:
+    return f"{arm}-lrx{factor}"
+
+
+def split(name: str) -> tuple:
+    """"grpo-uniform-lrx2" -> ("grpo-uniform", "2")."""
+    arm, _, factor = name.rpartition("-lrx")
+    return arm, factor
+
+
+def factors_run(runs: dict, arm: str) -> list:
+    """The factors of `arm` whose seeds 0-2 have all finished, smallest first."""
+    done = [f for f in FACTORS if set(SEEDS) <= set(runs.get(rate_arm(arm, f), {}))]
+    return sorted(done, key=float)
+
+
+def best_rates(runs: dict) -> dict:
+    """{arm: factor} with the highest validation mean of cells (mean over seeds 0-2); a tie goes
+    to the smaller factor. Only the validation items are looked at, never the reported cells."""
+    best = {}
+    for arm in ARMS:
+        scores = {f: mean_se([runs[rate_arm(arm, f)][s]["val"][ALL] for s in SEEDS])[0]
+                  for f in factors_run(runs, arm)}
+        if scores:
+            best[arm] = max(scores, key=lambda f: (scores[f], -float(f)))
+    return best
+
+
+def arms_to_add(runs: dict) -> list:
+    """Rule 2: a best rate at an end of the factors run adds the next factor beyond it (x2 or
+    /2), until the best is inside the range or the range reaches FACTORS' ends."""
+    out = []
+    for arm, f in best_rates(runs).items():
+        done = factors_run(runs, arm)
+        i = FACTORS.index(f)
+        if f == done[-1] and i + 1 < len(FACTORS):
+            out.append(rate_arm(arm, FACTORS[i + 1]))
+        elif f == done[0] and i > 0:
+            out.append(rate_arm(arm, FACTORS[i - 1]))
+    return out
+
+
+def items_matrix(runs: dict, a: str, b: str, seeds: list) -> list:
+    """(S, I) per-seed, per-item differences a - b of correctness x 100 (so that the mean is on
+    the scale of the mean of cells). The items must be the same prompts in every run."""
+    ids = sorted(runs[a][seeds[0]]["items"])
+    rows = []
+    for s in seeds:
+        ra, rb = runs[a][s]["items"], runs[b][s]["items"]
+        if sorted(ra) != ids or sorted(rb) != ids:
+            raise ValueError(f"{a} / {b} seed {s}: not the same evaluation items")
+        bad = [i for i in ids if ra[i][1] != rb[i][1]]
+        if bad:
+            raise ValueError(f"{a} / {b} seed {s}: item {bad[0]} has another prompt")
+        rows.append([100 * (ra[i][0] - rb[i][0]) for i in ids])  # (I,)
+    return rows
+
+
+def compare(runs: dict, a: str, b: str) -> dict:
+    """a - b on the reported mean of cells: the per-seed t interval and the crossed bootstrap."""
+    seeds = sorted(set(runs[a]) & set(runs[b]))
+    ds = [runs[a][s]["after"][ALL] - runs[b][s]["after"][ALL] for s in seeds]  # (S,)
+    d, half = difference(ds)
+    out = {"seeds": len(seeds), "d": d, "t": (d - half, d + half),
+           "detectable": paired_detectable(ds)}
+    if all(runs[x][s].get("items") for x in (a, b) for s in seeds):
+        out["crossed"] = crossed_bootstrap(items_matrix(runs, a, b, seeds))[1:]
+    return out
+
+
+def verdict(c: dict, a: str, b: str) -> str:
+    """Rule 4: a direction is claimed only where both intervals exclude 0 on the same side."""
+    lows = [c["t"][0]] + ([c["crossed"][0]] if "crossed" in c else [])
+    highs = [c["t"][1]] + ([c["crossed"][1]] if "crossed" in c else [])
+    if min(lows) > 0:
+        return f"{a} is better"
+    if max(highs) < 0:
+        return f"{b} is better"
+    return "no difference detected"
+
+
+def reading(runs: dict, primary: tuple, secondary: tuple, prereg: str) -> str:
+    """The pre-registered reading: best rates, then the primary and secondary comparisons."""
+    best = best_rates(runs)
+    lines = [f"Pre-registered in {prereg}: each arm at its best rate on the validation items "
+             "(seeds 0-2); mean of the reported cells, paired by seed (95% t) and by seed and "
+             "item (crossed bootstrap)."]
+    lines.append("- best rates: " + ", ".join(f"{a} x{f}" for a, f in best.items())
+                 + (f"; still to run (rule 2): {', '.join(arms_to_add(runs))}"
+                    if arms_to_add(runs) else ""))
+    for role, (a, b) in (("primary", primary), ("secondary", secondary)):
+        if a not in best or b not in best:
+            lines.append(f"- {role}, {a} - {b}: an arm has no finished rate yet")
+            continue
+        ra, rb = rate_arm(a, best[a]), rate_arm(b, best[b])
+        c = compare(runs, ra, rb)
+        if c["seeds"] < 2:
+            lines.append(f"- {role}, {ra} - {rb}: fewer than 2 paired seeds")
+            continue
+        crossed = (f", crossed [{c['crossed'][0]:+.1f}, {c['crossed'][1]:+.1f}]"
+                   if "crossed" in c else ", no item records")
+        more = (" > 4 with 3 seeds: rule 3 adds seeds 3 and 4" if role == "primary"
+                and c["seeds"] == 3 and c["detectable"] > 4 else "")
+        lines.append(f"- {role}, {ra} - {rb}: {c['d']:+.1f}, t [{c['t'][0]:+.1f}, "
+                     f"{c['t'][1]:+.1f}]{crossed} over {c['seeds']} seeds: {verdict(c, a, b)}"
+                     f"; smallest detectable {c['detectable']:.1f}{more}")
+    return "\n".join(lines)
+
+
+def rates_table(runs: dict) -> str:
+    """Per arm and factor: validation and reported mean of cells (mean +- se over seeds), the
+    last steps' KL and the relative q/k change; the best rate marked."""
+    best = best_rates(runs)
+    lines = ["| arm | rate | seeds | validation | reported | KL, last 4 steps | q/k change |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    fmt = lambda xs, p: "n/a" if not xs else "{:.{p}f} ± {:.{p}f}".format(  # noqa: E731
+        *(x if not math.isnan(x) else 0.0 for x in mean_se(xs)), p=p)
+    for arm in ARMS:
+        for f in sorted({split(n)[1] for n in runs if split(n)[0] == arm}, key=float):
+            r = runs[rate_arm(arm, f)].values()
+            val = [x["val"][ALL] for x in r if x.get("val")]
+            moved = [x["qk"]["qk_rel_change"] for x in r if x.get("qk")]
+            lines.append(f"| {arm} | x{f}{' (best)' if best.get(arm) == f else ''} | {len(r)} | "
+                         f"{fmt(val, 1)} | {fmt([x['after'][ALL] for x in r], 1)} | "
+                         f"{fmt([x['kl_last'] for x in r], 4)} | {fmt(moved, 4)} |")
+    return "\n".join(lines)
+
+
+def common_slope_sse(points: list) -> float:
+    """Residual sum of squares of y ~ one slope in x and an intercept per arm (least squares);
+    points: (arm, x, y). With one arm name for all points it is the plain line."""
+    by_arm = {}
+    for a, x, y in points:
+        by_arm.setdefault(a, []).append((x, y))
+    means = {a: (sum(x for x, _ in v) / len(v), sum(y for _, y in v) / len(v))
+             for a, v in by_arm.items()}
+    sxy = sum((x - means[a][0]) * (y - means[a][1]) for a, x, y in points)
+    sxx = sum((x - means[a][0]) ** 2 for a, x, _ in points)
+    b = sxy / sxx if sxx else 0.0
+    return sum((y - means[a][1] - b * (x - means[a][0])) ** 2 for a, x, y in points)
+
+
+def r_squared(points: list) -> dict:
+    """points: (arm, x, y). The share of the variance of y explained by x alone (one line), by
+    the arm alone (its mean), and by both (one slope, an intercept per arm): what the arm adds
+    to the step size is the gap between the first and the last. Descriptive only."""
+    ys = [y for _, _, y in points]
+    sst = sum((y - sum(ys) / len(ys)) ** 2 for y in ys)
+    if sst == 0 or len(points) < 3:
+        return {}
+    alone = common_slope_sse([("all", x, y) for _, x, y in points])
+    arm_only = common_slope_sse([(a, 0.0, y) for a, _, y in points])
+    both = common_slope_sse(points)
+    return {"step size": 1 - alone / sst, "arm": 1 - arm_only / sst,
+            "step size and arm": 1 - both / sst}
+
+
+def step_size(runs: dict) -> str:
+    """Every run of the rate arms: outcome (reported mean of cells), the last steps' KL and the
+    relative q/k change; then R^2 of the outcome on log KL and on log q/k change, with and
+    without the arm (SOURCES.md §9.46)."""
+    rows, by = [], {"log KL": [], "log q/k change": []}
+    for name in sorted(runs):
+        arm, f = split(name)
+        if arm not in ARMS:
+            continue
+        for seed, r in sorted(runs[name].items()):
+            qk = r.get("qk", {}).get("qk_rel_change")
+            rows.append(f"| {arm} | x{f} | {seed} | {r['after'][ALL]:.1f} | {r['kl_last']:.4f} | "
+                        + ("n/a" if qk is None else f"{qk:.4f}") + " |")
+            if r["kl_last"] > 0:
+                by["log KL"].append((arm, math.log(r["kl_last"]), r["after"][ALL]))
+            if qk:
+                by["log q/k change"].append((arm, math.log(qk), r["after"][ALL]))
+    head = ["| arm | rate | seed | reported | KL, last 4 steps | q/k change |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    fits = ["| outcome explained by (R^2) | step size | arm | step size and arm |",
+            "| --- | ---: | ---: | ---: |"]
+    for x, points in by.items():
+        r2 = r_squared(points)
+        if r2:
+            fits.append(f"| {x} ({len(points)} runs) | " + " | ".join(
+                f"{r2[k]:.2f}" for k in ("step size", "arm", "step size and arm")) + " |")
+    return "\n".join(head + rows) + ("\n\n" + "\n".join(fits) if len(fits) > 2 else "")
+
+
+def plot_step_size(runs: dict, out) -> None:
+    """Outcome against log KL (left) and log q/k change (right), one colour per arm, a marker
+    size per rate: if the arms lie on one curve, "which rows" adds nothing to "how big a step"."""
+    import matplotlib  # plots only
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import common
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, arm in enumerate(ARMS):
+        pts = [(r["kl_last"], r.get("qk", {}).get("qk_rel_change"), r["after"][ALL], f)
+               for name in runs if split(name)[0] == arm
+               for f in [split(name)[1]] for r in runs[name].values()]
+        for ax, k in zip(axes, (0, 1)):
+            xs = [(p[k], p[2], p[3]) for p in pts if p[k]]
+            ax.scatter([x for x, _, _ in xs], [y for _, y, _ in xs], color=f"C{i}", label=arm,
+                       s=[18 * float(f) ** 0.5 + 10 for _, _, f in xs], alpha=0.8)
+    for ax, what in zip(axes, ("KL to the reference, last 4 steps", "relative q/k change")):
+        ax.set(xscale="log", xlabel=what + " (log)", ylabel="reported mean of cells (%)",
+               title=f"outcome against {what}")
+        ax.legend(fontsize=8, title="marker size: learning rate", title_fontsize=7)
+    fig.tight_layout()
+    with common.atomic_path(out / "step_size.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")

@@ -1,0 +1,155 @@
+"""Setting 2b's bookkeeping (experiments/rates.py), the crossed interval, and the per-item records
+a run writes; fake run folders except for one tiny training run.
+
+Run: .venv/bin/python -m pytest -q tests/test_rates.py
+"""
+
+import json
+import math
+
+import pytest
+
+import train
+from experiments import ab, rates
+from experiments.stats import crossed_bootstrap
+
+ITEMS = [f"t@1024/s0/{i}" for i in range(10)]
+
+
+def fake_rate_run(folder, arm, factor, seed, after, val, correct=None, kl=0.01, qk=0.001):
+    """A finished run with validation scores, per-item records, KL and q/k change."""
+    run = folder / f"{rates.rate_arm(arm, factor)}-seed{seed}"
+    (run / "items").mkdir(parents=True)
+    ev = {"before": {"t@1024": 10.0}, "after": {"t@1024": after},
+          "after_val": {"t@1024": val}}
+    (run / "eval.json").write_text(json.dumps(ev))
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "reward": 0.1, "kl": kl}) + "\n" for s in range(5)))
+    (run / "samples.jsonl").write_text("")
+    (run / "qk_change.json").write_text(json.dumps({"qk_rel_change": qk}))
+    correct = correct if correct is not None else [after / 100] * len(ITEMS)
+    (run / "items" / "after.jsonl").write_text("".join(
+        json.dumps({"id": i, "prompt_sha": "p" + i[-1], "answer": "", "references": [],
+                    "correct": c}) + "\n" for i, c in zip(ITEMS, correct)))
+
+
+def grid(folder, vals):
+    """{(arm, factor): [(after, val) per seed]} -> finished fake runs."""
+    for (arm, f), per_seed in vals.items():
+        for seed, (after, val) in enumerate(per_seed):
+            fake_rate_run(folder, arm, f, seed, after, val, kl=0.01 * float(f),
+                          qk=0.001 * float(f))
+
+
+def test_crossed_bootstrap_by_hand():
+    same = [[5.0] * 20 for _ in range(3)]  # (S, I) every difference 5: no spread at all
+    assert crossed_bootstrap(same) == (5.0, 5.0, 5.0)
+    spread = [[float(i % 2) * 10 for i in range(40)] for _ in range(3)]  # half 0, half 10
+    mean, lo, hi = crossed_bootstrap(spread)
+    assert mean == 5.0 and lo < 5.0 < hi and hi - lo < 5  # items vary, seeds do not
+    seeds_differ = [[x] * 40 for x in (0.0, 10.0, 20.0)]
+    mean, lo, hi = crossed_bootstrap(seeds_differ)
+    assert mean == 10.0 and lo <= 3.4 and hi >= 16.6  # the seed draw widens it
+
+
+def test_best_rate_is_chosen_on_validation_items_only(tmp_path):
+    grid(tmp_path, {("grpo-longact", "1"): [(90, 40)] * 3, ("grpo-longact", "2"): [(10, 50)] * 3,
+                    ("grpo-longact", "4"): [(50, 45)] * 3,
+                    ("grpo-uniform", "1"): [(50, 60)] * 3, ("grpo-uniform", "2"): [(50, 60)] * 3,
+                    ("grpo-uniform", "4"): [(50, 61)] * 2})  # x4: only 2 seeds, not chosen yet
+    runs = ab.collect(tmp_path)
+    assert rates.best_rates(runs) == {"grpo-longact": "2", "grpo-uniform": "1"}  # tie: smaller
+    # uniform's best is the smallest factor run: rule 2 adds x0.5; LongAct's is inside its range
+    assert rates.arms_to_add(runs) == ["grpo-uniform-lrx0.5"]
+
+
+def test_a_best_rate_at_the_top_adds_the_next_factor(tmp_path):
+    grid(tmp_path, {("grpo-random-static", f): [(40, 30 + float(f))] * 3
+                    for f in ("1", "2", "4")})
+    assert rates.arms_to_add(ab.collect(tmp_path)) == ["grpo-random-static-lrx8"]
+
+
+def test_reading_at_best_rates_claims_only_where_both_intervals_agree(tmp_path):
+    vals = {("grpo-longact", f): [(60 + s, 50 - abs(float(f) - 2)) for s in range(3)]
+            for f in ("1", "2", "4")}
+    vals.update({("grpo-random-static", f): [(50 + s, 40 - abs(float(f) - 2)) for s in range(3)]
+                 for f in ("1", "2", "4")})
+    vals.update({("grpo-uniform", f): [(59 + 2 * s, 45 - abs(float(f) - 2)) for s in range(3)]
+                 for f in ("1", "2", "4")})
+    grid(tmp_path, vals)
+    runs = ab.collect(tmp_path)
+    text = rates.reading(runs, ("grpo-longact", "grpo-random-static"),
+                         ("grpo-longact", "grpo-uniform"), "prereg.md")
+    assert "best rates: grpo-longact x2, grpo-random-static x2, grpo-uniform x2" in text
+    primary, secondary = text.splitlines()[2:]
+    assert "+10.0, t [+10.0, +10.0], crossed [+10.0, +10.0]" in primary
+    assert "grpo-longact is better" in primary
+    assert "no difference detected" in secondary  # -1 +- the seed spread
+
+
+def test_items_of_another_prompt_are_refused(tmp_path):
+    grid(tmp_path, {("grpo-longact", "1"): [(60, 50)], ("grpo-uniform", "1"): [(50, 50)]})
+    path = tmp_path / "grpo-uniform-lrx1-seed0" / "items" / "after.jsonl"
+    path.write_text(path.read_text().replace('"prompt_sha": "p3"', '"prompt_sha": "zz"'))
+    runs = ab.collect(tmp_path)
+    with pytest.raises(ValueError, match="another prompt"):
+        rates.items_matrix(runs, "grpo-longact-lrx1", "grpo-uniform-lrx1", [0])
+
+
+def test_r_squared_by_hand():
+    line = [("a", x, 2 * x + 1) for x in range(5)]
+    assert rates.r_squared(line)["step size"] == pytest.approx(1.0)
+    # two arms on parallel lines: the step size alone explains part, with the arm all of it
+    two = [("a", x, x) for x in range(4)] + [("b", x, x + 10) for x in range(4)]
+    r2 = rates.r_squared(two)
+    assert r2["step size and arm"] == pytest.approx(1.0) and r2["step size"] < 0.2
+    assert r2["arm"] == pytest.approx(1 - 10 / 210) and r2["step size"] == pytest.approx(
+        1 - 200 / 210)
+
+
+def test_summary_of_setting_2b_rebuilds_tables_and_figures(tmp_path):
+    vals = {(a, f): [(50 + 10 * i + s, 40 + float(f)) for s in range(3)]
+            for i, a in enumerate(rates.ARMS) for f in ("1", "2", "4", "8")}
+    grid(tmp_path / "grid", vals)
+    out = tmp_path / "out"
+    ab.summarize(ab.SETTINGS["2b"], tmp_path / "grid", out)
+    text = (out / "ab_table.md").read_text()
+    assert "x8 (best)" in text and "crossed [" in text
+    assert "| outcome explained by (R^2) |" in text
+    assert (out / "step_size.png").exists() and (out / "ab.png").exists()
+    assert (out / "runs" / "grpo-uniform-lrx8-seed2" / "items" / "after.jsonl").exists()
+
+
+def test_the_2b_runner_adds_seeds_when_the_primary_detects_too_little(tmp_path, monkeypatch):
+    # every arm's best validation rate is x2 (inside the range: no widening); LongAct's per-seed
+    # outcomes spread by 5 points, so the primary detects only ~15 with 3 seeds: rule 3
+    out = tmp_path / "out"
+    grid(out / "runs", {(a, f): [(50 + 5 * s * (a == "grpo-longact"), 40 + float(f) * (f != "4"))
+                                 for s in range(3)] for a in rates.ARMS for f in rates.FIRST})
+    started = []
+    monkeypatch.setattr(ab.subprocess, "run",
+                        lambda argv, check: started.append(argv[argv.index("--run-name") + 1]))
+    ab.run_rate_rules(ab.SETTINGS["2b"], tmp_path / "grid", out, [])
+    assert started == [f"{a}-lrx2-seed{s}" for s in (3, 4) for a in rates.ARMS]
+
+
+def test_a_run_writes_items_validation_and_qk_change(tiny_dir, qa_file, tmp_path):
+    run = train.main(["--model", tiny_dir, "--train-data", qa_file, "--train-len", "128",
+                      "--calib-len", "32", "--calib-samples", "2", "--prompts-per-step", "2",
+                      "--group-size", "2", "--max-new-tokens", "4", "--steps", "1",
+                      "--precision", "fp32", "--eval-tasks", "niah_single_1", "--eval-lengths",
+                      "512", "--eval-samples", "2", "--val-samples", "1", "--lr", "1e-3",
+                      "--out-dir", str(tmp_path), "--run-name", "items"])
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev) == {"before", "after_val", "after"}
+    after = [json.loads(x) for x in (run / "items" / "after.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (run / "items" / "after_val.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in after] == ["niah_single_1@512/s0/0", "niah_single_1@512/s0/1"]
+    assert [r["id"] for r in val] == ["niah_single_1@512/s1/0"]  # other items than the cells
+    assert set(after[0]) == {"id", "prompt_sha", "answer", "references", "correct"}
+    assert 100 * sum(r["correct"] for r in after) / 2 == ev["after"]["niah_single_1@512"]
+    before = [json.loads(x) for x in (run / "items" / "before.jsonl").read_text().splitlines()]
+    assert [r["prompt_sha"] for r in before] == [r["prompt_sha"] for r in after]
+    qk = json.loads((run / "qk_change.json").read_text())
+    assert qk["qk_change_l2"] > 0 and math.isclose(
+        qk["qk_rel_change"], qk["qk_change_l2"] / qk["qk_weight_l2"], rel_tol=1e-6)
