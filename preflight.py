@@ -23,6 +23,7 @@ import evaluate
 import flags
 import plan
 import policy
+import report
 import rollout
 from tasks import TRAIN_SEED_START, longbench, ruler
 from tasks.train_data import parse_field_map
@@ -47,7 +48,12 @@ def check_args(p, args) -> None:
     flags.between(p, args, "clip_eps", 0, 1, low_open=True, high_open=True)
     flags.between(p, args, "top_p", 0, 1, low_open=True)
     flags.between(p, args, "overlong_buffer", 0, 1, high_open=True)
-    flags.at_least(p, args, 0, "val_samples")
+    flags.at_least(p, args, 0, "val_samples", "kl_stop")
+    if args.report_to != "none":  # an optional package: missing is one line, before the model
+        try:
+            report.import_tracker(args.report_to)
+        except SystemExit as e:
+            p.error(str(e))
     if args.val_samples and not 0 < args.val_seed < TRAIN_SEED_START:
         p.error(f"--val-seed {args.val_seed}: must be > 0 (seed 0 holds the reported cells) and "
                 f"< {TRAIN_SEED_START} (training seeds start there)")

@@ -47,6 +47,7 @@ import optim
 import plan
 import policy
 import preflight
+import report
 import rollout
 import saliency
 import timeplan
@@ -104,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adamw: fp32 weights and state; bf16-sr: bf16 weights, stochastic rounding")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute in backward")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    g.add_argument("--report-to", default="none", choices=report.REPORTERS,
+                   help="also log every metrics row and evaluation live (optional packages)")
+    g.add_argument("--wandb-project", default="longact", help="with --report-to wandb")
+    g.add_argument("--kl-stop", type=float, default=1000.0,
+                   help="stop the run, before the update, when a token's KL to the reference "
+                        "exceeds this (100x the default --kl-clamp; 0 = never)")
     g.add_argument("--hub-kernels", action="store_true",
                    help="let transformers swap layers for kernels from the hub (off: only the "
                         "code this repository and its lock ship runs; SOURCES.md §9.44)")
@@ -389,10 +396,18 @@ def policy_update(run, r, adv, masks) -> dict:
     for _ in range(args.mu):
         for groups in batches:
             optimizer.zero_grad(set_to_none=True)
-            stats += accumulate_gradients(model, r, groups, adv, mask, old, ref, args, autocast)
+            new = accumulate_gradients(model, r, groups, adv, mask, old, ref, args, autocast)
+            stats += new
             rows = fsdp if args.fsdp else masking  # the same rules, on each rank's local rows
             rows.mask_grads(model, masks)  # [LongAct] grad W_Q <- grad W_Q * G_Q, same for K
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)))
+            # before the step: a non-finite or runaway update never reaches the weights; every
+            # rank sees the same numbers (the norm is global, loss and KL are reduced)
+            loss, kl_max = sum(s["loss"] for s in new), max(s.get("kl_max", 0.0) for s in new)
+            if args.fsdp:
+                loss, kl_max = (fsdp.reduce_numbers([loss], "sum")[0],
+                                fsdp.reduce_numbers([kl_max], "max")[0])
+            report.check_update(loss, norms[-1], kl_max, args)
             # [LongAct] the step; under `frozen` rows outside the mask come back bit-identical
             drift.append(rows.masked_step(optimizer, model, masks, args.mask_semantics))
     optimizer.zero_grad(set_to_none=True)  # free the gradients before the next sampling phase
@@ -408,7 +423,8 @@ def rl_step(run, step: int) -> dict | None:
     args, t = run.args, time.time()
     hook, state = (saliency.prefill_collector(run.model, args.stat) if needs_step_stats(args)
                    else (None, None))  # [LongAct] statistics read during the sampling prefill
-    r, rewards, scores, samples, info = collect_batch(run, step, hook)  # 1. sample, 4. score
+    with report.phase_memory(args.device, run.peaks, "sampling"):  # CUDA: its peak memory
+        r, rewards, scores, samples, info = collect_batch(run, step, hook)  # 1. sample, 4. score
     t_sample = time.time() - t
     masks = step_masks(run.model, args, step, state, run.static_masks)  # [LongAct] 2. and 3.
     dyn = masking.mask_dynamics(masks, run.masks_ref, run.static_masks)
@@ -420,7 +436,8 @@ def rl_step(run, step: int) -> dict | None:
     adv, _ = grpo.group_advantages(rewards, args.group_size, scale=args.adv_scale)  # (B*G,)
     t_score = time.time() - t
     t = time.time()
-    upd = policy_update(run, r, adv, masks)  # 5. the masked update
+    with report.phase_memory(args.device, run.peaks, "update"):
+        upd = policy_update(run, r, adv, masks)  # 5. the masked update
     G = r.group_size
     for i in (0, len(r.texts) - 1) if fsdp.is_main() else ():  # two completions per step
         common.append_jsonl(run.folder / "samples.jsonl", {
@@ -428,6 +445,7 @@ def rl_step(run, step: int) -> dict | None:
             "score": float(scores[i]), "completion": r.texts[i]})
     _, qk_share = masking.mask_summary(masks)
     return {"step": step, "reward": float(rewards.mean()),
+            "reward_std": float(rewards.view(-1, G).std(dim=1).mean()),  # TRL's: within groups
             "acc": float((scores >= 1).float().mean()), "len": float(r.lengths.float().mean()),
             "frac_truncated": float(r.truncated.float().mean()),
             "t_sample": t_sample, "t_score": t_score, "t_update": time.time() - t,
@@ -471,14 +489,20 @@ def run_eval(run, seed: int = 0, samples: int = 0, longbench: bool = True) -> tu
     return out, evaluate.item_rows(records)
 
 
-def evaluation(run, evals: dict, phases: dict, name: str, phase: str, **kw) -> None:
-    """One named evaluation: its scores into eval.json, its items into items/<name>.jsonl."""
-    fn = before_eval if name == "before" else run_eval
-    evals[name], items = common.timed(phases, phase, fn, run, **kw)
+def evaluation(run, evals: dict, phases: dict, name: str, phase: str, step: int, **kw) -> None:
+    """One named evaluation: its scores into eval.json (and the tracker), its items into
+    items/<name>.jsonl; its time kept for the run's ETA."""
+    fn, t = (before_eval if name == "before" else run_eval), time.time()
+    with report.phase_memory(run.args.device, run.peaks, "evaluation"):
+        evals[name], items = common.timed(phases, phase, fn, run, **kw)
+    if time.time() - t > 1.0 and not kw:  # a full evaluation, not one read from a file
+        run.eval_seconds = time.time() - t
     write_evals(run.folder, evals)
     if fsdp.is_main():
         common.write_text_atomic(run.folder / "items" / f"{name}.jsonl",
                                  "".join(json.dumps(r) + "\n" for r in items))
+        if run.reporter:
+            run.reporter.log(report.tracker_metrics(evals[name], f"eval/{name}/"), step)
 
 
 def eval_settings(args) -> dict:
@@ -513,16 +537,32 @@ UPDATE_KEYS = dict.fromkeys(("loss", "clip_frac_low", "clip_frac_high", "kl", "k
                              "grad_norm", "lr"), 0.0)  # 0 on a step that did not update
 
 
-def log_step(run_dir: Path, row: dict, args) -> None:
-    """One line per step on stdout, the same as JSON in metrics.jsonl. Under --fsdp the numbers
-    are averaged over ranks (each describes its share), the largest KL is the largest."""
-    if args.fsdp:
+def log_step(run, row: dict, eta: float | None = None) -> None:
+    """One line per step on stdout (with the whole run's ETA), the same as JSON in
+    metrics.jsonl and, with --report-to, in the tracker. Under --fsdp the numbers are averaged
+    over ranks (each describes its share), the largest KL is the largest."""
+    if run.args.fsdp:
         kl_max = fsdp.reduce_numbers([row.get("kl_max", 0.0)], "max")[0]
         row = fsdp.mean_over_ranks(row) | {"kl_max": kl_max, "step": row["step"]}
     if not fsdp.is_main():
         return
-    tqdm.write(STEP_LINE.format_map(UPDATE_KEYS | row))
-    common.append_jsonl(run_dir / "metrics.jsonl", row)
+    tqdm.write(STEP_LINE.format_map(UPDATE_KEYS | row) + " | "
+               + report.format_eta(eta))
+    common.append_jsonl(run.folder / "metrics.jsonl", row)
+    if run.reporter:
+        run.reporter.log(report.tracker_metrics(row), row["step"])
+
+
+def run_eta(run, step: int) -> float | None:
+    """Seconds left after `step`: the steps at their measured mean, and every evaluation left
+    (the ones during training, the validation set in proportion, the last) at the measured
+    time of one."""
+    a = run.args
+    evals = 0.0
+    if a.eval:
+        evals = 1 + a.val_samples / a.eval_samples + (sum(
+            1 for k in range(step + 1, a.steps) if k % a.eval_every == 0) if a.eval_every else 0)
+    return report.eta_seconds(run.step_seconds, a.steps - step - 1, evals, run.eval_seconds)
 
 
 # -----------------------------------------------------------------------------
@@ -544,6 +584,10 @@ class Run:
     data: list | None = None  # training samples of --train-data (None: the builtin task)
     static_masks: dict = field(default_factory=dict)  # [LongAct] from calibration text
     masks_ref: dict = field(default_factory=dict)  # step 0's and the previous step's masks
+    reporter: object = None  # report.Reporter with --report-to (main rank), else None
+    step_seconds: list = field(default_factory=list)  # wall time of each step run here (ETA)
+    eval_seconds: float | None = None  # of the last full evaluation run here (ETA)
+    peaks: dict = field(default_factory=dict)  # CUDA: {phase: peak GB} (memory.json)
 
 
 def setup(args) -> Run:
@@ -587,6 +631,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.show_config or args.plan:
         return show_config_or_plan(args)
+    args.alloc_conf = report.configure_allocator(args.device)  # before CUDA starts
     rows = read_train_rows(args)  # every row checked before the model loads
     preflight.preflight(args)  # disk, memory, LongBench v2, RULER lengths: seconds, not hours
     run = setup(args)
@@ -601,18 +646,19 @@ def main(argv=None):
                             else ({}, {"step0": None, "prev": None}))
     run.data = load_train_data(args, run.tokenizer, rows)
     announce(run)
+    run.reporter = report.open_reporter(args, run.folder) if main_rank else None
     if args.eval and "before" not in evals:  # every rank evaluates (forwards are collective)
-        evaluation(run, evals, phases, "before", "eval before")
+        evaluation(run, evals, phases, "before", "eval before", run.start)
     saved = run.start if args.resume else -1  # the step of the newest checkpoint on disk
     with checkpoint.StopFlag() as stop:
         for step in tqdm(range(run.start, args.steps), desc="RL steps", initial=run.start,
                          total=args.steps, dynamic_ncols=True, disable=not main_rank):
-            row = common.timed(phases, "training", rl_step, run, step)  # steps 1-5 of the box
+            row = guarded_step(run, step, phases, saved)  # steps 1-5 of the box
             if row is not None:
-                log_step(run.folder, row | {"elapsed": time.time() - t0}, args)
+                log_step(run, row | {"elapsed": time.time() - t0}, run_eta(run, step))
             if args.eval and args.eval_every and (step + 1) % args.eval_every == 0 \
                     and step + 1 < args.steps:
-                evaluation(run, evals, phases, f"step{step + 1}", "eval during")
+                evaluation(run, evals, phases, f"step{step + 1}", "eval during", step + 1)
             stopping = bool(fsdp.reduce_numbers([int(stop.set)], "max")[0])  # all ranks agree
             if stopping or (args.save_every and (step + 1) % args.save_every == 0):
                 checkpoint.save_run(run, step + 1)
@@ -625,13 +671,28 @@ def main(argv=None):
         fsdp.export_hf(run.model, run.tokenizer, run.folder / "final")
     if args.eval:
         if args.val_samples:  # before "after": a run with "after" in eval.json is finished
-            evaluation(run, evals, phases, "after_val", "eval validation", seed=args.val_seed,
-                       samples=args.val_samples, longbench=False)
-        evaluation(run, evals, phases, "after", "eval after")
+            evaluation(run, evals, phases, "after_val", "eval validation", args.steps,
+                       seed=args.val_seed, samples=args.val_samples, longbench=False)
+        evaluation(run, evals, phases, "after", "eval after", args.steps)
         if main_rank:
             print(evaluate.format_before_after(evals["before"], evals["after"]))
     finish(run, phases, t0)
     return run.folder
+
+
+def guarded_step(run, step: int, phases: dict, saved: int) -> dict | None:
+    """rl_step, timed; an update the guards refuse (report.check_update) ends the run with one
+    line naming the step and the checkpoint to resume from (SOURCES.md §9.47)."""
+    t = time.time()
+    try:
+        row = common.timed(phases, "training", rl_step, run, step)
+    except report.RunStopped as e:
+        if run.reporter:
+            run.reporter.close()
+        raise SystemExit(report.stop_line(step, str(e), run.folder,
+                                          saved if saved >= 0 else None)) from None
+    run.step_seconds.append(time.time() - t)
+    return row
 
 
 def announce(run) -> None:
@@ -663,11 +724,20 @@ def qk_change(run) -> dict:
 
 def finish(run, phases: dict, t0: float) -> None:
     phases["total"] = time.time() - t0
+    if run.reporter:
+        run.reporter.close()
     if fsdp.is_main():
         common.write_json_atomic(run.folder / "phases.json", phases)
         change = qk_change(run)
         if change:
             common.write_json_atomic(run.folder / "qk_change.json", change)
+        if run.peaks:  # CUDA: each phase's measured peak beside the plan's
+            planned = plan.memory_peaks(plan.plan_for_args(run.args))
+            memory = report.memory_report(run.peaks, planned, run.args.device)
+            common.write_json_atomic(run.folder / "memory.json", memory)
+            print("peak memory per phase, measured / planned (GB): " + ", ".join(
+                f"{k} {v['measured_gb']:.1f} / {v['planned_gb'] or 0:.1f}"
+                for k, v in memory["phases"].items()))
         print("wall time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
         print(f"run folder {run.folder}")
 

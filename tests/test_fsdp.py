@@ -214,9 +214,9 @@ def test_resume_from_step_two_equals_three_straight_steps_bit_for_bit(sharded):
                                                ("llama_tied", "hf_tied", "LlamaForCausalLM")])
 def test_export_writes_a_plain_hugging_face_folder_with_the_trained_weights(sharded, name, folder,
                                                                             cls):
-    from transformers import AutoModelForCausalLM
+    from policy import load_weights  # hub kernels off, no remote code (SOURCES.md §9.44)
     (r0, _), out = sharded
-    model = AutoModelForCausalLM.from_pretrained(out / folder)
+    model = load_weights(out / folder)
     assert type(model).__name__ == cls
     final = r0[name]["snaps"][W.STEPS]["params"]
     got = dict(model.named_parameters(remove_duplicate=False))

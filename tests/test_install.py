@@ -132,3 +132,13 @@ def test_the_embedded_model_cache_is_keyed_by_the_converting_versions():
     assert folder.parent == policy.cache_dir() / "smollm2-135m"
     assert f"transformers-{transformers.__version__}" in folder.name
     assert "gguf-" in folder.name and "torch-" in folder.name
+
+
+def test_every_model_load_goes_through_the_one_loader():
+    # a from_pretrained of a model anywhere else would take transformers' default (kernels on)
+    root = policy.Path(policy.__file__).parent
+    files = [p for p in root.rglob("*.py") if ".venv" not in p.parts and ".cache" not in p.parts]
+    direct = [f"{p.relative_to(root)}:{n}" for p in files
+              for n, line in enumerate(p.read_text().splitlines(), 1)
+              if "ForCausalLM." + "from_pretrained(" in line and p.name != "policy.py"]
+    assert files and not direct, f"models loaded around policy.load_weights: {direct}"

@@ -1,0 +1,181 @@
+"""
+report.py -- watching a long run: live metrics in TensorBoard or Weights & Biases, the whole
+run's ETA, and the guards that stop a run gone wrong with one line that says where to resume.
+
+    reporter = open_reporter(args, run_dir)   # None (default), TensorBoard or wandb (optional)
+    reporter.log(row, step)                   # every metrics.jsonl row and every evaluation
+    check_update(loss, grad_norm, kl_max, args)  # raises RunStopped BEFORE the optimizer step
+    eta_seconds(step_seconds, steps_left, evals_left, eval_seconds)
+    with phase_memory(device, peaks, "sampling"): ...   # CUDA: cached blocks released first,
+                                                        # the phase's peak allocation kept
+
+Names: where a quantity is the one TRL's GRPOTrainer logs (reward, reward_std, kl, clip ratios,
+completion lengths, ...), a tracker gets TRL's name, so dashboards of the two compare;
+metrics.jsonl keeps this repository's keys, and LongAct's own metrics (mask overlap, drift
+outside the mask) keep theirs. wandb runs offline unless WANDB_MODE says otherwise (a GPU node
+often has no network; `wandb sync` uploads later). Choices: SOURCES.md §9.47.
+
+Test: .venv/bin/python -m pytest -q tests/test_report.py
+"""
+
+import importlib
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+GB = 1e9  # decimal, as plan.py
+# this repository's metric -> TRL's name for the same quantity (trl/trainer/grpo_trainer.py)
+TRL_NAMES = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "loss": "loss",
+             "grad_norm": "grad_norm", "lr": "learning_rate",
+             "clip_frac_low": "clip_ratio/low_mean", "clip_frac_high": "clip_ratio/high_mean",
+             "len": "completions/mean_length", "frac_truncated": "completions/clipped_ratio",
+             "frac_all_equal": "frac_reward_zero_std"}
+REPORTERS = ("none", "tensorboard", "wandb")
+
+
+class RunStopped(Exception):
+    """An update that must not be applied: the run stops before the optimizer step."""
+
+
+def tracker_metrics(row: dict, prefix: str = "") -> dict:
+    """The numbers of a metrics row (or an evaluation) under the tracker's names."""
+    return {prefix + TRL_NAMES.get(k, k): float(v) for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class Reporter:
+    """One tracker behind two calls. `writer` is a TensorBoard SummaryWriter or a wandb run."""
+
+    def __init__(self, kind: str, writer):
+        self.kind, self.writer = kind, writer
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.kind == "tensorboard":
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+        else:
+            self.writer.log(metrics, step=step)
+
+    def close(self) -> None:
+        (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
+
+
+def import_tracker(kind: str):
+    """The tracker's module, or SystemExit with one line saying how to install it."""
+    name = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}[kind]
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        package = "tensorboard" if kind == "tensorboard" else "wandb"
+        raise SystemExit(f"--report-to {kind}: {e}; install it with `pip install {package}` "
+                         "(optional, not in the lock)") from None
+
+
+def open_reporter(args, run_dir: Path) -> Reporter | None:
+    """None for --report-to none. A resumed run continues the same wandb run (its id is kept in
+    the run folder) and the same TensorBoard folder."""
+    if args.report_to == "none":
+        return None
+    module = import_tracker(args.report_to)
+    if args.report_to == "tensorboard":
+        return Reporter("tensorboard", module.SummaryWriter(log_dir=str(run_dir / "tensorboard")))
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else module.util.generate_id()
+    id_file.write_text(run_id + "\n")
+    run = module.init(project=args.wandb_project, name=run_dir.name, id=run_id, resume="allow",
+                      dir=str(run_dir), config=vars(args),
+                      mode=os.environ.get("WANDB_MODE", "offline"))
+    return Reporter("wandb", run)
+
+
+def check_update(loss: float, grad_norm: float, kl_max: float, args) -> None:
+    """Raise RunStopped for an update that would damage the weights: a non-finite loss or
+    gradient, or a token's KL to the reference far past its clamp (--kl-stop; 0 = never)."""
+    if not math.isfinite(loss):
+        raise RunStopped(f"non-finite loss ({loss})")
+    if not math.isfinite(grad_norm):
+        raise RunStopped(f"non-finite gradient norm ({grad_norm})")
+    if args.kl_stop and kl_max > args.kl_stop:
+        raise RunStopped(f"a token's KL to the reference is {kl_max:.3g}, past --kl-stop "
+                         f"{args.kl_stop:g} (the loss clamps each token's KL at {args.kl_clamp:g})")
+
+
+def stop_line(step: int, reason: str, run_dir: Path, saved: int | None) -> str:
+    """The one line a stopped run ends with: what, at which step, and where to resume (`saved`:
+    the step of the newest checkpoint on disk, None when there is none)."""
+    where = (f"resume from the checkpoint of step {saved} with `python train.py --resume "
+             f"{run_dir} ...` (and, say, a smaller --lr)" if saved is not None else
+             "no checkpoint was written yet: start again (say, with a smaller --lr)")
+    return (f"stopped at step {step}: {reason}; this step's update was not applied. {where}. "
+            f"Metrics so far: {run_dir / 'metrics.jsonl'}")
+
+
+def eta_seconds(step_seconds: list, steps_left: int, evals_left: float,
+                eval_seconds: float | None) -> float | None:
+    """The rest of the run: the mean measured step times the steps left, plus the evaluations
+    left at the measured time of one. Until an evaluation has been timed here, a negative number
+    whose size is the steps' part alone: a lower bound (format_eta shows ">="). None before the
+    first step."""
+    if not step_seconds:
+        return None
+    steps = sum(step_seconds) / len(step_seconds) * steps_left
+    if evals_left and eval_seconds is None:
+        return -steps
+    return steps + evals_left * (eval_seconds or 0.0)
+
+
+def format_eta(seconds: float | None) -> str:
+    """"eta 1h05m"; "eta >=12m" for a lower bound (evaluations not timed yet)."""
+    if seconds is None:
+        return "eta ?"
+    h, m = divmod(int(round(abs(seconds) / 60)), 60)
+    return f"eta {'>=' if seconds < 0 else ''}" + (f"{h}h{m:02d}m" if h else f"{m}m")
+
+
+# -----------------------------------------------------------------------------
+# memory between phases (CUDA only; a no-op elsewhere)
+
+ALLOC_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def configure_allocator(device: str) -> str:
+    """Before CUDA starts: expandable segments, unless the user set the allocator's variable.
+    Memory freed by one phase (sampling's KV cache) is then reused by the next (the update's
+    activations) instead of staying fragmented in fixed-size blocks. Returns the setting."""
+    if not device.startswith("cuda"):
+        return ""
+    if not any(os.environ.get(k) for k in ALLOC_VARS):
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+    return next(f"{k}={os.environ[k]}" for k in ALLOC_VARS if os.environ.get(k))
+
+
+@contextmanager
+def phase_memory(device: str, peaks: dict, name: str):
+    """Around one phase on CUDA: release the cached blocks of the phase before, reset the peak
+    counter, and keep the largest allocation seen in `peaks[name]` (GB, the max over the run's
+    occurrences of the phase)."""
+    if not str(device).startswith("cuda"):
+        yield
+        return
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield
+    finally:
+        peak = torch.cuda.max_memory_allocated(device) / GB
+        peaks[name] = max(peaks.get(name, 0.0), peak)
+
+
+def memory_report(peaks: dict, planned: dict, device: str) -> dict:
+    """memory.json: each phase's measured peak beside the plan's (the plan's update phase is the
+    larger of its "update" and "step" rows: the optimizer step runs inside the measured update)."""
+    planned = dict(planned, update=max(planned.get("update", 0.0), planned.get("step", 0.0)))
+    total = torch.cuda.get_device_properties(device).total_memory / GB
+    return {"device": torch.cuda.get_device_name(device), "total_gb": total,
+            "phases": {k: {"measured_gb": v, "planned_gb": planned.get(k)}
+                       for k, v in peaks.items()}}
+
