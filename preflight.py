@@ -13,6 +13,7 @@ Test: .venv/bin/python -m pytest -q tests/test_flags.py tests/test_train.py
 """
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -136,23 +137,59 @@ def check_ruler_lengths(args) -> None:
             flags.die(f"{flags.name(dest)} {length}: {e}")
 
 
+def existing_parent(path) -> Path:
+    path = Path(path).resolve()
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def download_bytes(args, config) -> int:
+    """Bytes the hub download of --model will write into the hub cache: 0 for an embedded name,
+    a local folder or a model already cached; else the weights in bf16 (how Qwen3 ships them),
+    params x 2 B (SOURCES.md §9.48)."""
+    if args.model in policy.EMBEDDED or Path(args.model).exists():
+        return 0
+    from huggingface_hub import try_to_load_from_cache
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        if isinstance(try_to_load_from_cache(args.model, name), str):
+            return 0
+    return 2 * plan.param_counts(config)["total"]
+
+
+def disk_problems(args, rows: list, config) -> list:
+    """The plan's checkpoint peak (less a resumed run's checkpoints, already on disk) and the
+    model's download, each on its own file system or together when they share one."""
+    held = sum(f.stat().st_size for d in Path(args.resume or "/nonexistent").glob("ckpt*")
+               for f in d.rglob("*") if f.is_file())
+    out = existing_parent(args.out_dir)
+    cache = existing_parent(os.environ.get("HF_HUB_CACHE") or Path(
+        os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    needs = {}  # file system -> [folder, bytes, what]
+    for folder, nbytes, what in ((out, plan.peaks(rows)["disk"] * plan.GB - held,
+                                  f"checkpoints (the plan's disk peak, --keep-checkpoints "
+                                  f"{args.keep_checkpoints})"),
+                                 (cache, download_bytes(args, config),
+                                  f"the download of {args.model} into the hub cache")):
+        if nbytes > 0:
+            entry = needs.setdefault(folder.stat().st_dev, [folder, 0, []])
+            entry[1] += nbytes
+            entry[2].append(f"{what} {nbytes / plan.GB:.1f} GB")
+    problems = []
+    for folder, nbytes, what in needs.values():
+        free = shutil.disk_usage(folder).free
+        if nbytes > free:
+            problems.append(f"disk: {' + '.join(what)} need {nbytes / plan.GB:.1f} GB more, "
+                            f"{folder} has {free / plan.GB:.1f} GB free")
+    return problems
+
+
 def preflight(args) -> None:
     """Before the model loads: the disk holds the plan's checkpoint peak; on a GPU, the plan's
     largest phase fits its free memory (a failed check stops with the numbers; --force: go on
     anyway); then LongBench v2 loads and validates when asked for, and every RULER task and
     length the run builds has a sample."""
-    rows = plan.plan(policy.model_config(policy.resolve_model_path(args.model)),
-                     plan.settings_for_args(args))
-    problems = []
-    out = Path(args.out_dir).resolve()
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    held = sum(f.stat().st_size for d in Path(args.resume or "/nonexistent").glob("ckpt*")
-               for f in d.rglob("*") if f.is_file())  # a resumed run's checkpoints are on disk
-    need, free = plan.peaks(rows)["disk"] * plan.GB - held, shutil.disk_usage(existing).free
-    if need > free:
-        problems.append(f"disk: checkpoints need {need / plan.GB:.1f} GB more (the plan's disk "
-                        f"peak, --keep-checkpoints {args.keep_checkpoints}), {existing} has "
-                        f"{free / plan.GB:.1f} GB free")
+    config = policy.model_config(policy.resolve_model_path(args.model))
+    rows = plan.plan(config, plan.settings_for_args(args))
+    problems = disk_problems(args, rows, config)
     if args.device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(args.device))
         phase, top = max(plan.memory_peaks(rows).items(), key=lambda kv: kv[1])

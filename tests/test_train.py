@@ -279,10 +279,27 @@ def test_too_little_disk_stops_before_loading_and_force_goes_on(tiny_dir, qa_fil
     with pytest.raises(SystemExit) as e:
         train.main(args_for(tiny_dir, qa_file, tmp_path, "disk", 1))
     assert e.value.code == 2
-    assert "preflight: disk: checkpoints need" in capsys.readouterr().err
+    assert "preflight: disk: checkpoints (the plan's disk peak" in capsys.readouterr().err
     monkeypatch.setattr(train, "setup", lambda a: (_ for _ in ()).throw(RuntimeError("loaded")))
     with pytest.raises(RuntimeError, match="loaded"):  # --force: past the checks, to the load
         train.main(args_for(tiny_dir, qa_file, tmp_path, "disk2", 1, "--force"))
+
+
+def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch):
+    # paper-8b: 98.3 GB of checkpoints fit 100 GB free, the 16.4 GB download on top does not
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache: not downloaded
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: SimpleNamespace(free=100e9))
+    args = train.parse_args(["--preset", "paper-8b", "--device", "cpu",
+                             "--out-dir", str(tmp_path / "runs")])
+    config = preflight.policy.model_config(args.model)
+    rows = preflight.plan.plan(config, preflight.plan.settings_for_args(args))
+    assert preflight.download_bytes(args, config) == 2 * preflight.plan.param_counts(
+        config)["total"]
+    problem, = preflight.disk_problems(args, rows, config)
+    assert "checkpoints (the plan's disk peak, --keep-checkpoints 1) 98.3 GB + the download " \
+           "of Qwen/Qwen3-8B into the hub cache 16.4 GB need 114.7 GB more" in problem
+    local = train.parse_args(["--model", str(tmp_path), "--device", "cpu"])  # a folder: none
+    assert preflight.download_bytes(local, config) == 0
 
 
 def test_a_plan_larger_than_the_free_gpu_memory_stops_with_the_phase(monkeypatch, capsys):
