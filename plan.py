@@ -28,6 +28,7 @@ Run: python plan.py --model qwen3-4b qwen3-8b --optimizer bf16-sr [--prompt-len 
 
 import argparse
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from common import head_dim_of
 from policy import model_config
@@ -360,9 +361,30 @@ def print_plan(args) -> None:
     print(verdict(rows, s) + "\n")
 
 
+def download_bytes(model: str, config) -> int:
+    """Bytes the hub download of `model` writes into the hub cache: 0 for an embedded name, a
+    local folder or a model already cached; else the weights in bf16 (how Qwen3 ships them),
+    params x 2 B (SOURCES.md §9.48)."""
+    import policy  # the embedded names
+    if model in policy.EMBEDDED or Path(model).exists():
+        return 0
+    from huggingface_hub import try_to_load_from_cache
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        if isinstance(try_to_load_from_cache(model, name), str):
+            return 0
+    return 2 * param_counts(config)["total"]
+
+
 def plan_for_args(args) -> list:
-    """plan() of a train.py run: `python train.py --preset paper-8b --plan`."""
-    return plan(model_config(args.model), settings_for_args(args))
+    """plan() of a train.py run: `python train.py --preset paper-8b --plan`; a model that is not
+    on this machine adds its download into the hub cache (outside the checkpoints' disk peak)."""
+    config = model_config(args.model)
+    rows = plan(config, settings_for_args(args))
+    download = download_bytes(args.model, config)
+    if download:
+        rows.append(row("disk", "model download into the hub cache (once)", download,
+                        "params x 2 B (bf16, as the hub ships it); checked with the peak"))
+    return rows
 
 
 def peaks(rows: list) -> dict:

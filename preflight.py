@@ -49,7 +49,7 @@ def check_args(p, args) -> None:
     flags.between(p, args, "clip_eps", 0, 1, low_open=True, high_open=True)
     flags.between(p, args, "top_p", 0, 1, low_open=True)
     flags.between(p, args, "overlong_buffer", 0, 1, high_open=True)
-    flags.at_least(p, args, 0, "val_samples", "kl_stop")
+    flags.at_least(p, args, 0, "val_samples", "kl_stop", "expected_new_tokens")
     if args.report_to != "none":  # an optional package: missing is one line, before the model
         try:
             report.import_tracker(args.report_to)
@@ -142,19 +142,6 @@ def existing_parent(path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
-def download_bytes(args, config) -> int:
-    """Bytes the hub download of --model will write into the hub cache: 0 for an embedded name,
-    a local folder or a model already cached; else the weights in bf16 (how Qwen3 ships them),
-    params x 2 B (SOURCES.md §9.48)."""
-    if args.model in policy.EMBEDDED or Path(args.model).exists():
-        return 0
-    from huggingface_hub import try_to_load_from_cache
-    for name in ("model.safetensors.index.json", "model.safetensors"):
-        if isinstance(try_to_load_from_cache(args.model, name), str):
-            return 0
-    return 2 * plan.param_counts(config)["total"]
-
-
 def disk_problems(args, rows: list, config) -> list:
     """The plan's checkpoint peak (less a resumed run's checkpoints, already on disk) and the
     model's download, each on its own file system or together when they share one."""
@@ -167,7 +154,7 @@ def disk_problems(args, rows: list, config) -> list:
     for folder, nbytes, what in ((out, plan.peaks(rows)["disk"] * plan.GB - held,
                                   f"checkpoints (the plan's disk peak, --keep-checkpoints "
                                   f"{args.keep_checkpoints})"),
-                                 (cache, download_bytes(args, config),
+                                 (cache, plan.download_bytes(args.model, config),
                                   f"the download of {args.model} into the hub cache")):
         if nbytes > 0:
             entry = needs.setdefault(folder.stat().st_dev, [folder, 0, []])

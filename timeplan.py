@@ -3,7 +3,8 @@ timeplan.py -- about how long a LongAct run takes on one GPU: an estimate from F
 stated efficiencies, not a measurement (SOURCES.md §9.31; `python train.py --preset paper --plan`).
 
 plan.py sizes memory; this file turns the same settings into seconds per phase on a named GPU
-(plan.GPUS, data-sheet numbers in SOURCES.md §8.10):
+(plan.GPUS, data-sheet numbers in SOURCES.md §8.10), for completions of the expected length
+and for the worst case (all at the limit), with every evaluation and checkpoint write:
 
     prefill   compute bound: 2 FLOPs per matmul weight per token + attention's two products
     decode    per new token the slower of its compute and of reading the weights + the cascade
@@ -20,14 +21,21 @@ T new tokens per completion, R rows decoded together.
 Run: python train.py --preset paper-8b --plan --gpu h100
 """
 
+from dataclasses import replace
+from pathlib import Path
+
 from plan import (GPUS, OPTIMIZERS, Settings, act_bytes, cascade_cache_bytes, dims,
                   param_counts, settings_for_args)
 from policy import model_config
+from tasks.longbench import LONGBENCH_NEW_TOKENS, load_longbench
 
 MATMUL_EFFICIENCY = 0.45   # share of the dense bf16 peak that long prefill/training matmuls reach
 BANDWIDTH_EFFICIENCY = 0.7  # share of the memory bandwidth that a decode step's reads reach
 LAUNCH_SECONDS = 7.5e-6    # one eager CUDA kernel launch, as the CPU issues them
 LAUNCHES_PER_LAYER = 110   # kernels of one eager decoder layer in a decode step (estimate)
+DISK_WRITE_BPS = 1e9       # a checkpoint's write to a local NVMe disk, bytes/s (estimate)
+CHARS_PER_TOKEN = 4.0      # LongBench v2 text per Qwen3 token, for --plan without a tokenizer
+LONGBENCH_HUB_ITEMS = 503  # LongBench v2's test set (SOURCES.md §6)
 
 
 def forward_flops(config, tokens: int, attended: float) -> float:
@@ -102,16 +110,70 @@ def time_plan(config, s: Settings, groups: int, steps: int, old_logprobs: bool,
                  how=f"{steps} steps + {evaluations} evaluations (LongBench v2 not counted)")]
 
 
+def longbench_seconds(config, s: Settings, lengths: list) -> float:
+    """One LongBench v2 evaluation: each item's prefill at its truncated length, then its answer
+    budget decoded alone (greedy-like single rows; longbench.py calls one item at a time)."""
+    return sum(prefill_seconds(config, s, L) + decode_seconds(config, s, 1, L, 1,
+                                                              LONGBENCH_NEW_TOKENS)
+               for L in lengths)
+
+
+def longbench_lengths(args, config) -> tuple:
+    """(prompt tokens per item at the chosen truncation, how they were found). A local file:
+    each item's characters / CHARS_PER_TOKEN; the hub's 503 items (not read by --plan): each at
+    the cap, since almost all are longer than any window here (an upper bound)."""
+    window = getattr(config, "max_position_embeddings", None) or args.longbench_max_len
+    cap = min(args.longbench_max_len, window - LONGBENCH_NEW_TOKENS)
+    if args.longbench != "hub" and Path(args.longbench).exists():
+        items = load_longbench(args.longbench)
+        chars = [sum(len(str(i[k])) for k in ("context", "question", "choice_A", "choice_B",
+                                               "choice_C", "choice_D")) for i in items]
+        return ([min(cap, int(c / CHARS_PER_TOKEN)) for c in chars],
+                f"{len(items)} items of {args.longbench}, characters / {CHARS_PER_TOKEN}, "
+                f"capped at {cap}")
+    return [cap] * LONGBENCH_HUB_ITEMS, f"{LONGBENCH_HUB_ITEMS} hub items, each at the cap {cap}"
+
+
 def time_plan_for_args(args) -> list:
-    """time_plan() of a train.py run."""
-    s = settings_for_args(args)
+    """The run's rows with two times each: "expected" (completions of --expected-new-tokens)
+    and "worst" (every completion at --max-new-tokens); every evaluation (RULER, and LongBench
+    v2 with --longbench) and every checkpoint write counted in the whole run."""
+    s, config = settings_for_args(args), model_config(args.model)
     evals = (2 + (max(0, (args.steps - 1) // args.eval_every) if args.eval_every else 0)
              if args.eval else 0)
-    old = args.mu > 1 or (args.mini_batch_groups and args.mini_batch_groups
-                          < args.prompts_per_step)
-    return time_plan(model_config(args.model), s, args.prompts_per_step, args.steps, bool(old),
-                     {L: args.eval_samples * len(args.eval_tasks) for L in args.eval_lengths},
-                     evals)
+    old = bool(args.mu > 1 or (args.mini_batch_groups and args.mini_batch_groups
+                               < args.prompts_per_step))
+    ruler = {L: args.eval_samples * len(args.eval_tasks) for L in args.eval_lengths}
+    expected = args.expected_new_tokens or args.max_new_tokens // 2
+    cases = {name: time_plan(config, replace(s, new_tokens=T), args.prompts_per_step,
+                             args.steps, old, ruler, evals)
+             for name, T in (("expected", expected), ("worst", args.max_new_tokens))}
+    rows = [dict(r, worst=w["seconds"], expected=r["seconds"])
+            for r, w in zip(cases["expected"], cases["worst"]) if r["phase"] != "whole run"]
+    extra = []
+    if args.eval and args.longbench:
+        lengths, how = longbench_lengths(args, config)
+        t = longbench_seconds(config, s, lengths)
+        extra.append(dict(phase="one LongBench v2 evaluation", expected=t, worst=t, how=how))
+        extra.append(dict(phase="LongBench v2, every evaluation", expected=t * evals,
+                          worst=t * evals, how=f"{evals} evaluations"))
+    n, (w, _, st, _) = param_counts(config)["total"], OPTIMIZERS[s.optimizer]  # bytes per param
+    saves = args.steps // args.save_every + (args.steps % args.save_every > 0) \
+        if args.save_every else 1
+    write = saves * n * (w + st) / DISK_WRITE_BPS
+    extra.append(dict(phase="checkpoint writes", expected=write, worst=write,
+                      how=f"{saves} x {n * (w + st) / 1e9:.1f} GB at {DISK_WRITE_BPS / 1e9:.0f} "
+                          "GB/s"))
+    whole = {k: next(r for r in cases[k] if r["phase"] == "whole run")["seconds"]
+             + sum(r[k] for r in extra if r["phase"] != "one LongBench v2 evaluation")
+             for k in cases}
+    return rows + extra + [dict(phase="whole run", **whole,
+                                how=f"{args.steps} steps + {evals} evaluations + checkpoint "
+                                    f"writes; expected: {expected} new tokens per completion")]
+
+
+def human(t: float) -> str:
+    return f"{t:.1f} s" if t < 120 else f"{t / 60:.1f} min" if t < 7200 else f"{t / 3600:.1f} h"
 
 
 def format_time_plan(rows: list, s: Settings) -> str:
@@ -120,12 +182,10 @@ def format_time_plan(rows: list, s: Settings) -> str:
              f"at {MATMUL_EFFICIENCY:.0%}, {g['tbps']} TB/s at {BANDWIDTH_EFFICIENCY:.0%}, "
              f"{LAUNCHES_PER_LAYER} kernel launches per layer per decode step at "
              f"{LAUNCH_SECONDS * 1e6:.1f} us; python -m bench.gpu_check measures it)",
-             "| phase | estimate | how |", "|---|---:|---|"]
+             "| phase | expected | worst case | how |", "|---|---:|---:|---|"]
     for r in rows:
-        t = r["seconds"]
-        human = f"{t:.1f} s" if t < 120 else f"{t / 60:.1f} min" if t < 7200 else \
-            f"{t / 3600:.1f} h"
-        lines.append(f"| {r['phase']} | {human} | {r['how']} |")
+        lines.append(f"| {r['phase']} | {human(r['expected'])} | {human(r['worst'])} | "
+                     f"{r['how']} |")
     return "\n".join(lines)
 
 

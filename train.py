@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adamw: fp32 weights and state; bf16-sr: bf16 weights, stochastic rounding")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute in backward")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    g.add_argument("--expected-new-tokens", type=int, default=0,
+                   help="the time plan's expected completion length (0 = half of "
+                        "--max-new-tokens); its worst case has every completion at the limit")
     g.add_argument("--report-to", default="none", choices=report.REPORTERS,
                    help="also log every metrics row and evaluation live (optional packages)")
     g.add_argument("--wandb-project", default="longact", help="with --report-to wandb")

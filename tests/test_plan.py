@@ -10,6 +10,7 @@
 Run: .venv/bin/python -m pytest -q tests/test_plan.py
 """
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ import transformers
 import optim
 import plan
 import policy
+import timeplan
 import train
 import engine
 import rollout
@@ -185,6 +187,36 @@ def test_paper_8b_plan_prints_sampling_update_evaluation_disk_and_time(capsys):
         assert f"| {phase} | **peak** |" in out
     assert "Time plan on one H200 SXM (an ESTIMATE" in out and "| whole run |" in out
     assert "--gen-groups" in out and "--eval-batch" in out
+    assert "| disk | model download into the hub cache (once) |" in out  # not cached here
+    assert "| phase | expected | worst case | how |" in out
+    for phase in ("one LongBench v2 evaluation", "LongBench v2, every evaluation",
+                  "checkpoint writes", "one evaluation"):
+        assert f"| {phase} |" in out
+
+
+def test_the_time_plan_counts_every_evaluation_and_the_worst_case(tmp_path):
+    args = train.parse_args(["--preset", "paper-8b"])
+    rows = {r["phase"]: r for r in timeplan.time_plan_for_args(args)}
+    whole, step = rows["whole run"], rows["one RL step"]
+    assert step["expected"] < step["worst"] and whole["expected"] < whole["worst"]
+    assert "expected: 512 new tokens" in whole["how"]  # half of --max-new-tokens 1024
+    lb = rows["LongBench v2, every evaluation"]
+    assert lb["expected"] == pytest.approx(5 * rows["one LongBench v2 evaluation"]["expected"])
+    assert "503 hub items, each at the cap 40832" in rows["one LongBench v2 evaluation"]["how"]
+    steps = sum(rows[p]["worst"] for p in ("sampling", "update", "optimizer step"))
+    assert whole["worst"] == pytest.approx(200 * steps + 5 * rows["one evaluation"]["worst"]
+                                           + lb["worst"] + rows["checkpoint writes"]["worst"])
+    # a local file: each item's characters / 4, capped at the window
+    data = tmp_path / "lb.jsonl"
+    item = {"_id": "a", "domain": "d", "sub_domain": "s", "difficulty": "easy", "length": "short",
+            "question": "q", "choice_A": "a", "choice_B": "b", "choice_C": "c", "choice_D": "d",
+            "answer": "A", "context": "x" * 39_995}
+    data.write_text(json.dumps(item) + "\n" + json.dumps(dict(item, _id="b", context="y" * 10**6))
+                    + "\n")
+    lengths, how = timeplan.longbench_lengths(
+        train.parse_args(["--preset", "paper-8b", "--longbench", str(data)]),
+        timeplan.model_config("qwen3-8b"))
+    assert lengths == [10_000, 40_832] and how.startswith("2 items of")
 
 
 def cache_nbytes(cache) -> int:

@@ -293,13 +293,13 @@ def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch):
                              "--out-dir", str(tmp_path / "runs")])
     config = preflight.policy.model_config(args.model)
     rows = preflight.plan.plan(config, preflight.plan.settings_for_args(args))
-    assert preflight.download_bytes(args, config) == 2 * preflight.plan.param_counts(
+    assert preflight.plan.download_bytes(args.model, config) == 2 * preflight.plan.param_counts(
         config)["total"]
     problem, = preflight.disk_problems(args, rows, config)
     assert "checkpoints (the plan's disk peak, --keep-checkpoints 1) 98.3 GB + the download " \
            "of Qwen/Qwen3-8B into the hub cache 16.4 GB need 114.7 GB more" in problem
     local = train.parse_args(["--model", str(tmp_path), "--device", "cpu"])  # a folder: none
-    assert preflight.download_bytes(local, config) == 0
+    assert preflight.plan.download_bytes(local.model, config) == 0
 
 
 def test_a_plan_larger_than_the_free_gpu_memory_stops_with_the_phase(monkeypatch, capsys):
