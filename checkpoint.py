@@ -32,9 +32,10 @@ RESUME_KEYS = ("model", "mask_strategy", "mask_schedule", "mask_semantics", "rat
                "per_head", "stats", "calib_len", "calib_samples", "seed", "algo", "lr",
                "weight_decay", "beta", "group_size", "prompts_per_step", "mini_batch_groups",
                "micro_groups", "mu", "warmup_steps", "optimizer", "precision", "kl_clamp",
-               "eps_high", "clip_eps", "aggregation", "train_scope", "hub_kernels")
+               "eps_high", "clip_eps", "aggregation", "train_scope", "hub_kernels", "yarn",
+               "yarn_original")
 # Keys added after runs were saved without them: the value those runs had.
-ADDED_LATER = {"train_scope": "all", "hub_kernels": False}
+ADDED_LATER = {"train_scope": "all", "hub_kernels": False, "yarn": 0.0, "yarn_original": 32768}
 
 
 def code_and_machine() -> dict:

@@ -401,6 +401,10 @@ def parse_args(argv=None):
                         f"{longbench.LONGBENCH_THINKING_TOKENS}-token budget, the answer read "
                         f"after </think>")
     g.add_argument("--limit", type=int, default=None, help="only the first N items")
+    g.add_argument("--yarn", type=float, default=0.0,
+                   help="YaRN rope scaling factor (Qwen3's cards: 4 for 131k tokens; 0 = off)")
+    g.add_argument("--yarn-original", type=int, default=32768,
+                   help="YaRN's original_max_position_embeddings (Qwen3's cards: 32768)")
     args = p.parse_args(argv)
     if is_training_seed(args.seed):
         p.error(f"--seed {args.seed} is a training seed; evaluation seeds are below "
@@ -422,7 +426,8 @@ def check_args(p, args) -> None:
     flags.existing(p, "data", args.data, "file")
     if args.bench == "ruler":
         flags.known(p, "tasks", args.tasks, ruler.RULER_TASKS)
-        window = flags.model_window(args.model)
+        window = int(args.yarn_original * args.yarn) if args.yarn else \
+            flags.model_window(args.model)
         for L in args.lengths:
             flags.within(p, "lengths", L, window, "a RULER length (answer included)")
 
@@ -436,7 +441,8 @@ def main(argv=None):
     t0 = time.time()
     precision, why = common.choose_precision(args.precision, args.device)
     print(f"precision: {precision} ({why})")
-    model, tokenizer = load_policy(args.model, device=args.device,
+    model, tokenizer = load_policy(args.model, device=args.device, yarn=args.yarn,
+                                   yarn_original=args.yarn_original,
                                    dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     if args.bench == "ruler":
         table, records = evaluate_ruler(model, tokenizer, args.tasks, args.lengths, args.samples,

@@ -75,6 +75,22 @@ def embedded_dir(name: str) -> Path:
     return cache_dir() / name / "_".join(f"{k}-{x}" for k, x in v.items())
 
 
+QWEN3_YARN_ORIGINAL = 32768  # the Qwen3 model cards' original_max_position_embeddings for YaRN
+
+
+def with_yarn(config, factor: float, original: int = QWEN3_YARN_ORIGINAL):
+    """The config with YaRN rope scaling, as Qwen3's model cards document it for contexts past
+    32k (rope_type "yarn", `factor`, original_max_position_embeddings `original`): the window
+    becomes original x factor. factor 0 leaves the config as it is (SOURCES.md §9.50)."""
+    if not factor:
+        return config
+    theta = (config.rope_parameters or {}).get("rope_theta", getattr(config, "rope_theta", None))
+    config.rope_parameters = {"rope_type": "yarn", "factor": float(factor), "rope_theta": theta,
+                              "original_max_position_embeddings": int(original)}
+    config.max_position_embeddings = int(original * factor)
+    return config
+
+
 def load_weights(path, hub_kernels: bool = False, **kw):
     """AutoModelForCausalLM.from_pretrained with hub kernels off unless asked for, and no remote
     code. A model that came back kernelized anyway is refused (a transformers default moved)."""
@@ -137,9 +153,11 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_policy(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-                device: str = "cpu", hub_kernels: bool = False):
+                device: str = "cpu", hub_kernels: bool = False, yarn: float = 0.0,
+                yarn_original: int = QWEN3_YARN_ORIGINAL):
     """Load (model, tokenizer). fp32 weights by default: fp32 master weights under bf16 autocast.
-    Hub kernels stay off unless `hub_kernels` (see the module docstring).
+    Hub kernels stay off unless `hub_kernels` (see the module docstring); `yarn` > 0 loads the
+    weights under YaRN rope scaling (with_yarn).
 
     The tokenizer gets a pad token if it has none (pad = EOS, the common choice). That is safe
     because every mask here is built from positions, never by comparing ids with pad_token_id.
@@ -147,7 +165,9 @@ def load_policy(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path)
     # sdpa: the same maths as eager attention and much faster on CPU (SOURCES.md §8.3).
-    model = load_weights(path, hub_kernels, dtype=dtype, attn_implementation="sdpa")
+    extra = {"config": with_yarn(transformers.AutoConfig.from_pretrained(path), yarn,
+                                 yarn_original)} if yarn else {}
+    model = load_weights(path, hub_kernels, dtype=dtype, attn_implementation="sdpa", **extra)
     model = model.to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -87,6 +87,11 @@ def check_paths(p, args) -> None:
     flags.known(p, "train_task", args.train_task, ruler.RULER_TASKS)
     flags.known(p, "eval_tasks", args.eval_tasks, ruler.RULER_TASKS)
     window = flags.model_window(args.model)
+    if args.yarn:  # YaRN's window replaces the config's (policy.with_yarn)
+        window = int(args.yarn_original * args.yarn)
+    if args.yarn < 0 or (args.yarn and args.yarn_original < 1):
+        p.error(f"--yarn {args.yarn:g} --yarn-original {args.yarn_original}: the factor must be "
+                ">= 0 and the original window >= 1")
     if args.train_data == "builtin":  # a RULER length: the task's answer budget included
         flags.within(p, "train_len", args.train_len, window, "a RULER length")
     else:  # prompts middle-truncated to --train-len, then the completion

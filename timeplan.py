@@ -122,7 +122,8 @@ def longbench_lengths(args, config) -> tuple:
     """(prompt tokens per item at the chosen truncation, how they were found). A local file:
     each item's characters / CHARS_PER_TOKEN; the hub's 503 items (not read by --plan): each at
     the cap, since almost all are longer than any window here (an upper bound)."""
-    window = getattr(config, "max_position_embeddings", None) or args.longbench_max_len
+    window = (int(args.yarn_original * args.yarn) if args.yarn else
+              getattr(config, "max_position_embeddings", None) or args.longbench_max_len)
     cap = min(args.longbench_max_len, window - LONGBENCH_NEW_TOKENS)
     if args.longbench != "hub" and Path(args.longbench).exists():
         items = load_longbench(args.longbench)
@@ -130,8 +131,15 @@ def longbench_lengths(args, config) -> tuple:
                                                "choice_C", "choice_D")) for i in items]
         return ([min(cap, int(c / CHARS_PER_TOKEN)) for c in chars],
                 f"{len(items)} items of {args.longbench}, characters / {CHARS_PER_TOKEN}, "
-                f"capped at {cap}")
-    return [cap] * LONGBENCH_HUB_ITEMS, f"{LONGBENCH_HUB_ITEMS} hub items, each at the cap {cap}"
+                f"capped at {cap} ({why(args, window)})")
+    return [cap] * LONGBENCH_HUB_ITEMS, (f"{LONGBENCH_HUB_ITEMS} hub items, each at the cap {cap} "
+                                         f"({why(args, window)})")
+
+
+def why(args, window: int) -> str:
+    """The cap's two stated choices: the truncation and the window (YaRN or not)."""
+    return (f"--longbench-max-len {args.longbench_max_len}, window {window}"
+            + (f" with YaRN x{args.yarn:g}" if args.yarn else ", no YaRN"))
 
 
 def time_plan_for_args(args) -> list:

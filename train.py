@@ -197,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a JSON file with the 'before' evaluation of the same starting model "
                         "and evaluation settings: read if it exists, else computed and written")
     g.add_argument("--longbench", default=None, help="also LongBench v2: a file or 'hub'")
-    g.add_argument("--longbench-max-len", type=int, default=120000, help="middle truncation")
+    g.add_argument("--longbench-max-len", type=int, default=120000,
+                   help="LongBench v2 prompts are cut in the middle to this many tokens (and to "
+                        "the model's window): a stated choice, recorded with the run")
+    g.add_argument("--yarn", type=float, default=0.0,
+                   help="YaRN rope scaling factor (Qwen3's cards: 4 for 131k tokens; 0 = off): "
+                        "the window becomes --yarn-original x --yarn, for training and eval")
+    g.add_argument("--yarn-original", type=int, default=policy.QWEN3_YARN_ORIGINAL,
+                   help="YaRN's original_max_position_embeddings (Qwen3's cards: 32768)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--out-dir", default="runs")
     g.add_argument("--run-name", default=None, help="default: <algo>-<strategy>-seed<seed>-<time>")
@@ -228,6 +235,11 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # model, reference, optimizer
 
+def yarn_of(args) -> dict:
+    """load_policy's YaRN arguments (SOURCES.md §9.50)."""
+    return {"yarn": args.yarn, "yarn_original": args.yarn_original}
+
+
 def reference_model(args):
     """GRPO's KL reference: the initial policy, frozen (§9.15). fp32 on a CPU, so the KL is
     exactly 0 before the first update; bf16 on a GPU, where it only runs forwards under bf16
@@ -235,7 +247,7 @@ def reference_model(args):
     KL is small but not exactly 0 (norms and residuals round differently)."""
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     ref, _ = policy.load_policy(args.model, dtype=dtype, hub_kernels=args.hub_kernels,
-                                 device="cpu" if args.fsdp else args.device)
+                                 device="cpu" if args.fsdp else args.device, **yarn_of(args))
     ref.eval().requires_grad_(False)
     return fsdp.shard_policy(ref) if args.fsdp else ref
 
@@ -508,9 +520,13 @@ def evaluation(run, evals: dict, phases: dict, name: str, phase: str, step: int,
             run.reporter.log(report.tracker_metrics(evals[name], f"eval/{name}/"), step)
 
 
+EVAL_ADDED_LATER = {"longbench_max_len": 120000, "yarn": 0.0}  # what older files had
+
+
 def eval_settings(args) -> dict:
     return {k: getattr(args, k) for k in ("model", "eval_tasks", "eval_lengths", "eval_samples",
-                                          "longbench", "thinking", "precision_used")}
+                                          "longbench", "thinking", "precision_used",
+                                          *EVAL_ADDED_LATER)}
 
 
 def before_eval(run) -> dict:
@@ -520,7 +536,7 @@ def before_eval(run) -> dict:
     path = Path(args.before_eval) if args.before_eval else None
     if path is not None and path.exists():
         saved = common.read_json(path)
-        if saved["settings"] != eval_settings(args):
+        if (EVAL_ADDED_LATER | saved["settings"]) != eval_settings(args):
             raise SystemExit(f"{path}: made with other evaluation settings {saved['settings']}; "
                              f"this run has {eval_settings(args)}")
         return saved["scores"], saved.get("items", [])  # files made before items: none
@@ -619,11 +635,11 @@ def load_model(args, run_dir: Path):
     dtype = torch.bfloat16 if args.optimizer == "bf16-sr" else torch.float32
     if args.fsdp:
         model, tokenizer = policy.load_policy(args.model, dtype=dtype, device="cpu",
-                                              hub_kernels=args.hub_kernels)
+                                              hub_kernels=args.hub_kernels, **yarn_of(args))
     else:
         source = str(checkpoint.checkpoint_dir(run_dir)) if args.resume else args.model
         model, tokenizer = policy.load_policy(source, dtype=dtype, device=args.device,
-                                              hub_kernels=args.hub_kernels)
+                                              hub_kernels=args.hub_kernels, **yarn_of(args))
     masking.apply_train_scope(model, args.train_scope)  # before the optimizer sees the params
     if args.grad_checkpointing:  # before sharding (fsdp.py)
         model.activation_checkpointing_enable({"use_reentrant": False})

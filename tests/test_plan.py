@@ -284,3 +284,21 @@ def test_bad_settings_name_the_field():
         plan.Settings(optimizer="adam8bit")
     with pytest.raises(ValueError, match="Settings.group_size"):
         plan.Settings(group_size=0)
+
+
+def test_yarn_is_a_stated_choice_of_window(tiny_dir, tmp_path):
+    model, _ = policy.load_policy(tiny_dir, yarn=2.0, yarn_original=1024)
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+    assert model.config.max_position_embeddings == 2048
+    assert model.model.rotary_emb.rope_type == "yarn"
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)  # (B, T, V)
+    with pytest.raises(SystemExit):  # 65536 is past Qwen3-8B's 40960 without YaRN
+        train.parse_args(["--preset", "paper-8b", "--eval-lengths", "65536"])
+    args = train.parse_args(["--preset", "paper-8b", "--eval-lengths", "65536", "--yarn", "4"])
+    _, how = timeplan.longbench_lengths(args, timeplan.model_config(args.model))
+    assert "each at the cap 120000 (--longbench-max-len 120000, window 131072 with YaRN x4)" in how
+    # a shared "before" file written before these settings existed still matches the defaults
+    now = train.parse_args([])
+    now.precision_used = "fp32"  # set by train.setup
+    old = {k: v for k, v in train.eval_settings(now).items() if k not in train.EVAL_ADDED_LATER}
+    assert (train.EVAL_ADDED_LATER | old) == train.eval_settings(now)
