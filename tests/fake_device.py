@@ -142,6 +142,13 @@ class _Mode(TorchDispatchMode):
 
 @contextmanager
 def fake_device():
-    """Inside: FAKE holds real values and a mix of FAKE and CPU tensors raises RuntimeError."""
-    with _Functions(), _Mode():
-        yield
+    """Inside: FAKE holds real values and a mix of FAKE and CPU tensors raises RuntimeError.
+    torch.Generator(device=FAKE) gives a CPU generator: the values a random operation on the
+    device draws are drawn on the CPU (a CUDA device has its own generators; meta has none)."""
+    real = torch.Generator
+    torch.Generator = lambda device="cpu": real(device="cpu" if _is_fake(device) else device)
+    try:
+        with _Functions(), _Mode():
+            yield
+    finally:
+        torch.Generator = real
