@@ -16,7 +16,7 @@ export HF_DATASETS_CACHE ?= $(CURDIR)/.cache/hf/datasets
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/mpl
 
-.PHONY: setup test demo bench causal ab ab-dapo ab2 plan clean lock test-latest
+.PHONY: setup test demo bench causal ab ab-dapo ab2 plan clean lock test-latest gpu-wheels
 
 setup: $(STAMP)
 
@@ -77,6 +77,13 @@ test-latest:
 	python3 dev/lock.py latest .cache/latest/venv
 	python3 dev/lock.py diff .cache/latest/venv
 	HF_HUB_OFFLINE=1 .cache/latest/venv/bin/python -m pytest -q tests
+
+# For a GPU node without network: the locked wheels a run imports (not torch, not the model
+# wheel) for its CPython (GPU_PYTHON), into .whl/ (ignored); install there with
+# pip install --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
+GPU_PYTHON ?= 3.12
+gpu-wheels: $(STAMP)
+	python3 dev/lock.py wheels .whl --python $(GPU_PYTHON)
 
 clean:
 	rm -rf .cache runs __pycache__ tests/__pycache__

@@ -301,6 +301,18 @@ def code_version() -> str:
 
 
 LOCK_FILE = Path(__file__).resolve().parent / "requirements.lock"
+# The oldest torch this code is meant to run on: the GPU image of our device runs 2.11, CI and the
+# lock run 2.13 (SOURCES.md §9.51: 2.11 is stated, not yet tested). Older ones are refused.
+MIN_TORCH = (2, 11)
+
+
+def check_torch(version: str | None = None) -> None:
+    """SystemExit in one line if torch is older than MIN_TORCH."""
+    version = version or torch.__version__
+    release = tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:2])
+    if release < MIN_TORCH:
+        raise SystemExit(f"torch {version} is older than {'.'.join(map(str, MIN_TORCH))}, the "
+                         "oldest this code runs on; install the lock's torch (README, Install)")
 RECORDED = ("torch", "transformers", "datasets", "tokenizers", "safetensors", "accelerate", "gguf")
 
 

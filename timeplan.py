@@ -118,13 +118,19 @@ def longbench_seconds(config, s: Settings, lengths: list) -> float:
                for L in lengths)
 
 
+def longbench_cap(args, config) -> tuple:
+    """(the longest LongBench v2 prompt in tokens, the window): --longbench-max-len, and the
+    window (YaRN's when --yarn) less the answer budget."""
+    window = (int(args.yarn_original * args.yarn) if args.yarn else
+              getattr(config, "max_position_embeddings", None) or args.longbench_max_len)
+    return min(args.longbench_max_len, window - LONGBENCH_NEW_TOKENS), window
+
+
 def longbench_lengths(args, config) -> tuple:
     """(prompt tokens per item at the chosen truncation, how they were found). A local file:
     each item's characters / CHARS_PER_TOKEN; the hub's 503 items (not read by --plan): each at
     the cap, since almost all are longer than any window here (an upper bound)."""
-    window = (int(args.yarn_original * args.yarn) if args.yarn else
-              getattr(config, "max_position_embeddings", None) or args.longbench_max_len)
-    cap = min(args.longbench_max_len, window - LONGBENCH_NEW_TOKENS)
+    cap, window = longbench_cap(args, config)
     if args.longbench != "hub" and Path(args.longbench).exists():
         items = load_longbench(args.longbench)
         chars = [sum(len(str(i[k])) for k in ("context", "question", "choice_A", "choice_B",

