@@ -10,6 +10,7 @@ Run: .venv/bin/python -m pytest -q tests/test_install.py
 """
 
 import importlib
+import importlib.metadata
 import json
 import shutil
 
@@ -142,3 +143,13 @@ def test_every_model_load_goes_through_the_one_loader():
               for n, line in enumerate(p.read_text().splitlines(), 1)
               if "ForCausalLM." + "from_pretrained(" in line and p.name != "policy.py"]
     assert files and not direct, f"models loaded around policy.load_weights: {direct}"
+
+
+def test_a_run_records_a_torch_other_than_the_locks(monkeypatch):
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "2.11.0+cu130" if name == "torch" else real(name))
+    assert "torch 2.11.0+cu130 (lock 2.13.0)" in common.versions()["differs_from_lock"]
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "2.13.0+cu130" if name == "torch" else real(name))
+    assert common.versions()["differs_from_lock"] == []  # a CUDA build of the same release
