@@ -34,6 +34,7 @@ import transformers
 import common
 import plan
 import policy
+import report
 import timeplan
 import train
 from common import write_json_atomic, write_text_atomic
@@ -242,6 +243,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     common.check_torch()
     device = torch.device("cpu" if a.dry_run else "cuda")
+    report.configure_allocator(str(device))  # before CUDA starts here, as train.main does
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --dry-run to exercise the code path on the CPU")
     out = a.out or ("runs/gpu_check_dry" if a.dry_run else "figures/gpu_check")
