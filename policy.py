@@ -57,11 +57,12 @@ HUB_NAMES = {"Qwen/Qwen3-4B": "qwen3-4b", "Qwen/Qwen3-8B": "qwen3-8b"}
 
 def model_config(name: str):
     """A transformers config: "qwen3-4b" / "qwen3-8b" (or their hub ids) from QWEN3, offline;
-    anything else through AutoConfig.from_pretrained (a local folder, or the hub when online)."""
+    an embedded name from its converted folder; anything else through AutoConfig.from_pretrained
+    (a local folder, or the hub when online)."""
     key = HUB_NAMES.get(name, name.lower())
     if key in QWEN3:
         return transformers.Qwen3Config(**QWEN3[key])
-    return transformers.AutoConfig.from_pretrained(name)
+    return transformers.AutoConfig.from_pretrained(resolve_model_path(name))
 
 
 def cache_dir() -> Path:

@@ -5,6 +5,7 @@ salient q/k rows beat updating all of them, and beat the same number of random r
     python -m experiments.ab run     [--setting 2|2b] [--arms ...] [--seeds 0 1 2]  # resumable
     python -m experiments.ab summary [--setting 2|2b]              # table and figure, from files
     python -m experiments.ab pilot   [--setting 2] [--arms ...] [--grid ...] [--extra ...]
+    python -m experiments.ab run --setting 3-pilot   # setting 3's pilots: 2 rates x 3 seeds
 
 Arms (SOURCES.md §1, §2): the paper's LongAct (per-head L2 saliency, masks from each step's
 batch), LongAct with the static calibration mask, random rows at the same count per head (the
@@ -12,13 +13,15 @@ control that matters most: RL updates are sparse by nature, and random sparse su
 full updates), bottom-k rows, all q/k rows (uniform), 1 row of 64 per head (q/k nearly frozen),
 LongAct under `--mask-semantics grad`, a ratio sweep; DAPO arms in setting 1.
 
-Settings (SOURCES.md §9.29, §9.43): 1 trains every weight (the paper's scope; there the q/k rows
-hardly mattered); 2 trains only the q/k projections (`--train-scope qk`), where the rows are the
-only thing that learns. Setting 2 was pre-registered before its grid ran (ab2_preregistration.md,
-PREREGISTERED below); its summary reports the positive control and the primary comparison
-against that rule. Every arm of a seed starts from the same model and trains on the same prompts;
-the "before" evaluation is computed once and shared, and arms are compared by paired per-seed
-differences (a 95% t interval; SOURCES.md §9.42).
+Settings (SOURCES.md §9.29, §9.43, §9.46, §9.52): 1 trains every weight (the paper's scope;
+there the q/k rows hardly mattered); 2 trains only the q/k projections (`--train-scope qk`),
+where the rows are the only thing that learns; 2b runs three arms each at its own best rate;
+3's pilots look for damage the uniform update does where it never trained
+(experiments/damage.py). Setting 2 was
+pre-registered before its grid ran (ab2_preregistration.md); its summary reports the positive
+control and the primary comparison against that rule. Every arm of a seed starts from the same
+model and trains on the same prompts; the "before" evaluation is computed once and shared, and
+arms are compared by paired per-seed differences (a 95% t interval; SOURCES.md §9.42).
 
 Shapes: S seeds, A arms, K evaluation cells.
 """
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from experiments import rates
+from experiments import damage, rates
 from experiments.stats import (T_80, T_975, crossed_bootstrap, difference, mean_se,
                                paired_detectable, pooled_sd, t_quantile)
 
@@ -85,6 +88,16 @@ for _arm in rates.ARMS:
             "--lr", f"{float(SETTING_2_LR) * float(_f):g}"]
 SETTING_2B = SETTING_2 + ["--val-samples", "25", "--val-seed", "1", "--threads", "2"]
 ARMS_2B = [rates.rate_arm(a, f) for f in rates.FIRST for a in rates.ARMS]
+# Setting 3's pilots (SOURCES.md §9.52, ab3_pilots.md): setting 1's training (every weight), read
+# where it never trained: four other RULER families at 4x the training length, 25 samples per
+# cell. The uniform update at setting 1's rate and at 10x it; damage = after - before below 0.
+SETTING_3_CELLS = ["--eval-tasks", "niah_multivalue", "niah_multiquery", "niah_single_3", "fwe",
+                   "--eval-lengths", "2048", "--eval-samples", "25"]
+SETTING_3_PILOT = (SETTING[:SETTING.index("--eval-tasks")] + SETTING_3_CELLS
+                   + SETTING[SETTING.index("--save-every"):]
+                   + ["--precision", "fp32", "--threads", "2"])
+ARMS["grpo-uniform-lr1e-4"] = ARMS["grpo-uniform"] + ["--lr", "1e-4"]
+ARMS_3_PILOT = ["grpo-uniform", "grpo-uniform-lr1e-4"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,7 @@ class Setting:
     preregistration: str | None = None  # the file that states the rule, committed before the runs
     secondary: tuple | None = None  # (arm, baseline): the pre-registered secondary comparison
     by_rate: bool = False  # arms are read at their best learning rates (experiments/rates.py)
+    damage_plan: str | None = None  # read as damage against "before" (experiments/damage.py)
 
 
 SETTINGS = {
@@ -113,6 +127,8 @@ SETTINGS = {
                   primary=("grpo-longact", "grpo-random-static"),
                   secondary=("grpo-longact", "grpo-uniform"), by_rate=True,
                   preregistration="experiments/ab2b_preregistration.md"),
+    "3-pilot": Setting(SETTING_3_PILOT, ARMS_3_PILOT, "runs/ab3-pilot", "figures/ab3-pilot", (),
+                       damage_plan="experiments/ab3_pilots.md"),
 }
 SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json", "qk_change.json")
 
@@ -164,6 +180,7 @@ def run_grid(grid: Path, arms: list, seeds: list, extra: list, flags: list = SET
 def collect(folder: Path) -> dict:
     """{arm: {seed: {"after", "before", "val" (validation, when run), "items" ({item id:
     (correctness, prompt hash)} after training; {} for runs made before item records),
+    "before_items" (the same for the shared "before" evaluation),
     "reward": [per step], "kl_last" (mean KL of the last 4 steps), "qk" (qk_change.json),
     "minutes": {phase: min}}}} of the finished runs in `folder`."""
     out = {}
@@ -179,6 +196,7 @@ def collect(folder: Path) -> dict:
             "after": with_mean(ev["after"]), "before": with_mean(ev["before"]),
             "val": with_mean(ev["after_val"]) if "after_val" in ev else None,
             "items": read_items(run / "items" / "after.jsonl"),
+            "before_items": read_items(run / "items" / "before.jsonl"),
             "reward": [r["reward"] for r in metrics],
             "kl_last": sum(r.get("kl", 0.0) for r in metrics[-4:]) / len(metrics[-4:]),
             "qk": common.read_json(qk) if qk.exists() else {},
@@ -404,7 +422,7 @@ def plot(runs: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     arms = [arm for arm in ARMS if arm in runs]  # fixed order and colour per arm
-    bases = [arm for arm in ARMS if "-r0." not in arm and "-lrx" not in arm]  # ten colours
+    bases = [arm for arm in ARMS if "-r0." not in arm and "-lr" not in arm]  # ten colours
     colour = {arm: f"C{i}" for i, arm in enumerate(bases)}
     # A ratio arm (grpo-random-r0.2) keeps its parent's colour and differs by line and hatch,
     # so "same rows, another ratio" reads at a glance.
@@ -416,6 +434,8 @@ def plot(runs: dict, out: Path) -> None:
             colour[arm], hatch[arm] = colour[parent], None
             line[arm] = {"0.25": (0, (1, 3)), "0.5": ":", "1": "-", "2": "--", "4": "-.",
                          "8": (0, (5, 1)), "16": (0, (3, 1, 1, 1))}[factor]
+        elif "-lr" in arm:  # one other rate (setting 3's pilots): its arm's colour, dashed
+            colour[arm], line[arm], hatch[arm] = colour[arm.rsplit("-lr", 1)[0]], "--", "//"
         elif "-r0." in arm:
             parent, ratio = arm.rsplit("-r", 1)
             colour[arm] = colour[parent]
@@ -479,7 +499,9 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
     if not runs:
         raise SystemExit(f"no finished run in {out / 'runs'} or {grid}")
     table, _ = summary_table(runs, setting.primary[1] if setting.primary else "grpo-uniform")
-    if setting.by_rate:  # setting 2b: each arm at its best rate (experiments/rates.py)
+    if setting.damage_plan:  # setting 3: damage against "before" (experiments/damage.py)
+        parts = [damage.reading(runs, setting.damage_plan), damage.damage_table(runs), table]
+    elif setting.by_rate:  # setting 2b: each arm at its best rate (experiments/rates.py)
         parts = [rates.reading(runs, setting.primary, setting.secondary,
                                setting.preregistration), rates.rates_table(runs), table,
                  rates.step_size(runs)]

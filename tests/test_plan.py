@@ -302,3 +302,12 @@ def test_yarn_is_a_stated_choice_of_window(tiny_dir, tmp_path):
     now.precision_used = "fp32"  # set by train.setup
     old = {k: v for k, v in train.eval_settings(now).items() if k not in train.EVAL_ADDED_LATER}
     assert (train.EVAL_ADDED_LATER | old) == train.eval_settings(now)
+
+
+def test_the_embedded_default_has_a_plan_too(capsys):
+    """`python train.py --plan` with the default model reads its config from the converted folder
+    (it once went to the hub, offline here, and failed)."""
+    train.main(["--plan"])
+    out = capsys.readouterr().out
+    assert "| sampling | **peak** |" in out
+    assert "model download" not in out  # the embedded model is a wheel, not a download

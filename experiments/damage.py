@@ -1,0 +1,111 @@
+"""
+experiments/damage.py -- setting 3's positive control: did an update damage something a cell can
+measure? (experiments/ab3_pilots.md, SOURCES.md §9.52)
+
+The paper's story (arXiv 2604.14922, §1 and §3) is that updating every q/k row harms long-context
+ability that a sparse, salient update protects. That story can only be tested where the uniform
+update visibly damages something. Setting 1 trained every weight and damaged nothing it measured,
+but it measured only the trained task family. Setting 3 measures what the training never touched:
+other RULER families at 4x the training length. A run's damage in a cell is after - before, with
+the shared "before" of the untrained model; it is read two ways, as in setting 2b:
+
+    per seed:         d_s = after_s - before        a 95% t interval over the seeds
+    per seed and item d_si = after_si - before_i    the crossed bootstrap (seeds and items redrawn)
+
+and a cell is damaged only where both intervals lie below 0.
+
+    damage(runs, arm, cell)      {"seeds", "d", "t", "crossed"}
+    damaged(runs)                [(arm, cell)] that the rule calls damaged
+    damage_table(runs)           markdown: one row per arm, one column per cell
+
+Shapes: S seeds, I evaluation items (of one cell, or of every cell for the mean of cells).
+Test: .venv/bin/python -m pytest -q tests/test_damage.py
+"""
+
+import math
+
+from experiments.stats import crossed_bootstrap, difference
+
+ALL = "mean of cells"
+
+
+def cell_items(items: dict, cell: str) -> list:
+    """The item ids of one cell ("task@length"; every item for the mean of cells), sorted."""
+    return sorted(i for i in items if cell == ALL or i.startswith(cell + "/"))
+
+
+def items_damage(run: dict, cell: str) -> list:
+    """(I,) after - before per item of one run, x100 (the scale of a cell's score). The before
+    items are the shared evaluation's: the same prompts, checked by their hashes."""
+    after, before = run["items"], run["before_items"]
+    ids = cell_items(after, cell)
+    if ids != cell_items(before, cell):
+        raise ValueError(f"{cell}: the run's items are not the 'before' evaluation's")
+    bad = [i for i in ids if after[i][1] != before[i][1]]
+    if bad:
+        raise ValueError(f"{cell}: item {bad[0]} has another prompt than in 'before'")
+    return [100 * (after[i][0] - before[i][0]) for i in ids]  # (I,)
+
+
+def damage(runs: dict, arm: str, cell: str) -> dict:
+    """after - before of `arm` in `cell`: the mean, the per-seed t interval and (when every run
+    has item records) the crossed seed-and-item bootstrap interval."""
+    per_seed = runs[arm]
+    seeds = sorted(per_seed)
+    ds = [per_seed[s]["after"][cell] - per_seed[s]["before"][cell] for s in seeds]  # (S,)
+    d, half = difference(ds)
+    out = {"seeds": len(seeds), "d": d, "t": (d - half, d + half)}
+    if all(per_seed[s]["items"] and per_seed[s]["before_items"] for s in seeds):
+        matrix = [items_damage(per_seed[s], cell) for s in seeds]  # (S, I)
+        out["crossed"] = crossed_bootstrap(matrix)[1:]
+    return out
+
+
+def is_damaged(c: dict) -> bool:
+    """The rule: 3 seeds or more, and every interval below 0 (the t one and the crossed one)."""
+    highs = [c["t"][1]] + ([c["crossed"][1]] if "crossed" in c else [])
+    return c["seeds"] >= 3 and not math.isnan(c["t"][1]) and max(highs) < 0
+
+
+def cells(runs: dict) -> list:
+    """The reported cells of the runs ("task@length", averages left out), then the mean."""
+    found = {k for arm in runs.values() for r in arm.values() for k in r["after"]
+             if "@" in k and not k.startswith("ruler_avg")}
+    return sorted(found) + [ALL]
+
+
+def damaged(runs: dict) -> list:
+    """[(arm, cell)] that the rule calls damaged."""
+    return [(arm, c) for arm in runs for c in cells(runs) if is_damaged(damage(runs, arm, c))]
+
+
+def damage_table(runs: dict) -> str:
+    """after - before per arm and cell: mean, t interval, crossed interval; '*' where damaged."""
+    cs = cells(runs)
+    lines = ["| arm | seeds | " + " | ".join(cs) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in cs) + " |"]
+    for arm in runs:
+        parts = []
+        for c in cs:
+            r = damage(runs, arm, c)
+            text = f"{r['d']:+.1f}"
+            if not math.isnan(r["t"][1]):
+                text += f" t [{r['t'][0]:+.1f}, {r['t'][1]:+.1f}]"
+            if "crossed" in r:
+                text += f" x [{r['crossed'][0]:+.1f}, {r['crossed'][1]:+.1f}]"
+            parts.append(text + ("*" if is_damaged(r) else ""))
+        lines.append(f"| {arm} | {len(runs[arm])} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def reading(runs: dict, plan: str) -> str:
+    """The pilots' answer in words, by the rule stated in `plan` before they ran."""
+    hits = damaged(runs)
+    head = (f"Damage rule ({plan}): after - before below 0 in both the per-seed t interval and "
+            "the crossed seed-and-item interval, 3 seeds.")
+    if hits:
+        where = ", ".join(f"{arm} in {cell}" for arm, cell in hits)
+        return f"{head}\n- damaged: {where}. The positive control separates there."
+    done = all(len(per_seed) >= 3 for per_seed in runs.values())
+    return (f"{head}\n- nothing damaged" + ("" if done else " yet (some arms have fewer than 3 "
+                                                            "seeds)") + ".")

@@ -1,0 +1,117 @@
+"""Setting 3's pilots: damage against the shared "before" (experiments/damage.py), on fake run
+folders with per-item records.
+
+Run: .venv/bin/python -m pytest -q tests/test_damage.py
+"""
+
+import json
+
+import pytest
+
+from experiments import ab, damage
+
+CELLS = ("fwe@2048", "niah_multivalue@2048")
+ITEMS = [f"{c}/s0/{i}" for c in CELLS for i in range(20)]
+
+
+def fake_run(folder, arm, seed, after, before, sha="p"):
+    """A finished run: per-item correctness `after` and `before` ({item id: 0 or 1}); the cell
+    scores are the items' means, as evaluate.py computes them."""
+    run = folder / f"{arm}-seed{seed}"
+    (run / "items").mkdir(parents=True)
+
+    def scores(items):
+        return {c: 100 * sum(v for i, v in items.items() if i.startswith(c + "/"))
+                / sum(1 for i in items if i.startswith(c + "/")) for c in CELLS}
+
+    (run / "eval.json").write_text(json.dumps({"before": scores(before), "after": scores(after)}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward": 0.1, "kl": 0.0}) + "\n")
+    (run / "samples.jsonl").write_text("")
+    for name, items in (("after", after), ("before", before)):
+        (run / "items" / f"{name}.jsonl").write_text("".join(
+            json.dumps({"id": i, "prompt_sha": sha + i, "answer": "", "references": [],
+                        "correct": c}) + "\n" for i, c in items.items()))
+
+
+BEFORE = {i: 1.0 if int(i.rsplit("/", 1)[1]) < 14 else 0.0 for i in ITEMS}  # 70% right
+
+
+def forget(n_lost: int, cell: str) -> dict:
+    """BEFORE with the first n_lost right items of `cell` now wrong."""
+    out = dict(BEFORE)
+    for i in ITEMS:
+        if i.startswith(cell + "/") and int(i.rsplit("/", 1)[1]) < n_lost:
+            out[i] = 0.0
+    return out
+
+
+def test_a_clear_drop_in_one_cell_is_damage_and_no_change_is_not(tmp_path):
+    for s, lost in enumerate((6, 7, 8)):  # fwe loses 30-40 points in every seed
+        fake_run(tmp_path, "grpo-uniform-lr1e-4", s, forget(lost, "fwe@2048"), BEFORE)
+        fake_run(tmp_path, "grpo-uniform", s, dict(BEFORE), BEFORE)
+    runs = ab.collect(tmp_path)
+    hit = damage.damage(runs, "grpo-uniform-lr1e-4", "fwe@2048")
+    assert hit["d"] == pytest.approx(-35.0) and hit["t"][1] < 0 and hit["crossed"][1] < 0
+    assert damage.damaged(runs) == [("grpo-uniform-lr1e-4", "fwe@2048"),
+                                    ("grpo-uniform-lr1e-4", damage.ALL)]
+    none = damage.damage(runs, "grpo-uniform", "niah_multivalue@2048")
+    assert none["d"] == 0.0 and not damage.is_damaged(none)
+    text = damage.reading(runs, "plan.md")
+    assert "damaged: grpo-uniform-lr1e-4 in fwe@2048" in text and "separates" in text
+
+
+def test_a_drop_in_one_seed_only_is_not_damage(tmp_path):
+    for s, lost in enumerate((10, 0, 0)):  # one seed forgets half the cell, two do not
+        fake_run(tmp_path, "grpo-uniform", s, forget(lost, "fwe@2048"), BEFORE)
+    runs = ab.collect(tmp_path)
+    c = damage.damage(runs, "grpo-uniform", "fwe@2048")
+    assert c["d"] < 0 and c["t"][1] > 0 and not damage.is_damaged(c)
+    assert damage.damaged(runs) == []
+    assert "nothing damaged." in damage.reading(runs, "plan.md")
+
+
+def test_two_seeds_never_call_damage(tmp_path):
+    for s in range(2):
+        fake_run(tmp_path, "grpo-uniform", s, forget(8 + s, "fwe@2048"), BEFORE)
+    runs = ab.collect(tmp_path)
+    assert damage.damaged(runs) == []
+    assert "fewer than 3 seeds" in damage.reading(runs, "plan.md")
+
+
+def test_items_must_be_the_before_evaluations(tmp_path):
+    fake_run(tmp_path, "grpo-uniform", 0, dict(BEFORE), BEFORE)
+    runs = ab.collect(tmp_path)
+    runs["grpo-uniform"][0]["before_items"] = {
+        k: (v[0], "other") for k, v in runs["grpo-uniform"][0]["before_items"].items()}
+    with pytest.raises(ValueError, match="another prompt"):
+        damage.items_damage(runs["grpo-uniform"][0], "fwe@2048")
+
+
+def test_summary_of_the_pilots_from_committed_files(tmp_path):
+    grid, out = tmp_path / "grid", tmp_path / "out"
+    for s, lost in enumerate((6, 7, 8)):
+        fake_run(grid, "grpo-uniform-lr1e-4", s, forget(lost, "fwe@2048"), BEFORE)
+        fake_run(grid, "grpo-uniform", s, dict(BEFORE), BEFORE)
+    ab.summarize(ab.SETTINGS["3-pilot"], grid, out)
+    text = (out / "ab_table.md").read_text()
+    assert text.startswith("Damage rule (experiments/ab3_pilots.md)")
+    assert "fwe@2048" in text and (out / "ab.png").exists()
+    assert (out / "runs" / "grpo-uniform-seed0" / "items" / "before.jsonl").exists()
+
+
+def test_pilot_setting_reads_untrained_families_at_four_times_the_training_length():
+    flags = ab.SETTING_3_PILOT
+
+    def values(name):
+        i = flags.index(name) + 1
+        out = []
+        while i < len(flags) and not flags[i].startswith("--"):
+            out.append(flags[i])
+            i += 1
+        return out
+
+    assert values("--eval-lengths") == [str(4 * int(values("--train-len")[0]))]
+    trained = values("--train-task")[0]
+    assert trained not in values("--eval-tasks") and len(values("--eval-tasks")) == 4
+    assert "--train-scope" not in flags  # every weight trains, as in setting 1
+    assert values("--lr") == ["1e-5"] and ab.ARMS["grpo-uniform-lr1e-4"][-2:] == ["--lr", "1e-4"]
