@@ -500,7 +500,8 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
         raise SystemExit(f"no finished run in {out / 'runs'} or {grid}")
     table, _ = summary_table(runs, setting.primary[1] if setting.primary else "grpo-uniform")
     if setting.damage_plan:  # setting 3: damage against "before" (experiments/damage.py)
-        parts = [damage.reading(runs, setting.damage_plan), damage.damage_table(runs), table]
+        parts = [damage.reading(runs, setting.damage_plan), damage.damage_table(runs), table,
+                 damage.values_table(out / "runs")]
     elif setting.by_rate:  # setting 2b: each arm at its best rate (experiments/rates.py)
         parts = [rates.reading(runs, setting.primary, setting.secondary,
                                setting.preregistration), rates.rates_table(runs), table,

@@ -17,12 +17,16 @@ and a cell is damaged only where both intervals lie below 0.
     damage(runs, arm, cell)      {"seeds", "d", "t", "crossed"}
     damaged(runs)                [(arm, cell)] that the rule calls damaged
     damage_table(runs)           markdown: one row per arm, one column per cell
+    values_table(folder)         multi-value answers: how many values they name (descriptive)
 
 Shapes: S seeds, I evaluation items (of one cell, or of every cell for the mean of cells).
 Test: .venv/bin/python -m pytest -q tests/test_damage.py
 """
 
+import json
 import math
+import re
+from pathlib import Path
 
 from experiments.stats import crossed_bootstrap, difference
 
@@ -109,3 +113,37 @@ def reading(runs: dict, plan: str) -> str:
     done = all(len(per_seed) >= 3 for per_seed in runs.values())
     return (f"{head}\n- nothing damaged" + ("" if done else " yet (some arms have fewer than 3 "
                                                             "seeds)") + ".")
+
+
+# -----------------------------------------------------------------------------
+# descriptive: what a damaged multi-value answer looks like
+
+MULTIVALUE = "niah_multivalue@"
+
+
+def values_named(row: dict) -> int:
+    """How many distinct numbers with the references' digit count one answer names (an item
+    row of items/<name>.jsonl: RULER's multi-value references are numbers of one length)."""
+    if not row["references"]:
+        return 0
+    digits = len(row["references"][0])
+    return len(set(re.findall(rf"(?<!\d)\d{{{digits}}}(?!\d)", row["answer"])))
+
+
+def values_table(folder: Path) -> str:
+    """Per run: the multi-value answers (before and after training) that name exactly one value,
+    and the mean number named, where four are asked. Read from the committed item files."""
+    lines = ["| run | evaluation | answers naming one value | values named, mean |",
+             "| --- | --- | ---: | ---: |"]
+    for run in sorted(p for p in folder.iterdir() if (p / "items" / "after.jsonl").exists()):
+        for name in ("before", "after"):
+            if name == "before" and lines[2:]:
+                continue  # the shared "before": once, from the first run
+            path = run / "items" / f"{name}.jsonl"
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+            counts = [values_named(r) for r in rows if r["id"].startswith(MULTIVALUE)]  # (I,)
+            if counts:
+                label = "(shared)" if name == "before" else run.name
+                lines.append(f"| {label} | {name} | {sum(c == 1 for c in counts)} of "
+                             f"{len(counts)} | {sum(counts) / len(counts):.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""

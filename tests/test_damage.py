@@ -115,3 +115,19 @@ def test_pilot_setting_reads_untrained_families_at_four_times_the_training_lengt
     assert trained not in values("--eval-tasks") and len(values("--eval-tasks")) == 4
     assert "--train-scope" not in flags  # every weight trains, as in setting 1
     assert values("--lr") == ["1e-5"] and ab.ARMS["grpo-uniform-lr1e-4"][-2:] == ["--lr", "1e-4"]
+
+
+def test_values_named_counts_distinct_numbers_of_the_references_length(tmp_path):
+    refs = ["2036476", "3930693", "8189431", "7811903"]
+    assert damage.values_named({"answer": " 3930693.", "references": refs}) == 1
+    assert damage.values_named({"answer": ": 3930693, 2036476 and 3930693; 12345678",
+                                "references": refs}) == 2  # a repeat and an 8-digit number
+    run = tmp_path / "grpo-uniform-seed0" / "items"
+    run.mkdir(parents=True)
+    for name, answer in (("before", "2036476, 3930693, 8189431, 7811903"), ("after", "3930693")):
+        (run / f"{name}.jsonl").write_text(json.dumps(
+            {"id": "niah_multivalue@2048/s0/0", "prompt_sha": "p", "answer": answer,
+             "references": refs, "correct": 1.0}) + "\n")
+    text = damage.values_table(tmp_path)
+    assert "| (shared) | before | 0 of 1 | 4.00 |" in text
+    assert "| grpo-uniform-seed0 | after | 1 of 1 | 1.00 |" in text
