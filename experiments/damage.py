@@ -17,6 +17,9 @@ and a cell is damaged only where both intervals lie below 0.
     damage(runs, arm, cell)      {"seeds", "d", "t", "crossed"}
     damaged(runs)                [(arm, cell)] that the rule calls damaged
     damage_table(runs)           markdown: one row per arm, one column per cell
+    compare(runs, a, b, cells)   setting 3 proper (if the pilots separate): a - b on the mean
+                                 over the damaged cells, t and crossed intervals
+    protection_reading(...)      its reading: the control again, then LongAct - uniform
     values_table(folder)         multi-value answers: how many values they name (descriptive)
 
 Shapes: S seeds, I evaluation items (of one cell, or of every cell for the mean of cells).
@@ -28,7 +31,7 @@ import math
 import re
 from pathlib import Path
 
-from experiments.stats import crossed_bootstrap, difference
+from experiments.stats import crossed_bootstrap, difference, paired_detectable
 
 ALL = "mean of cells"
 
@@ -113,6 +116,77 @@ def reading(runs: dict, plan: str) -> str:
     done = all(len(per_seed) >= 3 for per_seed in runs.values())
     return (f"{head}\n- nothing damaged" + ("" if done else " yet (some arms have fewer than 3 "
                                                             "seeds)") + ".")
+
+
+# -----------------------------------------------------------------------------
+# setting 3 proper: does LongAct damage less than the uniform update, on the damaged cells?
+
+def outcome(scores: dict, cells: list) -> float:
+    """A run's primary outcome: its mean over the given cells (each has the same item count)."""
+    return sum(scores[c] for c in cells) / len(cells)
+
+
+def compare(runs: dict, a: str, b: str, cells: list) -> dict:
+    """a - b on the mean over `cells`, paired by seed (95% t) and by seed and item (crossed
+    bootstrap over the cells' items)."""
+    seeds = sorted(set(runs[a]) & set(runs[b]))
+    ds = [outcome(runs[a][s]["after"], cells) - outcome(runs[b][s]["after"], cells)
+          for s in seeds]  # (S,)
+    d, half = difference(ds)
+    out = {"seeds": len(seeds), "d": d, "t": (d - half, d + half),
+           "detectable": paired_detectable(ds)}
+    if all(runs[x][s]["items"] for x in (a, b) for s in seeds):
+        ids = [i for c in cells for i in cell_items(runs[a][seeds[0]]["items"], c)]  # (I,)
+        rows = []
+        for s in seeds:
+            ra, rb = runs[a][s]["items"], runs[b][s]["items"]
+            if any(ra[i][1] != rb[i][1] for i in ids):
+                raise ValueError(f"{a} / {b} seed {s}: the items differ")
+            rows.append([100 * (ra[i][0] - rb[i][0]) for i in ids])  # (I,)
+        out["crossed"] = crossed_bootstrap(rows)[1:]  # rows: (S, I)
+    return out
+
+
+def verdict(c: dict, a: str, b: str) -> str:
+    """A direction is claimed only where both intervals exclude 0 on the same side."""
+    lows = [c["t"][0]] + ([c["crossed"][0]] if "crossed" in c else [])
+    highs = [c["t"][1]] + ([c["crossed"][1]] if "crossed" in c else [])
+    if min(lows) > 0:
+        return f"{a} damages less"
+    if max(highs) < 0:
+        return f"{b} damages less"
+    return "no difference detected"
+
+
+def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list,
+                       plan: str) -> str:
+    """Setting 3's pre-registered reading: the control replicates (the uniform update damages the
+    cells again), then the primary and secondary comparisons on the mean over those cells."""
+    lines = [f"Pre-registered in {plan}: outcome = mean of {', '.join(cells)}; paired by seed "
+             "(95% t) and by seed and item (crossed bootstrap)."]
+    base = primary[1]
+    if base in runs:
+        per_cell = {c: damage(runs, base, c) for c in cells}
+        hit = [c for c, r in per_cell.items() if is_damaged(r)]
+        lines.append(f"- control, {base} after - before: " + "; ".join(
+            f"{c} {r['d']:+.1f}" for c, r in per_cell.items())
+            + (f"; damaged again: {', '.join(hit)}" if hit else "; not damaged again"))
+    for role, (a, b) in (("primary", primary), ("secondary", secondary)):
+        if a not in runs or b not in runs:
+            lines.append(f"- {role}, {a} - {b}: an arm has not run yet")
+            continue
+        c = compare(runs, a, b, cells)
+        if c["seeds"] < 2:
+            lines.append(f"- {role}, {a} - {b}: fewer than 2 paired seeds")
+            continue
+        crossed = (f", crossed [{c['crossed'][0]:+.1f}, {c['crossed'][1]:+.1f}]"
+                   if "crossed" in c else "")
+        more = (" > 4 with 3 seeds: the rule adds seeds 3 and 4" if role == "primary"
+                and c["seeds"] == 3 and c["detectable"] > 4 else "")
+        lines.append(f"- {role}, {a} - {b}: {c['d']:+.1f}, t [{c['t'][0]:+.1f}, "
+                     f"{c['t'][1]:+.1f}]{crossed} over {c['seeds']} seeds: {verdict(c, a, b)}; "
+                     f"smallest detectable {c['detectable']:.1f}{more}")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------

@@ -131,3 +131,24 @@ def test_values_named_counts_distinct_numbers_of_the_references_length(tmp_path)
     text = damage.values_table(tmp_path)
     assert "| (shared) | before | 0 of 1 | 4.00 |" in text
     assert "| grpo-uniform-seed0 | after | 1 of 1 | 1.00 |" in text
+
+
+def test_protection_reading_on_the_damaged_cells(tmp_path):
+    """Setting 3 proper: uniform forgets fwe in every seed, LongAct keeps it, random rows forget
+    half as much; the outcome is the mean over the damaged cells only."""
+    for s in range(3):
+        fake_run(tmp_path, "grpo-uniform", s, forget(8 + s, "fwe@2048"), BEFORE)
+        fake_run(tmp_path, "grpo-longact", s, forget(s, "fwe@2048"), BEFORE)
+        fake_run(tmp_path, "grpo-random-static", s, forget(4 + s, "fwe@2048"), BEFORE)
+    runs = ab.collect(tmp_path)
+    c = damage.compare(runs, "grpo-longact", "grpo-uniform", ["fwe@2048"])
+    assert c["seeds"] == 3 and c["d"] == pytest.approx(40.0) and c["crossed"][0] > 0
+    both = damage.compare(runs, "grpo-longact", "grpo-uniform", list(CELLS))
+    assert both["d"] == pytest.approx(20.0)  # the undamaged cell halves the difference
+    text = damage.protection_reading(runs, ("grpo-longact", "grpo-uniform"),
+                                     ("grpo-longact", "grpo-random-static"), ["fwe@2048"],
+                                     "prereg.md")
+    assert "damaged again: fwe@2048" in text
+    assert "primary, grpo-longact - grpo-uniform: +40.0" in text
+    assert "grpo-longact damages less" in text
+    assert "secondary, grpo-longact - grpo-random-static: +20.0" in text
