@@ -17,9 +17,8 @@ and a cell is damaged only where both intervals lie below 0.
     damage(runs, arm, cell)      {"seeds", "d", "t", "crossed"}
     damaged(runs)                [(arm, cell)] that the rule calls damaged
     damage_table(runs)           markdown: one row per arm, one column per cell
-    compare(runs, a, b, cells)   setting 3 proper (if the pilots separate): a - b on the mean
-                                 over the damaged cells, t and crossed intervals
-    protection_reading(...)      its reading: the control again, then LongAct - uniform
+    protection_reading(...)      setting 3 proper's reading: the control again, then LongAct -
+                                 uniform on the mean over the damaged cells (rates.compare)
     values_table(folder)         multi-value answers: how many values they name (descriptive)
 
 Shapes: S seeds, I evaluation items (of one cell, or of every cell for the mean of cells).
@@ -31,14 +30,15 @@ import math
 import re
 from pathlib import Path
 
-from experiments.stats import crossed_bootstrap, difference, paired_detectable
+from experiments import rates
+from experiments.stats import crossed_bootstrap, difference
 
 ALL = "mean of cells"
 
 
 def cell_items(items: dict, cell: str) -> list:
     """The item ids of one cell ("task@length"; every item for the mean of cells), sorted."""
-    return sorted(i for i in items if cell == ALL or i.startswith(cell + "/"))
+    return rates.in_cells(items, None if cell == ALL else [cell])
 
 
 def items_damage(run: dict, cell: str) -> list:
@@ -121,43 +121,6 @@ def reading(runs: dict, plan: str) -> str:
 # -----------------------------------------------------------------------------
 # setting 3 proper: does LongAct damage less than the uniform update, on the damaged cells?
 
-def outcome(scores: dict, cells: list) -> float:
-    """A run's primary outcome: its mean over the given cells (each has the same item count)."""
-    return sum(scores[c] for c in cells) / len(cells)
-
-
-def compare(runs: dict, a: str, b: str, cells: list) -> dict:
-    """a - b on the mean over `cells`, paired by seed (95% t) and by seed and item (crossed
-    bootstrap over the cells' items)."""
-    seeds = sorted(set(runs[a]) & set(runs[b]))
-    ds = [outcome(runs[a][s]["after"], cells) - outcome(runs[b][s]["after"], cells)
-          for s in seeds]  # (S,)
-    d, half = difference(ds)
-    out = {"seeds": len(seeds), "d": d, "t": (d - half, d + half),
-           "detectable": paired_detectable(ds)}
-    if all(runs[x][s]["items"] for x in (a, b) for s in seeds):
-        ids = [i for c in cells for i in cell_items(runs[a][seeds[0]]["items"], c)]  # (I,)
-        rows = []
-        for s in seeds:
-            ra, rb = runs[a][s]["items"], runs[b][s]["items"]
-            if any(ra[i][1] != rb[i][1] for i in ids):
-                raise ValueError(f"{a} / {b} seed {s}: the items differ")
-            rows.append([100 * (ra[i][0] - rb[i][0]) for i in ids])  # (I,)
-        out["crossed"] = crossed_bootstrap(rows)[1:]  # rows: (S, I)
-    return out
-
-
-def verdict(c: dict, a: str, b: str) -> str:
-    """A direction is claimed only where both intervals exclude 0 on the same side."""
-    lows = [c["t"][0]] + ([c["crossed"][0]] if "crossed" in c else [])
-    highs = [c["t"][1]] + ([c["crossed"][1]] if "crossed" in c else [])
-    if min(lows) > 0:
-        return f"{a} damages less"
-    if max(highs) < 0:
-        return f"{b} damages less"
-    return "no difference detected"
-
-
 def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list,
                        plan: str) -> str:
     """Setting 3's pre-registered reading: the control replicates (the uniform update damages the
@@ -175,7 +138,7 @@ def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list
         if a not in runs or b not in runs:
             lines.append(f"- {role}, {a} - {b}: an arm has not run yet")
             continue
-        c = compare(runs, a, b, cells)
+        c = rates.compare(runs, a, b, cells)
         if c["seeds"] < 2:
             lines.append(f"- {role}, {a} - {b}: fewer than 2 paired seeds")
             continue
@@ -183,8 +146,9 @@ def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list
                    if "crossed" in c else "")
         more = (" > 4 with 3 seeds: the rule adds seeds 3 and 4" if role == "primary"
                 and c["seeds"] == 3 and c["detectable"] > 4 else "")
+        said = rates.verdict(c, a, b, better="damages less")
         lines.append(f"- {role}, {a} - {b}: {c['d']:+.1f}, t [{c['t'][0]:+.1f}, "
-                     f"{c['t'][1]:+.1f}]{crossed} over {c['seeds']} seeds: {verdict(c, a, b)}; "
+                     f"{c['t'][1]:+.1f}]{crossed} over {c['seeds']} seeds: {said}; "
                      f"smallest detectable {c['detectable']:.1f}{more}")
     return "\n".join(lines)
 

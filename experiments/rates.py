@@ -71,14 +71,20 @@ def arms_to_add(runs: dict) -> list:
     return out
 
 
-def items_matrix(runs: dict, a: str, b: str, seeds: list) -> list:
+def in_cells(items: dict, cells: list | None) -> list:
+    """The sorted item ids of the given cells ("task@length"); every item when cells is None."""
+    return sorted(i for i in items if cells is None or i.split("/", 1)[0] in cells)
+
+
+def items_matrix(runs: dict, a: str, b: str, seeds: list, cells: list | None = None) -> list:
     """(S, I) per-seed, per-item differences a - b of correctness x 100 (so that the mean is on
-    the scale of the mean of cells). The items must be the same prompts in every run."""
-    ids = sorted(runs[a][seeds[0]]["items"])
+    the scale of the mean of cells), over the items of `cells` (default: all). The items must be
+    the same prompts in every run."""
+    ids = in_cells(runs[a][seeds[0]]["items"], cells)
     rows = []
     for s in seeds:
         ra, rb = runs[a][s]["items"], runs[b][s]["items"]
-        if sorted(ra) != ids or sorted(rb) != ids:
+        if in_cells(ra, cells) != ids or in_cells(rb, cells) != ids:
             raise ValueError(f"{a} / {b} seed {s}: not the same evaluation items")
         bad = [i for i in ids if ra[i][1] != rb[i][1]]
         if bad:
@@ -87,26 +93,33 @@ def items_matrix(runs: dict, a: str, b: str, seeds: list) -> list:
     return rows
 
 
-def compare(runs: dict, a: str, b: str) -> dict:
-    """a - b on the reported mean of cells: the per-seed t interval and the crossed bootstrap."""
+def outcome(scores: dict, cells: list | None) -> float:
+    """A run's outcome: the reported mean of cells, or its mean over `cells` (equal item counts)."""
+    return scores[ALL] if cells is None else sum(scores[c] for c in cells) / len(cells)
+
+
+def compare(runs: dict, a: str, b: str, cells: list | None = None) -> dict:
+    """a - b on the reported mean of cells (or the mean over `cells`): the per-seed t interval
+    and the crossed bootstrap over the same items."""
     seeds = sorted(set(runs[a]) & set(runs[b]))
-    ds = [runs[a][s]["after"][ALL] - runs[b][s]["after"][ALL] for s in seeds]  # (S,)
+    ds = [outcome(runs[a][s]["after"], cells) - outcome(runs[b][s]["after"], cells)
+          for s in seeds]  # (S,)
     d, half = difference(ds)
     out = {"seeds": len(seeds), "d": d, "t": (d - half, d + half),
            "detectable": paired_detectable(ds)}
     if all(runs[x][s].get("items") for x in (a, b) for s in seeds):
-        out["crossed"] = crossed_bootstrap(items_matrix(runs, a, b, seeds))[1:]
+        out["crossed"] = crossed_bootstrap(items_matrix(runs, a, b, seeds, cells))[1:]
     return out
 
 
-def verdict(c: dict, a: str, b: str) -> str:
+def verdict(c: dict, a: str, b: str, better: str = "is better") -> str:
     """Rule 4: a direction is claimed only where both intervals exclude 0 on the same side."""
     lows = [c["t"][0]] + ([c["crossed"][0]] if "crossed" in c else [])
     highs = [c["t"][1]] + ([c["crossed"][1]] if "crossed" in c else [])
     if min(lows) > 0:
-        return f"{a} is better"
+        return f"{a} {better}"
     if max(highs) < 0:
-        return f"{b} is better"
+        return f"{b} {better}"
     return "no difference detected"
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from experiments import ab, damage
+from experiments import ab, damage, rates
 
 CELLS = ("fwe@2048", "niah_multivalue@2048")
 ITEMS = [f"{c}/s0/{i}" for c in CELLS for i in range(20)]
@@ -141,9 +141,9 @@ def test_protection_reading_on_the_damaged_cells(tmp_path):
         fake_run(tmp_path, "grpo-longact", s, forget(s, "fwe@2048"), BEFORE)
         fake_run(tmp_path, "grpo-random-static", s, forget(4 + s, "fwe@2048"), BEFORE)
     runs = ab.collect(tmp_path)
-    c = damage.compare(runs, "grpo-longact", "grpo-uniform", ["fwe@2048"])
+    c = rates.compare(runs, "grpo-longact", "grpo-uniform", ["fwe@2048"])
     assert c["seeds"] == 3 and c["d"] == pytest.approx(40.0) and c["crossed"][0] > 0
-    both = damage.compare(runs, "grpo-longact", "grpo-uniform", list(CELLS))
+    both = rates.compare(runs, "grpo-longact", "grpo-uniform", list(CELLS))
     assert both["d"] == pytest.approx(20.0)  # the undamaged cell halves the difference
     text = damage.protection_reading(runs, ("grpo-longact", "grpo-uniform"),
                                      ("grpo-longact", "grpo-random-static"), ["fwe@2048"],
