@@ -16,7 +16,7 @@ export HF_DATASETS_CACHE ?= $(CURDIR)/.cache/hf/datasets
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/mpl
 
-.PHONY: setup test demo bench causal ab ab-dapo ab2 plan clean lock test-latest gpu-wheels
+.PHONY: setup test demo bench causal ab ab-dapo ab2 ab2b ab3 plan clean lock test-latest gpu-wheels
 
 setup: $(STAMP)
 
@@ -57,6 +57,17 @@ ab-dapo: $(STAMP)
 ab2: $(STAMP)
 	$(PY) -m experiments.ab run --setting 2
 	$(PY) -m experiments.ab summary --setting 2
+
+# Setting 2b (experiments/ab2b_preregistration.md): three arms, each at its own best rate.
+ab2b: $(STAMP)
+	$(PY) -m experiments.ab run --setting 2b
+	$(PY) -m experiments.ab summary --setting 2b
+
+# Setting 3 (experiments/ab3_preregistration.md): LongAct, uniform and fixed random rows where
+# the uniform update damaged an untrained family; 3 arms x 3 seeds (5 if the rule asks).
+ab3: $(STAMP)
+	$(PY) -m experiments.ab run --setting 3
+	$(PY) -m experiments.ab summary --setting 3
 
 # The memory plan of Qwen3-8B at the paper setting (no weights, no GPU).
 plan: $(STAMP)

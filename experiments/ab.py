@@ -6,6 +6,7 @@ salient q/k rows beat updating all of them, and beat the same number of random r
     python -m experiments.ab summary [--setting 2|2b]              # table and figure, from files
     python -m experiments.ab pilot   [--setting 2] [--arms ...] [--grid ...] [--extra ...]
     python -m experiments.ab run --setting 3-pilot   # setting 3's pilots: 2 rates x 3 seeds
+    python -m experiments.ab run --setting 3         # setting 3 proper: 3 arms x 3 (or 5) seeds
 
 Arms (SOURCES.md §1, §2): the paper's LongAct (per-head L2 saliency, masks from each step's
 batch), LongAct with the static calibration mask, random rows at the same count per head (the
@@ -13,11 +14,11 @@ control that matters most: RL updates are sparse by nature, and random sparse su
 full updates), bottom-k rows, all q/k rows (uniform), 1 row of 64 per head (q/k nearly frozen),
 LongAct under `--mask-semantics grad`, a ratio sweep; DAPO arms in setting 1.
 
-Settings (SOURCES.md §9.29, §9.43, §9.46, §9.52): 1 trains every weight (the paper's scope;
-there the q/k rows hardly mattered); 2 trains only the q/k projections (`--train-scope qk`),
-where the rows are the only thing that learns; 2b runs three arms each at its own best rate;
-3's pilots look for damage the uniform update does where it never trained
-(experiments/damage.py). Setting 2 was
+Settings (SOURCES.md §9.29, §9.43, §9.46, §9.52, §9.53): 1 trains every weight (the paper's
+scope; there the q/k rows hardly mattered); 2 trains only the q/k projections (`--train-scope
+qk`), where the rows are the only thing that learns; 2b runs three arms each at its own best
+rate; 3's pilots look for damage the uniform update does where it never trained
+(experiments/damage.py), and 3 proper asks whether LongAct damages less there. Setting 2 was
 pre-registered before its grid ran (ab2_preregistration.md); its summary reports the positive
 control and the primary comparison against that rule. Every arm of a seed starts from the same
 model and trains on the same prompts; the "before" evaluation is computed once and shared, and
@@ -98,6 +99,13 @@ SETTING_3_PILOT = (SETTING[:SETTING.index("--eval-tasks")] + SETTING_3_CELLS
                    + ["--precision", "fp32", "--threads", "2"])
 ARMS["grpo-uniform-lr1e-4"] = ARMS["grpo-uniform"] + ["--lr", "1e-4"]
 ARMS_3_PILOT = ["grpo-uniform", "grpo-uniform-lr1e-4"]
+# Setting 3 proper (SOURCES.md §9.53, ab3_preregistration.md): the pilots' setting at the rate
+# that separated (1e-4, every weight trains); the outcome is the cell the uniform update damaged.
+SETTING_3_LR = "1e-4"
+_lr = SETTING_3_PILOT.index("--lr")
+SETTING_3 = SETTING_3_PILOT[:_lr] + ["--lr", SETTING_3_LR] + SETTING_3_PILOT[_lr + 2:]
+ARMS_3 = ["grpo-longact", "grpo-uniform", "grpo-random-static"]
+DAMAGED_3 = ("niah_multivalue@2048",)
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,7 @@ class Setting:
     secondary: tuple | None = None  # (arm, baseline): the pre-registered secondary comparison
     by_rate: bool = False  # arms are read at their best learning rates (experiments/rates.py)
     damage_plan: str | None = None  # read as damage against "before" (experiments/damage.py)
+    damaged: tuple = ()  # setting 3 proper: the cells whose mean is the pre-registered outcome
 
 
 SETTINGS = {
@@ -129,6 +138,11 @@ SETTINGS = {
                   preregistration="experiments/ab2b_preregistration.md"),
     "3-pilot": Setting(SETTING_3_PILOT, ARMS_3_PILOT, "runs/ab3-pilot", "figures/ab3-pilot", (),
                        damage_plan="experiments/ab3_pilots.md"),
+    "3": Setting(SETTING_3, ARMS_3, "runs/ab3", "figures/ab3", (),
+                 primary=("grpo-longact", "grpo-uniform"),
+                 secondary=("grpo-longact", "grpo-random-static"),
+                 preregistration="experiments/ab3_preregistration.md",
+                 damage_plan="experiments/ab3_preregistration.md", damaged=DAMAGED_3),
 }
 SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json", "qk_change.json")
 
@@ -499,7 +513,12 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
     if not runs:
         raise SystemExit(f"no finished run in {out / 'runs'} or {grid}")
     table, _ = summary_table(runs, setting.primary[1] if setting.primary else "grpo-uniform")
-    if setting.damage_plan:  # setting 3: damage against "before" (experiments/damage.py)
+    if setting.damaged:  # setting 3 proper: LongAct - uniform on the damaged cells
+        parts = [damage.protection_reading(runs, setting.primary, setting.secondary,
+                                           list(setting.damaged), setting.preregistration),
+                 damage.damage_table(runs), table, damage.values_table(out / "runs"),
+                 damage.step_table(runs, list(setting.damaged))]
+    elif setting.damage_plan:  # setting 3's pilots: damage against "before"
         parts = [damage.reading(runs, setting.damage_plan), damage.damage_table(runs), table,
                  damage.values_table(out / "runs")]
     elif setting.by_rate:  # setting 2b: each arm at its best rate (experiments/rates.py)
@@ -540,6 +559,8 @@ def main(argv=None):
     run_grid(grid, a.arms or setting.arms, a.seeds, a.extra, setting.flags, committed=out)
     if setting.by_rate and not a.arms:  # rules 2 and 3 of the pre-registration, then done
         run_rate_rules(setting, grid, out, a.extra)
+    if setting.damaged and not a.arms:  # setting 3's seed rule
+        run_seed_rule(setting, grid, out, a.extra)
 
 
 def run_rate_rules(setting: Setting, grid: Path, out: Path, extra: list) -> None:
@@ -560,6 +581,19 @@ def run_rate_rules(setting: Setting, grid: Path, out: Path, extra: list) -> None
         if c["seeds"] == 3 and c["detectable"] > 4:
             chosen = [rates.rate_arm(x, f) for x, f in best.items()]
             run_grid(grid, chosen, [3, 4], extra, setting.flags, committed=out)
+
+
+def run_seed_rule(setting: Setting, grid: Path, out: Path, extra: list) -> None:
+    """Setting 3's rule: if the primary comparison's smallest detectable difference on the
+    damaged cells exceeds 4 points with 3 seeds, seeds 3 and 4 for every arm."""
+    copy_small_files(grid, out)
+    runs = collect(out / "runs")
+    if any(arm not in runs for arm in setting.primary):
+        return
+    c = rates.compare(runs, *setting.primary, list(setting.damaged))
+    if c["seeds"] == 3 and c["detectable"] > 4:
+        run_grid(grid, setting.arms, [3, 4], extra, setting.flags, committed=out)
+        copy_small_files(grid, out)
 
 
 if __name__ == "__main__":

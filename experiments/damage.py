@@ -19,6 +19,7 @@ and a cell is damaged only where both intervals lie below 0.
     damage_table(runs)           markdown: one row per arm, one column per cell
     protection_reading(...)      setting 3 proper's reading: the control again, then LongAct -
                                  uniform on the mean over the damaged cells (rates.compare)
+    step_table(runs, cells)      per run: damage on those cells, KL, q/k change (descriptive)
     values_table(folder)         multi-value answers: how many values they name (descriptive)
 
 Shapes: S seeds, I evaluation items (of one cell, or of every cell for the mean of cells).
@@ -133,7 +134,8 @@ def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list
         hit = [c for c, r in per_cell.items() if is_damaged(r)]
         lines.append(f"- control, {base} after - before: " + "; ".join(
             f"{c} {r['d']:+.1f}" for c, r in per_cell.items())
-            + (f"; damaged again: {', '.join(hit)}" if hit else "; not damaged again"))
+            + (f"; damaged again: {', '.join(hit)}" if hit else
+               "; not damaged again, so the comparisons below are not evidence on the claim"))
     for role, (a, b) in (("primary", primary), ("secondary", secondary)):
         if a not in runs or b not in runs:
             lines.append(f"- {role}, {a} - {b}: an arm has not run yet")
@@ -150,6 +152,26 @@ def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list
         lines.append(f"- {role}, {a} - {b}: {c['d']:+.1f}, t [{c['t'][0]:+.1f}, "
                      f"{c['t'][1]:+.1f}]{crossed} over {c['seeds']} seeds: {said}; "
                      f"smallest detectable {c['detectable']:.1f}{more}")
+    fresh = {arm: {s: r for s, r in per_seed.items() if s >= 3} for arm, per_seed in runs.items()}
+    if all(len(fresh.get(arm, {})) >= 2 for arm in primary):  # seeds that did not pick the cell
+        c = rates.compare(fresh, *primary, cells)
+        lines.append(f"- descriptive, the primary on seeds 3+ only (the pilots picked the cell "
+                     f"on seeds 0-2): {c['d']:+.1f}, t [{c['t'][0]:+.1f}, {c['t'][1]:+.1f}] "
+                     f"over {c['seeds']} seeds")
+    return "\n".join(lines)
+
+
+def step_table(runs: dict, cells: list) -> str:
+    """Per run: after - before on the outcome (the mean over `cells`), the mean KL to the
+    reference over the last 4 steps and the relative q/k change: how far each run moved."""
+    lines = ["| run | after - before, " + ", ".join(cells) + " | KL, last 4 steps | q/k change |",
+             "| --- | ---: | ---: | ---: |"]
+    for arm in runs:
+        for seed, r in sorted(runs[arm].items()):
+            d = rates.outcome(r["after"], cells) - rates.outcome(r["before"], cells)
+            qk = r.get("qk", {}).get("qk_rel_change")
+            lines.append(f"| {arm}-seed{seed} | {d:+.1f} | {r['kl_last']:.4f} | "
+                         + ("n/a" if qk is None else f"{qk:.4f}") + " |")
     return "\n".join(lines)
 
 

@@ -152,3 +152,56 @@ def test_protection_reading_on_the_damaged_cells(tmp_path):
     assert "primary, grpo-longact - grpo-uniform: +40.0" in text
     assert "grpo-longact damages less" in text
     assert "secondary, grpo-longact - grpo-random-static: +20.0" in text
+
+
+def test_setting_3_is_the_pilots_at_the_rate_that_separated():
+    """Setting 3 proper changes only the rate, and its uniform arm is the pilots' 1e-4 arm."""
+    import train
+    s3, pilot = ab.SETTINGS["3"], ab.SETTINGS["3-pilot"]
+    i = s3.flags.index("--lr")
+    assert s3.flags[i + 1] == "1e-4" and s3.flags[:i] + s3.flags[i + 2:] == \
+        pilot.flags[:i] + pilot.flags[i + 2:]
+    grid = ab.Path("g")
+
+    def args(flags, arm):  # the folder's name aside (it names the arm; nothing seeds from it)
+        return vars(train.parse_args(ab.train_argv(grid, arm, 0, [], flags))) | {"run_name": 0}
+
+    assert args(s3.flags, "grpo-uniform") == args(pilot.flags, "grpo-uniform-lr1e-4")
+    assert {args(s3.flags, a)["lr"] for a in s3.arms} == {1e-4}
+    assert {args(s3.flags, a)["train_scope"] for a in s3.arms} == {
+        args(pilot.flags, "grpo-uniform")["train_scope"]}  # every weight trains in every arm
+    before = json.loads((ab.Path(s3.out) / "before.json").read_text())
+    assert before == json.loads((ab.Path(pilot.out) / "before.json").read_text())
+
+
+def test_setting_3_summary_and_seed_rule(tmp_path, monkeypatch):
+    """The summary reads the pre-registered rule on the damaged cell; with a noisy primary the
+    runner adds seeds 3 and 4 for every arm, and the seeds 3+ line appears once they exist."""
+    grid, out = tmp_path / "grid", tmp_path / "out"
+    setting = ab.Setting(ab.SETTING_3, ab.ARMS_3, str(grid), str(out), (),
+                         primary=("grpo-longact", "grpo-uniform"),
+                         secondary=("grpo-longact", "grpo-random-static"),
+                         preregistration="p.md", damage_plan="p.md",
+                         damaged=("niah_multivalue@2048",))
+    cell = "niah_multivalue@2048"
+    for s, (lo, un) in enumerate(((2, 9), (8, 7), (1, 12))):  # LongAct - uniform varies a lot
+        fake_run(grid, "grpo-longact", s, forget(lo, cell), BEFORE)
+        fake_run(grid, "grpo-uniform", s, forget(un, cell), BEFORE)
+        fake_run(grid, "grpo-random-static", s, forget(un, cell), BEFORE)
+    called = []
+    monkeypatch.setattr(ab, "run_grid", lambda g, arms, seeds, *a, **k: called.append(
+        (arms, seeds)))
+    ab.run_seed_rule(setting, grid, out, [])
+    assert called == [(ab.ARMS_3, [3, 4])]
+    ab.summarize(setting, grid, out)
+    text = (out / "ab_table.md").read_text()
+    assert text.startswith("Pre-registered in p.md: outcome = mean of niah_multivalue@2048")
+    assert "damaged again: niah_multivalue@2048" in text and "adds seeds 3 and 4" in text
+    assert "seeds 3+ only" not in text
+    assert "| grpo-uniform-seed2 | -60.0 | 0.0000 | n/a |" in text  # step table: 12 of 20 lost
+    for s in (3, 4):
+        fake_run(grid, "grpo-longact", s, forget(3, cell), BEFORE)
+        fake_run(grid, "grpo-uniform", s, forget(9, cell), BEFORE)
+    ab.summarize(setting, grid, out)
+    assert "seeds 3+ only (the pilots picked the cell on seeds 0-2): +30.0" in \
+        (out / "ab_table.md").read_text()
