@@ -132,9 +132,11 @@ def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list
     if base in runs:
         per_cell = {c: damage(runs, base, c) for c in cells}
         hit = [c for c, r in per_cell.items() if is_damaged(r)]
+        seeds = min(r["seeds"] for r in per_cell.values())
         lines.append(f"- control, {base} after - before: " + "; ".join(
             f"{c} {r['d']:+.1f}" for c, r in per_cell.items())
             + (f"; damaged again: {', '.join(hit)}" if hit else
+               f"; {seeds} seed(s), too few to read" if seeds < 3 else
                "; not damaged again, so the comparisons below are not evidence on the claim"))
     for role, (a, b) in (("primary", primary), ("secondary", secondary)):
         if a not in runs or b not in runs:

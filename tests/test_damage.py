@@ -191,6 +191,9 @@ def test_setting_3_summary_and_seed_rule(tmp_path, monkeypatch):
     called = []
     monkeypatch.setattr(ab, "run_grid", lambda g, arms, seeds, *a, **k: called.append(
         (arms, seeds)))
+    first = {a: {0: r[0]} for a, r in ab.collect(grid).items()}
+    assert "1 seed(s), too few to read" in damage.protection_reading(
+        first, setting.primary, setting.secondary, [cell], "p.md")
     ab.run_seed_rule(setting, grid, out, [])
     assert called == [(ab.ARMS_3, [3, 4])]
     ab.summarize(setting, grid, out)
