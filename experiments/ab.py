@@ -225,7 +225,7 @@ def read_items(path: Path) -> dict:
     return {r["id"]: (r["correct"], r["prompt_sha"]) for r in common.read_jsonl(path)}
 
 
-ALL = "mean of cells"  # a run's mean over its task@length cells: 4x the samples of one cell
+ALL = rates.ALL  # a run's mean over its task@length cells: 4x the samples of one cell
 
 
 def with_mean(scores: dict) -> dict:
@@ -578,7 +578,7 @@ def run_rate_rules(setting: Setting, grid: Path, out: Path, extra: list) -> None
     if len(best) == len(rates.ARMS):
         a, b = (rates.rate_arm(x, best[x]) for x in setting.primary)
         c = rates.compare(runs, a, b)
-        if c["seeds"] == 3 and c["detectable"] > 4:
+        if rates.needs_more_seeds(c):
             chosen = [rates.rate_arm(x, f) for x, f in best.items()]
             run_grid(grid, chosen, [3, 4], extra, setting.flags, committed=out)
 
@@ -591,7 +591,7 @@ def run_seed_rule(setting: Setting, grid: Path, out: Path, extra: list) -> None:
     if any(arm not in runs for arm in setting.primary):
         return
     c = rates.compare(runs, *setting.primary, list(setting.damaged))
-    if c["seeds"] == 3 and c["detectable"] > 4:
+    if rates.needs_more_seeds(c):
         run_grid(grid, setting.arms, [3, 4], extra, setting.flags, committed=out)
         copy_small_files(grid, out)
 

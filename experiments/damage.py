@@ -34,7 +34,7 @@ from pathlib import Path
 from experiments import rates
 from experiments.stats import crossed_bootstrap, difference
 
-ALL = "mean of cells"
+ALL = rates.ALL
 
 
 def cell_items(items: dict, cell: str) -> list:
@@ -149,7 +149,7 @@ def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list
         crossed = (f", crossed [{c['crossed'][0]:+.1f}, {c['crossed'][1]:+.1f}]"
                    if "crossed" in c else "")
         more = (" > 4 with 3 seeds: the rule adds seeds 3 and 4" if role == "primary"
-                and c["seeds"] == 3 and c["detectable"] > 4 else "")
+                and rates.needs_more_seeds(c) else "")
         said = rates.verdict(c, a, b, better="damages less")
         lines.append(f"- {role}, {a} - {b}: {c['d']:+.1f}, t [{c['t'][0]:+.1f}, "
                      f"{c['t'][1]:+.1f}]{crossed} over {c['seeds']} seeds: {said}; "

@@ -112,6 +112,12 @@ def compare(runs: dict, a: str, b: str, cells: list | None = None) -> dict:
     return out
 
 
+def needs_more_seeds(c: dict) -> bool:
+    """The seed rule of settings 2b and 3: a primary comparison over 3 seeds whose smallest
+    detectable difference exceeds 4 points gets seeds 3 and 4."""
+    return c["seeds"] == 3 and c["detectable"] > 4
+
+
 def verdict(c: dict, a: str, b: str, better: str = "is better") -> str:
     """Rule 4: a direction is claimed only where both intervals exclude 0 on the same side."""
     lows = [c["t"][0]] + ([c["crossed"][0]] if "crossed" in c else [])
@@ -144,7 +150,7 @@ def reading(runs: dict, primary: tuple, secondary: tuple, prereg: str) -> str:
         crossed = (f", crossed [{c['crossed'][0]:+.1f}, {c['crossed'][1]:+.1f}]"
                    if "crossed" in c else ", no item records")
         more = (" > 4 with 3 seeds: rule 3 adds seeds 3 and 4" if role == "primary"
-                and c["seeds"] == 3 and c["detectable"] > 4 else "")
+                and needs_more_seeds(c) else "")
         lines.append(f"- {role}, {ra} - {rb}: {c['d']:+.1f}, t [{c['t'][0]:+.1f}, "
                      f"{c['t'][1]:+.1f}]{crossed} over {c['seeds']} seeds: {verdict(c, a, b)}"
                      f"; smallest detectable {c['detectable']:.1f}{more}")
