@@ -4,13 +4,16 @@ cleanly.
 
     prepare_run(args)             -> (run folder, step to start at); config.json written
     save_checkpoint(run_dir, ...)    weights + optimizer + scheduler + RNG + step into ckpt/
-    resume_state(run_dir, ...)       put the optimizer, scheduler and RNG back
+    resume_state(run_dir, ...)       put the optimizer, scheduler and RNG back; the time so far
     with StopFlag() as stop: ...     the first SIGINT/SIGTERM finishes the step, saves, exits
 
 A save writes ckpt.tmp/, fsyncs it, then renames it into place: at every instant ckpt/ (or
 ckpt.old/ during the swap) is a complete checkpoint, so a kill or a full disk while saving never
 loses the last good one. Under --fsdp every rank writes its shards (fsdp.save_checkpoint). The
 step lives in a small step.json; the state file loads to the CPU first (SOURCES.md §9.34).
+Each checkpoint also keeps the seconds per phase spent so far, so that a resumed run's phases.json
+adds up its parts: the time of the steps it kept (work lost after the last checkpoint and
+redone is counted once, the second time).
 
 Test: .venv/bin/python -m pytest -q tests/test_train.py
 """
@@ -91,14 +94,14 @@ def drop_rows_from(path: Path, step: int) -> None:
         common.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def save_run(run, step: int) -> None:
-    """save_checkpoint of a train.Run."""
+def save_run(run, step: int, phases: dict) -> None:
+    """save_checkpoint of a train.Run; `phases`: seconds per phase so far, "total" included."""
     save_checkpoint(run.folder, run.model, run.tokenizer, run.optimizer, run.scheduler, step,
-                    run.args, run.masks_ref)
+                    run.args, run.masks_ref, phases)
 
 
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, args,
-                    masks_ref: dict) -> None:
+                    masks_ref: dict, phases: dict | None = None) -> None:
     """weights + optimizer + scheduler + RNG + step + config + reference masks into ckpt/.
 
     Written to ckpt.tmp/, fsynced, then swapped in with renames (common.swap_folder_in): at every
@@ -108,7 +111,7 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step:
     state = {"step": step, "scheduler": scheduler.state_dict(), "config": vars(args),
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
              "masks_ref": masks_ref, "world": fsdp.world(),  # masks_ref: mask-dynamics metrics
-             "versions": common.versions()}
+             "versions": common.versions(), "phases": phases or {}}
     if args.fsdp:
         return fsdp.save_checkpoint(run_dir / "ckpt", model, optimizer, state)
     tmp, final = run_dir / "ckpt.tmp", run_dir / "ckpt"
@@ -158,9 +161,11 @@ def load_state_file(ckpt: Path) -> dict:
     return torch.load(path, weights_only=False, map_location="cpu")
 
 
-def resume_state(run_dir: Path, model, optimizer, scheduler, args) -> tuple[dict, dict]:
+def resume_state(run_dir: Path, model, optimizer, scheduler,
+                 args) -> tuple[dict, dict, dict]:
     """Load optimizer, scheduler and RNG state (and, under --fsdp, the sharded weights); return
-    (past evaluations, reference masks)."""
+    (past evaluations, reference masks, seconds per phase up to the checkpoint: {} where a
+    checkpoint predates them)."""
     ckpt = checkpoint_dir(run_dir)
     if args.fsdp:
         state = fsdp.load_checkpoint(ckpt, model, optimizer)
@@ -174,7 +179,7 @@ def resume_state(run_dir: Path, model, optimizer, scheduler, args) -> tuple[dict
     random.setstate(state["rng"]["python"])
     evals = common.read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
     print(f"resuming {run_dir} at step {state['step']}")
-    return evals, state["masks_ref"]
+    return evals, state["masks_ref"], state.get("phases", {})
 
 
 class StopFlag:

@@ -20,7 +20,8 @@ than plain GRPO/DAPO carry the tag `# [LongAct]`. Choices where the paper is sil
 §9, items 6, 15-17, 24, 26-28, 32, 36. Checks before loading: preflight.py; checkpoints:
 checkpoint.py.
 Outputs in --out-dir/RUN: config.json, qk_stats.safetensors, masks.safetensors (static mask),
-metrics.jsonl (one line per step), samples.jsonl, eval.json, phases.json, ckpt/.
+metrics.jsonl (one line per step), samples.jsonl, eval.json, phases.json (wall seconds per phase,
+every part of a resumed run), ckpt/.
 """
 
 import argparse
@@ -661,9 +662,11 @@ def main(argv=None):
     run.static_masks = masks_from(stats, run.model, args, seed=common.mix_seed(args.seed, "mask"))
     if main_rank:
         masking.save_masks(run.folder / "masks.safetensors", run.static_masks, {"role": "static"})
-    evals, run.masks_ref = (checkpoint.resume_state(run.folder, run.model, run.optimizer,
-                                                    run.scheduler, args) if args.resume
-                            else ({}, {"step0": None, "prev": None}))
+    evals, run.masks_ref, earlier = (checkpoint.resume_state(run.folder, run.model,
+                                                             run.optimizer, run.scheduler, args)
+                                     if args.resume else ({}, {"step0": None, "prev": None}, {}))
+    t0 -= earlier.pop("total", 0.0)  # a resumed run counts its earlier part(s) too
+    phases = {k: phases.get(k, 0.0) + earlier.get(k, 0.0) for k in phases | earlier}
     run.data = load_train_data(args, run.tokenizer, rows)
     announce(run)
     run.reporter = report.open_reporter(args, run.folder) if main_rank else None
@@ -681,12 +684,14 @@ def main(argv=None):
                 evaluation(run, evals, phases, f"step{step + 1}", "eval during", step + 1)
             stopping = bool(fsdp.reduce_numbers([int(stop.set)], "max")[0])  # all ranks agree
             if stopping or (args.save_every and (step + 1) % args.save_every == 0):
-                common.timed(phases, "checkpoint", checkpoint.save_run, run, step + 1)
+                common.timed(phases, "checkpoint", checkpoint.save_run, run, step + 1,
+                             phases | {"total": time.time() - t0})
                 saved = step + 1
             if stopping:
                 return run.folder
     if saved != args.steps:  # the last step's checkpoint, unless the loop just wrote it
-        common.timed(phases, "checkpoint", checkpoint.save_run, run, args.steps)
+        common.timed(phases, "checkpoint", checkpoint.save_run, run, args.steps,
+                     phases | {"total": time.time() - t0})
     if args.fsdp:  # a plain Hugging Face folder of the trained policy, for evaluation
         fsdp.export_hf(run.model, run.tokenizer, run.folder / "final")
     if args.eval:

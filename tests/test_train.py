@@ -40,6 +40,9 @@ def test_resume_gives_identical_weights(tiny_dir, qa_file, tmp_path):
     extra = ("--beta", "0.04", "--mu", "2", "--micro-groups", "1")
     straight = train.main(args_for(tiny_dir, qa_file, tmp_path, "straight", 4, *extra))
     half = train.main(args_for(tiny_dir, qa_file, tmp_path, "half", 2, *extra))
+    first = json.loads((half / "phases.json").read_text())  # the resume rewrites it
+    kept = torch.load(half / "ckpt" / "trainer_state.pt", weights_only=False)["phases"]
+    assert kept["training"] == first["training"] and kept["total"] <= first["total"]
     resumed = train.main(args_for(tiny_dir, qa_file, tmp_path, "half", 4, *extra,
                                   "--resume", str(half)))
     a, b = weights(straight), weights(resumed)
@@ -52,6 +55,11 @@ def test_resume_gives_identical_weights(tiny_dir, qa_file, tmp_path):
     assert config["algo"] == "grpo" and config["steps"] == 4
     resumed_config = json.loads((resumed / "config.json").read_text())
     assert resumed_config["resumed_at"] == 2 and "code_version" in resumed_config["resumed_with"]
+    # the resumed run's phases.json counts both parts: its first two steps are in its training
+    both = json.loads((resumed / "phases.json").read_text())
+    later = sum(r["t_sample"] + r["t_update"] for r in
+                map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines()[2:]))
+    assert both["training"] >= first["training"] + later and both["total"] > first["total"]
     state = torch.load(straight / "ckpt" / "trainer_state.pt", weights_only=False)
     assert state["config"]["ratio"] == 0.3
     assert len((straight / "metrics.jsonl").read_text().splitlines()) == 4
