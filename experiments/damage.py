@@ -122,21 +122,32 @@ def reading(runs: dict, plan: str) -> str:
 # -----------------------------------------------------------------------------
 # setting 3 proper: does LongAct damage less than the uniform update, on the damaged cells?
 
+def seeds_to_read(runs: dict, primary: tuple, cells: list) -> int:
+    """Rule 5: rules 2-4 are read over 3 seeds, or over 5 once the primary's smallest detectable
+    difference over 3 seeds exceeds 4 (then seeds 3 and 4 run for every arm)."""
+    if any(s >= 3 for per_seed in runs.values() for s in per_seed):
+        return 5
+    if all(a in runs for a in primary) and rates.needs_more_seeds(
+            rates.compare(runs, *primary, cells)):
+        return 5
+    return 3
+
+
 def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list,
                        plan: str) -> str:
     """Setting 3's pre-registered reading: the control replicates (the uniform update damages the
     cells again), then the primary and secondary comparisons on the mean over those cells."""
     lines = [f"Pre-registered in {plan}: outcome = mean of {', '.join(cells)}; paired by seed "
              "(95% t) and by seed and item (crossed bootstrap)."]
-    base = primary[1]
+    enough, base = seeds_to_read(runs, primary, cells), primary[1]
     if base in runs:
         per_cell = {c: damage(runs, base, c) for c in cells}
         hit = [c for c, r in per_cell.items() if is_damaged(r)]
         seeds = min(r["seeds"] for r in per_cell.values())
         lines.append(f"- control, {base} after - before: " + "; ".join(
             f"{c} {r['d']:+.1f}" for c, r in per_cell.items())
-            + (f"; damaged again: {', '.join(hit)}" if hit else
-               f"; {seeds} seed(s), too few to read" if seeds < 3 else
+            + (f"; not read with {seeds} seed(s) (the rule reads {enough})" if seeds < enough
+               else f"; damaged again: {', '.join(hit)}" if hit else
                "; not damaged again, so the comparisons below are not evidence on the claim"))
     for role, (a, b) in (("primary", primary), ("secondary", secondary)):
         if a not in runs or b not in runs:
@@ -150,7 +161,8 @@ def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list
                    if "crossed" in c else "")
         more = (" > 4 with 3 seeds: the rule adds seeds 3 and 4" if role == "primary"
                 and rates.needs_more_seeds(c) else "")
-        said = rates.verdict(c, a, b, better="damages less")
+        said = (rates.verdict(c, a, b, better="damages less") if c["seeds"] >= enough else
+                f"not read with {c['seeds']} seeds (the rule reads {enough})")
         lines.append(f"- {role}, {a} - {b}: {c['d']:+.1f}, t [{c['t'][0]:+.1f}, "
                      f"{c['t'][1]:+.1f}]{crossed} over {c['seeds']} seeds: {said}; "
                      f"smallest detectable {c['detectable']:.1f}{more}")

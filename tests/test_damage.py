@@ -192,19 +192,31 @@ def test_setting_3_summary_and_seed_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(ab, "run_grid", lambda g, arms, seeds, *a, **k: called.append(
         (arms, seeds)))
     first = {a: {0: r[0]} for a, r in ab.collect(grid).items()}
-    assert "1 seed(s), too few to read" in damage.protection_reading(
+    assert "not read with 1 seed(s) (the rule reads 3)" in damage.protection_reading(
         first, setting.primary, setting.secondary, [cell], "p.md")
+    two = {a: {s: r[s] for s in (0, 1)} for a, r in ab.collect(grid).items()}
+    text = damage.protection_reading(two, setting.primary, setting.secondary, [cell], "p.md")
+    assert text.count("not read with 2 seeds (the rule reads 3)") == 2
+    text = damage.protection_reading(ab.collect(grid), setting.primary, setting.secondary,
+                                     [cell], "p.md")  # detectable > 4: read over 5 seeds
+    assert "not read with 3 seeds (the rule reads 5); smallest detectable" in text
+    assert "control, grpo-uniform after - before: niah_multivalue@2048 -" in text and \
+        "; not read with 3 seed(s) (the rule reads 5)" in text
     ab.run_seed_rule(setting, grid, out, [])
     assert called == [(ab.ARMS_3, [3, 4])]
     ab.summarize(setting, grid, out)
     text = (out / "ab_table.md").read_text()
     assert text.startswith("Pre-registered in p.md: outcome = mean of niah_multivalue@2048")
-    assert "damaged again: niah_multivalue@2048" in text and "adds seeds 3 and 4" in text
+    assert "not read with 3 seed(s) (the rule reads 5)" in text and "adds seeds 3 and 4" in text
     assert "seeds 3+ only" not in text
     assert "| grpo-uniform-seed2 | -60.0 | 0.0000 | n/a |" in text  # step table: 12 of 20 lost
     for s in (3, 4):
         fake_run(grid, "grpo-longact", s, forget(3, cell), BEFORE)
         fake_run(grid, "grpo-uniform", s, forget(9, cell), BEFORE)
     ab.summarize(setting, grid, out)
-    assert "seeds 3+ only (the pilots picked the cell on seeds 0-2): +30.0" in \
-        (out / "ab_table.md").read_text()
+    text = (out / "ab_table.md").read_text()
+    assert "seeds 3+ only (the pilots picked the cell on seeds 0-2): +30.0" in text
+    assert "damaged again: niah_multivalue@2048" in text  # the control, over 5 seeds
+    assert "over 5 seeds: grpo-longact damages less" in text  # primary: read over 5 seeds
+    assert "secondary, grpo-longact - grpo-random-static: " in text and \
+        "not read with 3 seeds (the rule reads 5)" in text  # random rows still have 3
