@@ -122,6 +122,8 @@ class Setting:
     by_rate: bool = False  # arms are read at their best learning rates (experiments/rates.py)
     damage_plan: str | None = None  # read as damage against "before" (experiments/damage.py)
     damaged: tuple = ()  # setting 3 proper: the cells whose mean is the pre-registered outcome
+    pairs: tuple = ()  # more (arm, other arm) differences the text reads, descriptive only
+    kl_fit_without: tuple | None = None  # R^2 of outcome on log KL over every arm but these
 
 
 SETTINGS = {
@@ -131,7 +133,14 @@ SETTINGS = {
                  ("grpo-random", "grpo-uniform", "grpo-longact-1row"),
                  primary=("grpo-longact", "grpo-random"),
                  control=("grpo-uniform", "grpo-longact-1row"),
-                 preregistration="experiments/ab2_preregistration.md"),
+                 preregistration="experiments/ab2_preregistration.md",
+                 pairs=(("grpo-longact", "grpo-uniform"), ("grpo-longact-grad", "grpo-longact"),
+                        ("grpo-longact-static", "grpo-longact"), ("grpo-bottomk", "grpo-random"),
+                        ("grpo-bottomk", "grpo-longact"), ("grpo-longact-r0.2", "grpo-longact"),
+                        ("grpo-longact-r0.4", "grpo-longact"), ("grpo-random-r0.2", "grpo-random"),
+                        ("grpo-random-r0.4", "grpo-random"),
+                        ("grpo-longact-r0.2", "grpo-random-r0.4")),
+                 kl_fit_without=("grpo-longact-1row",)),
     "2b": Setting(SETTING_2B, ARMS_2B, "runs/ab2b", "figures/ab2b", (),
                   primary=("grpo-longact", "grpo-random-static"),
                   secondary=("grpo-longact", "grpo-uniform"), by_rate=True,
@@ -373,6 +382,34 @@ def ratio_table(runs: dict) -> str:
     return "\n".join(lines) if len(lines) > 3 else ""  # a sweep needs two ratios or more
 
 
+def pairs_table(runs: dict, pairs: tuple) -> str:
+    """More differences the write-up reads, on the mean of cells, descriptive (not
+    pre-registered): arm - other arm paired by seed [95% t], and the smallest difference those
+    seeds detect (80% power)."""
+    lines = ["| arm - other arm (descriptive) | mean of cells | smallest detectable |",
+             "| --- | ---: | ---: |"]
+    for arm, base in (p for p in pairs if p[0] in runs and p[1] in runs):
+        ds = paired(runs, arm, base, ALL)  # (S,)
+        if len(ds) > 1:
+            d, half = difference(ds)
+            lines.append(f"| {arm} - {base} | {d:+.1f} [{d - half:+.1f}, {d + half:+.1f}] | "
+                         f"{paired_detectable(ds):.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def kl_fit(runs: dict, without: tuple) -> str:
+    """How much of the per-run mean of cells the step size explains: R^2 on the log of the mean
+    KL of the last 4 steps, on the arm, and on both (experiments/rates.py), descriptive."""
+    points = [(arm, math.log(r["kl_last"]), r["after"][ALL]) for arm in runs if arm not in without
+              for r in runs[arm].values() if r["kl_last"] > 0]  # (arm, log KL, outcome)
+    fit = rates.r_squared(points)
+    if not fit:
+        return ""
+    return (f"Step size, descriptive ({len(points)} runs; not {', '.join(without)}): R^2 of the "
+            "per-run mean of cells on " + ", ".join(f"{k} {v:.2f}" for k, v in fit.items())
+            + " (step size = log KL, last 4 steps).")
+
+
 def timing_table(runs: dict) -> str:
     """Wall minutes per run (mean over seeds) by phase, and the grid's total."""
     phases = ["statistics", "training", "eval after", "eval validation", "total"]
@@ -527,7 +564,10 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
                  rates.step_size(runs)]
     else:
         parts = [preregistered(runs, setting)] if setting.preregistration else []
-        parts += [table, differences_table(runs, setting.baselines), ratio_table(runs)]
+        parts += [table, differences_table(runs, setting.baselines), ratio_table(runs),
+                  pairs_table(runs, setting.pairs)]
+        if setting.kl_fit_without is not None:
+            parts.append(kl_fit(runs, setting.kl_fit_without))
     parts += [reward_trend(runs), timing_table(runs), provenance(out / "runs")]
     text = "\n\n".join(p for p in parts if p)
     common.write_text_atomic(out / "ab_table.md", text + "\n")

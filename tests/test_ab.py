@@ -213,3 +213,21 @@ def test_a_new_sitting_skips_committed_runs_and_reuses_the_before(tmp_path, monk
     ab.run_grid(grid, ["grpo-random", "grpo-uniform"], [0], [], ab.SETTING_2, committed=out)
     assert (grid / "before.json").read_text() == '{"t@1024": 10.0}'
     assert len(started) == 1 and "grpo-uniform-seed0" in started[0]
+
+
+def test_descriptive_pairs_and_the_step_size_fit(tmp_path):
+    """The extra pairs the write-up reads come with their interval and detectable difference;
+    an outcome that is a line in log KL is explained entirely by the step size."""
+    fake_grid(tmp_path, {"grpo-longact": [40.0, 44.0, 42.0], "grpo-uniform": [30.0, 34.0, 35.0],
+                         "grpo-longact-1row": [5.0, 5.0, 5.0]})
+    for run in tmp_path.iterdir():  # KL chosen so that outcome = 10 log(KL) + 100 exactly
+        kl = math.exp((json.loads((run / "eval.json").read_text())["after"]["t@1024"] - 100) / 10)
+        rows = [json.dumps({"step": s, "reward": 0.0, "kl": kl}) + "\n" for s in range(4)]
+        (run / "metrics.jsonl").write_text("".join(rows))
+    runs = ab.collect(tmp_path)
+    table = ab.pairs_table(runs, (("grpo-longact", "grpo-uniform"), ("grpo-random", "grpo-x")))
+    d, half = ab.difference([10.0, 10.0, 7.0])  # mean 9, sd sqrt(3)
+    assert f"| grpo-longact - grpo-uniform | +9.0 [{9 - half:+.1f}, {9 + half:+.1f}] | " in table
+    assert "grpo-random" not in table  # an arm that has not run is left out
+    fit = ab.kl_fit(runs, ("grpo-longact-1row",))
+    assert "(6 runs; not grpo-longact-1row)" in fit and "step size 1.00" in fit
