@@ -204,8 +204,10 @@ def collect(folder: Path) -> dict:
     """{arm: {seed: {"after", "before", "val" (validation, when run), "items" ({item id:
     (correctness, prompt hash)} after training; {} for runs made before item records),
     "before_items" (the same for the shared "before" evaluation),
-    "reward": [per step], "kl_last" (mean KL of the last 4 steps), "qk" (qk_change.json),
-    "minutes": {phase: min}}}} of the finished runs in `folder`."""
+    "reward": [per step], "kl_last" (mean KL of the last 4 steps), "len_last" and "trunc_last"
+    (mean completion tokens and share cut at the token limit, last 4 steps; nan where not
+    logged), "qk" (qk_change.json), "minutes": {phase: min}}}} of the finished runs in
+    `folder`."""
     out = {}
     for run in sorted(p for p in folder.iterdir() if (p / "eval.json").exists()):
         arm, _, seed = run.name.rpartition("-seed")
@@ -222,9 +224,17 @@ def collect(folder: Path) -> dict:
             "before_items": read_items(run / "items" / "before.jsonl"),
             "reward": [r["reward"] for r in metrics],
             "kl_last": sum(r.get("kl", 0.0) for r in metrics[-4:]) / len(metrics[-4:]),
+            "len_last": last_mean(metrics, "len"),
+            "trunc_last": last_mean(metrics, "frac_truncated"),
             "qk": common.read_json(qk) if qk.exists() else {},
             "minutes": {k: v / 60 for k, v in phases.items()}}
     return out
+
+
+def last_mean(metrics: list, key: str, k: int = 4) -> float:
+    """Mean of `key` over the last k steps' rows (nan where a row lacks it)."""
+    values = [r.get(key, float("nan")) for r in metrics[-k:]]
+    return sum(values) / len(values)
 
 
 def read_items(path: Path) -> dict:

@@ -177,15 +177,19 @@ def protection_reading(runs: dict, primary: tuple, secondary: tuple, cells: list
 
 def step_table(runs: dict, cells: list) -> str:
     """Per run: after - before on the outcome (the mean over `cells`), the mean KL to the
-    reference over the last 4 steps and the relative q/k change: how far each run moved."""
-    lines = ["| run | after - before, " + ", ".join(cells) + " | KL, last 4 steps | q/k change |",
-             "| --- | ---: | ---: | ---: |"]
+    reference over the last 4 steps and the relative q/k change (how far each run moved), and
+    the training completions' length and share cut at the token limit over the last 4 steps
+    (what it learned to write). Descriptive."""
+    lines = ["| run | after - before, " + ", ".join(cells) + " | KL, last 4 steps | q/k change "
+             "| completion tokens, last 4 steps | cut at the limit, last 4 steps |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    fmt = lambda v, f: "n/a" if v is None or math.isnan(v) else format(v, f)  # noqa: E731
     for arm in runs:
         for seed, r in sorted(runs[arm].items()):
             d = rates.outcome(r["after"], cells) - rates.outcome(r["before"], cells)
-            qk = r.get("qk", {}).get("qk_rel_change")
             lines.append(f"| {arm}-seed{seed} | {d:+.1f} | {r['kl_last']:.4f} | "
-                         + ("n/a" if qk is None else f"{qk:.4f}") + " |")
+                         f"{fmt(r.get('qk', {}).get('qk_rel_change'), '.4f')} | "
+                         f"{fmt(r.get('len_last'), '.1f')} | {fmt(r.get('trunc_last'), '.2f')} |")
     return "\n".join(lines)
 
 

@@ -209,7 +209,7 @@ def test_setting_3_summary_and_seed_rule(tmp_path, monkeypatch):
     assert text.startswith("Pre-registered in p.md: outcome = mean of niah_multivalue@2048")
     assert "not read with 3 seed(s) (the rule reads 5)" in text and "adds seeds 3 and 4" in text
     assert "seeds 3+ only" not in text
-    assert "| grpo-uniform-seed2 | -60.0 | 0.0000 | n/a |" in text  # step table: 12 of 20 lost
+    assert "| grpo-uniform-seed2 | -60.0 | 0.0000 | n/a | n/a | n/a |" in text  # 12 of 20 lost
     for s in (3, 4):
         fake_run(grid, "grpo-longact", s, forget(3, cell), BEFORE)
         fake_run(grid, "grpo-uniform", s, forget(9, cell), BEFORE)
@@ -220,3 +220,11 @@ def test_setting_3_summary_and_seed_rule(tmp_path, monkeypatch):
     assert "over 5 seeds: grpo-longact damages less" in text  # primary: read over 5 seeds
     assert "secondary, grpo-longact - grpo-random-static: " in text and \
         "not read with 3 seeds (the rule reads 5)" in text  # random rows still have 3
+
+
+def test_step_table_shows_how_far_each_run_moved_and_what_it_wrote():
+    runs = {"grpo-longact": {0: {"after": {"c@1": 40.0}, "before": {"c@1": 70.0},
+                                 "kl_last": 0.25, "qk": {"qk_rel_change": 0.001},
+                                 "len_last": 31.5, "trunc_last": 0.875}}}
+    text = damage.step_table(runs, ["c@1"])
+    assert "| grpo-longact-seed0 | -30.0 | 0.2500 | 0.0010 | 31.5 | 0.88 |" in text
