@@ -13,7 +13,7 @@ loses the last good one. Under --fsdp every rank writes its shards (fsdp.save_ch
 step lives in a small step.json; the state file loads to the CPU first (SOURCES.md §9.34).
 Each checkpoint also keeps the seconds per phase spent so far, so that a resumed run's phases.json
 adds up its parts: the time of the steps it kept (work lost after the last checkpoint and
-redone is counted once, the second time).
+redone is counted once, the second time; the few seconds of the save it resumes from are not).
 
 Test: .venv/bin/python -m pytest -q tests/test_train.py
 """

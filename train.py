@@ -20,8 +20,8 @@ than plain GRPO/DAPO carry the tag `# [LongAct]`. Choices where the paper is sil
 §9, items 6, 15-17, 24, 26-28, 32, 36. Checks before loading: preflight.py; checkpoints:
 checkpoint.py.
 Outputs in --out-dir/RUN: config.json, qk_stats.safetensors, masks.safetensors (static mask),
-metrics.jsonl (one line per step), samples.jsonl, eval.json, phases.json (wall seconds per phase,
-every part of a resumed run), ckpt/.
+metrics.jsonl (one line per step), samples.jsonl, eval.json, phases.json (wall seconds per
+phase), ckpt/. A resumed run's phases.json and "elapsed" count every part of it.
 """
 
 import argparse

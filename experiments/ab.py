@@ -233,7 +233,7 @@ def collect(folder: Path) -> dict:
 
 def last_mean(metrics: list, key: str, k: int = 4) -> float:
     """Mean of `key` over the last k steps' rows (nan where a row lacks it)."""
-    values = [r.get(key, float("nan")) for r in metrics[-k:]]
+    values = [r.get(key, float("nan")) for r in metrics[-k:]]  # (k,) or fewer
     return sum(values) / len(values)
 
 
@@ -415,8 +415,9 @@ def kl_fit(runs: dict, without: tuple) -> str:
     fit = rates.r_squared(points)
     if not fit:
         return ""
-    return (f"Step size, descriptive ({len(points)} runs; not {', '.join(without)}): R^2 of the "
-            "per-run mean of cells on " + ", ".join(f"{k} {v:.2f}" for k, v in fit.items())
+    runs_used = f"{len(points)} runs" + (f"; not {', '.join(without)}" if without else "")
+    return (f"Step size, descriptive ({runs_used}): R^2 of the per-run mean of cells on "
+            + ", ".join(f"{k} {v:.2f}" for k, v in fit.items())
             + " (step size = log KL, last 4 steps).")
 
 

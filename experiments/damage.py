@@ -17,9 +17,11 @@ and a cell is damaged only where both intervals lie below 0.
     damage(runs, arm, cell)      {"seeds", "d", "t", "crossed"}
     damaged(runs)                [(arm, cell)] that the rule calls damaged
     damage_table(runs)           markdown: one row per arm, one column per cell
+    seeds_to_read(...)           3, or 5 once the seed rule adds seeds
     protection_reading(...)      setting 3 proper's reading: the control again, then LongAct -
                                  uniform on the mean over the damaged cells (rates.compare)
-    step_table(runs, cells)      per run: damage on those cells, KL, q/k change (descriptive)
+    step_table(runs, cells)      per run: damage on those cells, KL, q/k change, completion
+                                 length and share cut at the limit (descriptive)
     values_table(folder)         multi-value answers: how many values they name (descriptive)
 
 Shapes: S seeds, I evaluation items (of one cell, or of every cell for the mean of cells).
