@@ -223,7 +223,7 @@ def collect(folder: Path) -> dict:
             "items": read_items(run / "items" / "after.jsonl"),
             "before_items": read_items(run / "items" / "before.jsonl"),
             "reward": [r["reward"] for r in metrics],
-            "kl_last": sum(r.get("kl", 0.0) for r in metrics[-4:]) / len(metrics[-4:]),
+            "kl_last": last_mean(metrics, "kl", missing=0.0),
             "len_last": last_mean(metrics, "len"),
             "trunc_last": last_mean(metrics, "frac_truncated"),
             "qk": common.read_json(qk) if qk.exists() else {},
@@ -231,9 +231,9 @@ def collect(folder: Path) -> dict:
     return out
 
 
-def last_mean(metrics: list, key: str, k: int = 4) -> float:
-    """Mean of `key` over the last k steps' rows (nan where a row lacks it)."""
-    values = [r.get(key, float("nan")) for r in metrics[-k:]]  # (k,) or fewer
+def last_mean(metrics: list, key: str, k: int = 4, missing: float = float("nan")) -> float:
+    """Mean of `key` over the last k steps' rows (`missing` where a row lacks it)."""
+    values = [r.get(key, missing) for r in metrics[-k:]]  # (k,) or fewer
     return sum(values) / len(values)
 
 
