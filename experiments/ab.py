@@ -628,7 +628,7 @@ def run_rate_rules(setting: Setting, grid: Path, out: Path, extra: list) -> None
     best = rates.best_rates(runs)
     if len(best) == len(rates.ARMS):
         a, b = (rates.rate_arm(x, best[x]) for x in setting.primary)
-        c = rates.compare(runs, a, b)
+        c = rates.compare(rates.first_seeds(runs), a, b)
         if rates.needs_more_seeds(c):
             chosen = [rates.rate_arm(x, f) for x, f in best.items()]
             run_grid(grid, chosen, [3, 4], extra, setting.flags, committed=out)
@@ -641,7 +641,7 @@ def run_seed_rule(setting: Setting, grid: Path, out: Path, extra: list) -> None:
     runs = collect(out / "runs")
     if any(arm not in runs for arm in setting.primary):
         return
-    c = rates.compare(runs, *setting.primary, list(setting.damaged))
+    c = rates.compare(rates.first_seeds(runs), *setting.primary, list(setting.damaged))
     if rates.needs_more_seeds(c):
         run_grid(grid, setting.arms, [3, 4], extra, setting.flags, committed=out)
         copy_small_files(grid, out)

@@ -112,6 +112,13 @@ def compare(runs: dict, a: str, b: str, cells: list | None = None) -> dict:
     return out
 
 
+def first_seeds(runs: dict) -> dict:
+    """The runs of seeds 0-2 only: the seed rule is decided on these, so a grid that stopped
+    after some of seeds 3 and 4 had finished decides the same way when it is started again."""
+    return {arm: {s: r for s, r in per_seed.items() if s in SEEDS}
+            for arm, per_seed in runs.items()}
+
+
 def needs_more_seeds(c: dict) -> bool:
     """The seed rule of settings 2b and 3: a primary comparison over 3 seeds whose smallest
     detectable difference exceeds 4 points gets seeds 3 and 4."""

@@ -213,6 +213,8 @@ def test_setting_3_summary_and_seed_rule(tmp_path, monkeypatch):
     for s in (3, 4):
         fake_run(grid, "grpo-longact", s, forget(3, cell), BEFORE)
         fake_run(grid, "grpo-uniform", s, forget(9, cell), BEFORE)
+    ab.run_seed_rule(setting, grid, out, [])  # started again after some of seeds 3-4: goes on
+    assert called == [(ab.ARMS_3, [3, 4])] * 2
     ab.summarize(setting, grid, out)
     text = (out / "ab_table.md").read_text()
     assert "seeds 3+ only (the pilots picked the cell on seeds 0-2): +30.0" in text

@@ -131,6 +131,14 @@ def test_the_2b_runner_adds_seeds_when_the_primary_detects_too_little(tmp_path, 
                         lambda argv, check: started.append(argv[argv.index("--run-name") + 1]))
     ab.run_rate_rules(ab.SETTINGS["2b"], tmp_path / "grid", out, [])
     assert started == [f"{a}-lrx2-seed{s}" for s in (3, 4) for a in rates.ARMS]
+    # stopped after two seed-3 runs had finished: started again, the rule still adds the rest
+    primary = ab.SETTINGS["2b"].primary
+    for arm in primary:
+        fake_rate_run(out / "runs", arm, "2", 3, 0, 0, kl=0.02, qk=0.002)
+    started.clear()
+    ab.run_rate_rules(ab.SETTINGS["2b"], tmp_path / "grid", out, [])
+    assert started == [f"{a}-lrx2-seed{s}" for s in (3, 4) for a in rates.ARMS
+                       if not (s == 3 and a in primary)]
 
 
 def test_a_run_writes_items_validation_and_qk_change(tiny_dir, qa_file, tmp_path):
