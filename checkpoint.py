@@ -82,8 +82,13 @@ def prepare_run(args) -> tuple[Path, int]:
     first = {k: saved.get(k) for k in ("code_version", "cpu", "versions")}  # where it started
     now = code_and_machine()
     warn_if_versions_changed(run_dir, saved.get("resumed_with", saved), now)
+    # flags a resume may change (say --kl-stop, --steps) are kept per resume, old and new value,
+    # so that config.json still says what the run's first steps ran with
+    changed = {k: [saved[k], v] for k, v in vars(args).items()
+               if k != "resume" and k in saved and saved[k] != v}
     common.write_json_atomic(run_dir / "config.json", vars(args) | first | {
-        "resumed_at": start, "resumed_with": now})
+        "resumed_at": start, "resumed_with": now,
+        "resumes": saved.get("resumes", []) + [{"at": start, "changed": changed}]})
     return run_dir, start
 
 

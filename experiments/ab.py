@@ -463,6 +463,29 @@ def provenance(folder: Path) -> str:
     return "\n".join(lines)
 
 
+KL_STOP = 1000.0  # train.py's --kl-stop default (tested equal)
+
+
+def resumed_runs(folder: Path) -> str:
+    """The finished runs that were resumed: at which steps, and which flags a resume changed
+    (config.json "resumes"; code before it kept only the last step, so for those runs a
+    --kl-stop other than the default is named, the one flag our grids change on a resume)."""
+    lines = []
+    for run in sorted(p for p in folder.iterdir() if is_finished(p)):
+        cfg = common.read_json(run / "config.json") if (run / "config.json").exists() else {}
+        if "resumed_at" not in cfg:
+            continue
+        parts = [f"at step {r['at']}" + "".join(f", {k} {old} -> {new}" for k, (old, new) in
+                                                  r["changed"].items())
+                 for r in cfg.get("resumes", [])]
+        if not parts:
+            kl = cfg.get("kl_stop", KL_STOP)
+            parts = [f"last at step {cfg['resumed_at']}" + (
+                f", with kl_stop {kl} (default {KL_STOP})" if kl != KL_STOP else "")]
+        lines.append(f"- {run.name}: resumed " + "; ".join(parts))
+    return "Resumed runs:\n" + "\n".join(lines) if lines else ""
+
+
 def reward_trend(runs: dict, k: int = 4) -> str:
     """Mean training reward over the first and the last k steps per arm (is it still rising?)."""
     lines = [f"| arm | reward, first {k} steps | reward, last {k} steps | last {k} minus the {k} "
@@ -579,7 +602,8 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
                   pairs_table(runs, setting.pairs)]
         if setting.kl_fit_without is not None:
             parts.append(kl_fit(runs, setting.kl_fit_without))
-    parts += [reward_trend(runs), timing_table(runs), provenance(out / "runs")]
+    parts += [reward_trend(runs), timing_table(runs), provenance(out / "runs"),
+              resumed_runs(out / "runs")]
     text = "\n\n".join(p for p in parts if p)
     common.write_text_atomic(out / "ab_table.md", text + "\n")
     print(text)

@@ -231,3 +231,19 @@ def test_descriptive_pairs_and_the_step_size_fit(tmp_path):
     assert "grpo-random" not in table  # an arm that has not run is left out
     fit = ab.kl_fit(runs, ("grpo-longact-1row",))
     assert "(6 runs; not grpo-longact-1row)" in fit and "step size 1.00" in fit
+
+
+def test_the_summary_names_resumed_runs_and_the_flags_a_resume_changed(tmp_path):
+    import train
+    assert ab.KL_STOP == train.build_parser().get_default("kl_stop")
+    plain = fake_run(tmp_path, "grpo-uniform", 0, 1.0)
+    assert ab.resumed_runs(tmp_path) == ""  # nothing resumed: no line at all
+    old = fake_run(tmp_path, "grpo-uniform", 1, 1.0)  # resumed by code that kept the last step
+    (old / "config.json").write_text(json.dumps({"resumed_at": 7, "kl_stop": 0.0}))
+    new = fake_run(tmp_path, "grpo-uniform", 2, 1.0)
+    (new / "config.json").write_text(json.dumps({"resumed_at": 7, "resumes": [
+        {"at": 3, "changed": {}}, {"at": 7, "changed": {"kl_stop": [1000.0, 0.0]}}]}))
+    text = ab.resumed_runs(tmp_path)
+    assert plain.name not in text
+    assert f"- {old.name}: resumed last at step 7, with kl_stop 0.0 (default 1000.0)" in text
+    assert f"- {new.name}: resumed at step 3; at step 7, kl_stop 1000.0 -> 0.0" in text

@@ -55,6 +55,7 @@ def test_resume_gives_identical_weights(tiny_dir, qa_file, tmp_path):
     assert config["algo"] == "grpo" and config["steps"] == 4
     resumed_config = json.loads((resumed / "config.json").read_text())
     assert resumed_config["resumed_at"] == 2 and "code_version" in resumed_config["resumed_with"]
+    assert resumed_config["resumes"] == [{"at": 2, "changed": {"steps": [2, 4]}}]
     # the resumed run's phases.json counts both parts: its first two steps are in its training
     both = json.loads((resumed / "phases.json").read_text())
     later = sum(r["t_sample"] + r["t_update"] for r in
