@@ -286,18 +286,27 @@ def cpu_name() -> str:
     return f"{name} ({family}{cores} cores, {torch.backends.cpu.get_cpu_capability()})"
 
 
+def code_changes(porcelain: str) -> list:
+    """The lines of `git status --porcelain` that change the code: every tracked change, and new
+    files outside figures/ (where a grid copies its finished runs' small files; those outputs
+    are not code, and counting them marked every later run of a grid "-dirty")."""
+    return [line for line in porcelain.splitlines()
+            if line.strip() and not (line.startswith("?? ") and line[3:].startswith("figures/"))]
+
+
 def code_version() -> str:
-    """The git commit of this code, with "-dirty" when tracked or new files differ from it; saved
-    with every run so that a grid can show that all of its runs came from one commit."""
+    """The git commit of this code, with "-dirty" when tracked or new files differ from it (new
+    run outputs under figures/ aside); saved with every run so that a grid can show that all of
+    its runs came from one commit."""
     root = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, check=True,
                              capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, check=True,
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "not a git checkout"
-    return sha + ("-dirty" if dirty else "")
+    return sha + ("-dirty" if code_changes(dirty) else "")
 
 
 LOCK_FILE = Path(__file__).resolve().parent / "requirements.lock"

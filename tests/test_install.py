@@ -128,6 +128,14 @@ def test_the_grid_summary_prints_versions_or_not_recorded(tmp_path):
     assert f"transformers {transformers.__version__}" in table
 
 
+def test_a_grids_copied_run_files_do_not_mark_the_code_dirty():
+    assert common.code_changes("?? figures/ab3/runs/grpo-uniform-seed4/eval.json\n") == []
+    assert common.code_changes(" M train.py\n") == [" M train.py"]  # a tracked change
+    assert common.code_changes("?? helper.py\n") == ["?? helper.py"]  # new code
+    assert common.code_changes(" M figures/ab3/ab_table.md\n") != []  # tracked, even there
+    assert common.code_changes("") == []
+
+
 def test_the_embedded_model_cache_is_keyed_by_the_converting_versions():
     folder = policy.embedded_dir("smollm2-135m")
     assert folder.parent == policy.cache_dir() / "smollm2-135m"
