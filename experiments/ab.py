@@ -500,6 +500,31 @@ def reward_trend(runs: dict, k: int = 4) -> str:
     return "\n".join(lines)
 
 
+def arm_styles() -> tuple:
+    """{arm: colour}, {arm: line style}, {arm: bar hatch} for every arm, fixed across figures
+    and settings. A variant of an arm (another ratio, another rate) keeps its parent's colour
+    and differs by line and hatch, so "same rows, another ratio or step" reads at a glance."""
+    bases = [arm for arm in ARMS if "-r0." not in arm and "-lr" not in arm]  # ten colours
+    colour = {arm: f"C{i}" for i, arm in enumerate(bases)}
+    line = {arm: "-" for arm in bases}
+    hatch = {arm: None for arm in bases}
+    for arm in ARMS:
+        if "-lrx" in arm:  # a learning-rate arm: a line and a hatch per factor
+            parent, factor = rates.split(arm)
+            colour[arm] = colour[parent]
+            line[arm], hatch[arm] = {"0.25": ((0, (1, 3)), "oo"), "0.5": (":", ".."),
+                                     "1": ("-", None), "2": ("--", "//"), "4": ("-.", "xx"),
+                                     "8": ((0, (5, 1)), "\\\\"),
+                                     "16": ((0, (3, 1, 1, 1)), "++")}[factor]
+        elif "-lr" in arm:  # one other rate (setting 3's pilots): its arm's colour, dashed
+            colour[arm], line[arm], hatch[arm] = colour[arm.rsplit("-lr", 1)[0]], "--", "//"
+        elif "-r0." in arm:
+            parent, ratio = arm.rsplit("-r", 1)
+            colour[arm] = colour[parent]
+            line[arm], hatch[arm] = {"0.2": ("--", "//"), "0.4": (":", "..")}[ratio]
+    return colour, line, hatch
+
+
 def plot(runs: dict, out: Path) -> None:
     """Left: training reward per step, mean +- se over seeds per arm. Right: accuracy after
     training per arm and cell, mean +- se, with the shared 'before' as a black tick."""
@@ -507,24 +532,7 @@ def plot(runs: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     arms = [arm for arm in ARMS if arm in runs]  # fixed order and colour per arm
-    bases = [arm for arm in ARMS if "-r0." not in arm and "-lr" not in arm]  # ten colours
-    colour = {arm: f"C{i}" for i, arm in enumerate(bases)}
-    # A ratio arm (grpo-random-r0.2) keeps its parent's colour and differs by line and hatch,
-    # so "same rows, another ratio" reads at a glance.
-    line = {arm: "-" for arm in bases}
-    hatch = {arm: None for arm in bases}
-    for arm in ARMS:
-        if "-lrx" in arm:  # a learning-rate arm: its arm's colour, a line per rate
-            parent, factor = rates.split(arm)
-            colour[arm], hatch[arm] = colour[parent], None
-            line[arm] = {"0.25": (0, (1, 3)), "0.5": ":", "1": "-", "2": "--", "4": "-.",
-                         "8": (0, (5, 1)), "16": (0, (3, 1, 1, 1))}[factor]
-        elif "-lr" in arm:  # one other rate (setting 3's pilots): its arm's colour, dashed
-            colour[arm], line[arm], hatch[arm] = colour[arm.rsplit("-lr", 1)[0]], "--", "//"
-        elif "-r0." in arm:
-            parent, ratio = arm.rsplit("-r", 1)
-            colour[arm] = colour[parent]
-            line[arm], hatch[arm] = {"0.2": ("--", "//"), "0.4": (":", "..")}[ratio]
+    colour, line, hatch = arm_styles()
     fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.8))
     for arm in arms:
         curves = [r["reward"] for r in runs[arm].values()]  # (S, steps)
@@ -537,7 +545,6 @@ def plot(runs: dict, out: Path) -> None:
         a.fill_between(range(T), [x - e for x, e in zip(m, se)], [x + e for x, e in zip(m, se)],
                        alpha=0.15, color=colour[arm])
     a.set(xlabel="step", ylabel="training reward", title="training reward, mean ± s.e. over seeds")
-    a.legend(fontsize=7)
     cells = cells_of(runs)
     before = next(iter(runs[arms[0]].values()))["before"]
     width = 0.8 / len(arms)
@@ -552,10 +559,11 @@ def plot(runs: dict, out: Path) -> None:
                  [c.replace("@", "\n@") for c in cells], fontsize=8)  # two lines: no overlap
     b.set(ylabel="accuracy (%)", ylim=(0, 105),
           title="accuracy after training, mean ± s.e. over seeds (black: before)")
-    b.legend(fontsize=7, ncol=2)
+    for ax in (a, b):  # legends below the panels: nine or more arms would cover the data
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     fig.tight_layout()
     with common.atomic_path(out / "ab.png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
 
 
 def copy_small_files(grid: Path, out: Path) -> None:
@@ -609,7 +617,8 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
     print(text)
     plot(runs, out)
     if setting.by_rate:
-        rates.plot_step_size(runs, out)
+        rates.plot_step_size(runs, out, arm_styles()[0])
+        rates.plot_rates(runs, out, arm_styles()[0])
 
 
 def main(argv=None):

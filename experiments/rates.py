@@ -11,6 +11,7 @@ on validation items that no reported cell uses; the comparisons are read at the 
     best_rates(runs)       {arm: factor}: the highest validation mean of cells over seeds
     arms_to_add(runs)      the next factor for an arm whose best rate is at an end of its range
     reading(runs, ...)     the pre-registered comparisons at the best rates (t and crossed)
+    plot_rates(runs, ...)  rates.png: validation (choice) and reported outcome per factor
     step_size(runs)        every run's outcome beside its KL and q/k change, and how much of the
                            outcome the step size explains, with and without the arm
 
@@ -241,27 +242,66 @@ def step_size(runs: dict) -> str:
     return "\n".join(head + rows) + ("\n\n" + "\n".join(fits) if len(fits) > 2 else "")
 
 
-def plot_step_size(runs: dict, out) -> None:
-    """Outcome against log KL (left) and log q/k change (right), one colour per arm, a marker
-    size per rate: if the arms lie on one curve, "which rows" adds nothing to "how big a step"."""
+def plot_step_size(runs: dict, out, colour: dict) -> None:
+    """Outcome against log KL (left) and log q/k change (right), one colour per arm (`colour`:
+    the A/B figures' colours), a marker size per rate: if the arms lie on one curve, "which
+    rows" adds nothing to "how big a step"."""
     import matplotlib  # plots only
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     import common
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, arm in enumerate(ARMS):
+    for arm in ARMS:
         pts = [(r["kl_last"], r.get("qk", {}).get("qk_rel_change"), r["after"][ALL], f)
                for name in runs if split(name)[0] == arm
                for f in [split(name)[1]] for r in runs[name].values()]
         for ax, k in zip(axes, (0, 1)):
             xs = [(p[k], p[2], p[3]) for p in pts if p[k]]
-            ax.scatter([x for x, _, _ in xs], [y for _, y, _ in xs], color=f"C{i}", label=arm,
-                       s=[18 * float(f) ** 0.5 + 10 for _, _, f in xs], alpha=0.8)
+            ax.scatter([x for x, _, _ in xs], [y for _, y, _ in xs], color=colour[arm],
+                       label=arm, s=[18 * float(f) ** 0.5 + 10 for _, _, f in xs], alpha=0.8)
     for ax, what in zip(axes, ("KL to the reference, last 4 steps", "relative q/k change")):
         ax.set(xscale="log", xlabel=what + " (log)", ylabel="reported mean of cells (%)",
                title=f"outcome against {what}")
         ax.legend(fontsize=8, title="marker size: learning rate", title_fontsize=7)
     fig.tight_layout()
     with common.atomic_path(out / "step_size.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+
+
+def plot_rates(runs: dict, out, colour: dict) -> None:
+    """Each arm's mean of cells against its learning-rate factor: the validation items that
+    choose the rate (left, seeds 0-2 only, the best rate ringed) and the reported cells read
+    at it (right). A dot per seed, a line through the means over seeds."""
+    import matplotlib  # plots only
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import common
+    best = best_rates(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, seeds in zip(axes, ("val", "after"), (SEEDS, None)):
+        for arm in ARMS:
+            factors = sorted({split(n)[1] for n in runs if split(n)[0] == arm}, key=float)
+            means = []
+            for f in factors:
+                ys = [r[key][ALL] for s, r in runs[rate_arm(arm, f)].items()
+                      if r.get(key) and (seeds is None or s in seeds)]  # (S,)
+                ax.scatter([float(f)] * len(ys), ys, color=colour[arm], s=10, alpha=0.4)
+                means.append(mean_se(ys)[0] if ys else math.nan)
+            ax.plot([float(f) for f in factors], means, color=colour[arm], marker="o",
+                    label=arm)
+            if arm in best and key == "val":
+                ax.scatter([float(best[arm])], [means[factors.index(best[arm])]], s=160,
+                           facecolors="none", edgecolors=colour[arm], linewidths=1.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([float(f) for f in FACTORS], [f"x{f}" for f in FACTORS])
+        ax.set_xlim(0.2, 20)
+    axes[0].set(xlabel="learning rate, x setting 2's", ylabel="mean of cells (%)",
+                title="validation items, seeds 0-2: choose the rate (ringed)")
+    axes[1].set(xlabel="learning rate, x setting 2's",
+                title="reported cells, every seed: read at the chosen rate")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with common.atomic_path(out / "rates.png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")

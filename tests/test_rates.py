@@ -116,7 +116,7 @@ def test_summary_of_setting_2b_rebuilds_tables_and_figures(tmp_path):
     text = (out / "ab_table.md").read_text()
     assert "x8 (best)" in text and "crossed [" in text
     assert "| outcome explained by (R^2) |" in text
-    assert (out / "step_size.png").exists() and (out / "ab.png").exists()
+    assert all((out / f).exists() for f in ("step_size.png", "rates.png", "ab.png"))
     assert (out / "runs" / "grpo-uniform-lrx8-seed2" / "items" / "after.jsonl").exists()
 
 
