@@ -23,6 +23,7 @@ pre-registered before its grid ran (ab2_preregistration.md); its summary reports
 control and the primary comparison against that rule. Every arm of a seed starts from the same
 model and trains on the same prompts; the "before" evaluation is computed once and shared, and
 arms are compared by paired per-seed differences (a 95% t interval; SOURCES.md §9.42).
+The finished runs' files are read back by experiments/runfiles.py.
 
 Shapes: S seeds, A arms, K evaluation cells.
 """
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from experiments import damage, rates
+from experiments import damage, rates, runfiles
 from experiments.stats import (T_80, T_975, crossed_bootstrap, difference, mean_se,
                                paired_detectable, pooled_sd, t_quantile)
 
@@ -153,7 +154,7 @@ SETTINGS = {
                  preregistration="experiments/ab3_preregistration.md",
                  damage_plan="experiments/ab3_preregistration.md", damaged=DAMAGED_3),
 }
-SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json", "qk_change.json")
+
 
 
 # -----------------------------------------------------------------------------
@@ -161,11 +162,6 @@ SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json", "qk_c
 
 def run_dir(grid: Path, arm: str, seed: int) -> Path:
     return grid / f"{arm}-seed{seed}"
-
-
-def is_finished(folder: Path) -> bool:
-    f = folder / "eval.json"
-    return f.exists() and "after" in common.read_json(f)
 
 
 def train_argv(grid: Path, arm: str, seed: int, extra: list, flags: list = SETTING) -> list:
@@ -189,7 +185,7 @@ def run_grid(grid: Path, arms: list, seeds: list, extra: list, flags: list = SET
         for arm in arms:
             folder = run_dir(grid, arm, seed)
             kept = committed / "runs" / folder.name if committed else None
-            if is_finished(folder) or (kept and is_finished(kept)):
+            if runfiles.is_finished(folder) or (kept and runfiles.is_finished(kept)):
                 print(f"{folder.name}: finished, skipped")
                 continue
             argv = [sys.executable, "train.py", *train_argv(grid, arm, seed, extra, flags)]
@@ -200,56 +196,12 @@ def run_grid(grid: Path, arms: list, seeds: list, extra: list, flags: list = SET
 # -----------------------------------------------------------------------------
 # summary (pure functions, then files)
 
+ALL = runfiles.ALL  # a run's mean over its task@length cells: 4x the samples of one cell
+
+
 def collect(folder: Path) -> dict:
-    """{arm: {seed: {"after", "before", "val" (validation, when run), "items" ({item id:
-    (correctness, prompt hash)} after training; {} for runs made before item records),
-    "before_items" (the same for the shared "before" evaluation),
-    "reward": [per step], "kl_last" (mean KL of the last 4 steps), "len_last" and "trunc_last"
-    (mean completion tokens and share cut at the token limit, last 4 steps; nan where not
-    logged), "qk" (qk_change.json), "minutes": {phase: min}}}} of the finished runs in
-    `folder`."""
-    out = {}
-    for run in sorted(p for p in folder.iterdir() if (p / "eval.json").exists()):
-        arm, _, seed = run.name.rpartition("-seed")
-        ev = common.read_json(run / "eval.json")
-        if arm not in ARMS or "after" not in ev:
-            continue
-        metrics = common.read_jsonl(run / "metrics.jsonl")
-        phases = common.read_json(run / "phases.json") if (run / "phases.json").exists() else {}
-        qk = run / "qk_change.json"
-        out.setdefault(arm, {})[int(seed)] = {
-            "after": with_mean(ev["after"]), "before": with_mean(ev["before"]),
-            "val": with_mean(ev["after_val"]) if "after_val" in ev else None,
-            "items": read_items(run / "items" / "after.jsonl"),
-            "before_items": read_items(run / "items" / "before.jsonl"),
-            "reward": [r["reward"] for r in metrics],
-            "kl_last": last_mean(metrics, "kl", missing=0.0),
-            "len_last": last_mean(metrics, "len"),
-            "trunc_last": last_mean(metrics, "frac_truncated"),
-            "qk": common.read_json(qk) if qk.exists() else {},
-            "minutes": {k: v / 60 for k, v in phases.items()}}
-    return out
-
-
-def last_mean(metrics: list, key: str, k: int = 4, missing: float = float("nan")) -> float:
-    """Mean of `key` over the last k steps' rows (`missing` where a row lacks it)."""
-    values = [r.get(key, missing) for r in metrics[-k:]]  # (k,) or fewer
-    return sum(values) / len(values)
-
-
-def read_items(path: Path) -> dict:
-    """{item id: (correctness, prompt hash)} of one evaluation's items file ({} if none)."""
-    if not path.exists():
-        return {}
-    return {r["id"]: (r["correct"], r["prompt_sha"]) for r in common.read_jsonl(path)}
-
-
-ALL = rates.ALL  # a run's mean over its task@length cells: 4x the samples of one cell
-
-
-def with_mean(scores: dict) -> dict:
-    cells = [k for k in scores if "@" in k and not k.startswith("ruler_avg")]
-    return scores | {ALL: sum(scores[k] for k in cells) / len(cells)}
+    """The finished runs of this file's arms in `folder` (experiments/runfiles.py)."""
+    return runfiles.collect(folder, ARMS)
 
 
 def cells_of(runs: dict) -> list:
@@ -421,71 +373,6 @@ def kl_fit(runs: dict, without: tuple) -> str:
             + " (step size = log KL, last 4 steps).")
 
 
-def timing_table(runs: dict) -> str:
-    """Wall minutes per run (mean over seeds) by phase, and the grid's total."""
-    phases = ["statistics", "training", "eval after", "eval validation", "total"]
-    if not any("eval validation" in r["minutes"] for arm in runs.values() for r in arm.values()):
-        phases.remove("eval validation")  # grids made before validation sets
-    lines = ["| arm | runs | " + " | ".join(phases) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in phases) + " |"]
-    total = 0.0
-    for arm in (a for a in ARMS if a in runs):
-        mins = [r["minutes"] for r in runs[arm].values() if r["minutes"]]
-        if not mins:
-            continue
-        total += sum(m.get("total", 0.0) for m in mins)
-        lines.append(f"| {arm} | {len(mins)} | " + " | ".join(
-            f"{sum(m.get(p, 0.0) for m in mins) / len(mins):.1f}" for p in phases) + " |")
-    lines.append("| grid (sum of run totals) | - | " + " | ".join("" for _ in phases[:-1]) +
-                 f" | {total:.1f} |")
-    return "\n".join(lines)
-
-
-def versions_label(v: dict | None) -> str:
-    """The versions a run recorded (common.versions), short; runs made before: "not recorded"."""
-    if not v:
-        return "not recorded"
-    names = ("python", "torch", "transformers", "datasets")
-    return ", ".join(f"{k} {v.get(k, '?')}" for k in names) + f", lock {v.get('lock', '?')}"
-
-
-def provenance(folder: Path) -> str:
-    """Which commits, CPUs and package versions the finished runs in `folder` came from (their
-    config.json): a grid's runs should share one commit and one environment (SOURCES.md §9.42)."""
-    seen = {}
-    for run in sorted(p for p in folder.iterdir() if is_finished(p)):
-        cfg = common.read_json(run / "config.json") if (run / "config.json").exists() else {}
-        key = (cfg.get("code_version") or "not recorded", cfg.get("cpu") or "not recorded",
-               versions_label(cfg.get("versions")))
-        seen[key] = seen.get(key, 0) + 1
-    lines = ["| commit | CPU | versions | runs |", "| --- | --- | --- | ---: |"]
-    lines += [f"| {c} | {cpu} | {v} | {n} |" for (c, cpu, v), n in sorted(seen.items())]
-    return "\n".join(lines)
-
-
-KL_STOP = 1000.0  # train.py's --kl-stop default (tested equal)
-
-
-def resumed_runs(folder: Path) -> str:
-    """The finished runs that were resumed: at which steps, and which flags a resume changed
-    (config.json "resumes"; code before it kept only the last step, so for those runs a
-    --kl-stop other than the default is named, the one flag our grids change on a resume)."""
-    lines = []
-    for run in sorted(p for p in folder.iterdir() if is_finished(p)):
-        cfg = common.read_json(run / "config.json") if (run / "config.json").exists() else {}
-        if "resumed_at" not in cfg:
-            continue
-        parts = [f"at step {r['at']}" + "".join(f", {k} {old} -> {new}" for k, (old, new) in
-                                                  r["changed"].items())
-                 for r in cfg.get("resumes", [])]
-        if not parts:
-            kl = cfg.get("kl_stop", KL_STOP)
-            parts = [f"last at step {cfg['resumed_at']}" + (
-                f", with kl_stop {kl} (default {KL_STOP})" if kl != KL_STOP else "")]
-        lines.append(f"- {run.name}: resumed " + "; ".join(parts))
-    return "Resumed runs:\n" + "\n".join(lines) if lines else ""
-
-
 def reward_trend(runs: dict, k: int = 4) -> str:
     """Mean training reward over the first and the last k steps per arm (is it still rising?)."""
     lines = [f"| arm | reward, first {k} steps | reward, last {k} steps | last {k} minus the {k} "
@@ -566,28 +453,10 @@ def plot(runs: dict, out: Path) -> None:
         fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
 
 
-def copy_small_files(grid: Path, out: Path) -> None:
-    """Each finished run's small files (and its first samples) into out/runs, for committing."""
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    if (grid / "before.json").exists():  # the shared "before", for the next sitting
-        shutil.copy(grid / "before.json", out / "before.json")
-    for run in (grid.iterdir() if grid.exists() else []):
-        if run.is_dir() and is_finished(run):
-            dst = out / "runs" / run.name
-            dst.mkdir(exist_ok=True)
-            for name in SMALL_FILES:
-                if (run / name).exists():
-                    shutil.copy(run / name, dst / name)
-            if (run / "items").exists():  # per-item records: a few hundred KB per run
-                shutil.copytree(run / "items", dst / "items", dirs_exist_ok=True)
-            samples = (run / "samples.jsonl").read_text().splitlines()[:8]
-            common.write_text_atomic(dst / "samples.jsonl", "".join(s + "\n" for s in samples))
-
-
 def summarize(setting: Setting, grid: Path, out: Path) -> None:
     """Copy the finished runs' small files, then rebuild the tables and the figure from out/runs
     alone (so a clean clone rebuilds them from committed files)."""
-    copy_small_files(grid, out)
+    runfiles.copy_small_files(grid, out)
     runs = collect(out / "runs")
     if not runs:
         raise SystemExit(f"no finished run in {out / 'runs'} or {grid}")
@@ -610,8 +479,8 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
                   pairs_table(runs, setting.pairs)]
         if setting.kl_fit_without is not None:
             parts.append(kl_fit(runs, setting.kl_fit_without))
-    parts += [reward_trend(runs), timing_table(runs), provenance(out / "runs"),
-              resumed_runs(out / "runs")]
+    parts += [reward_trend(runs), runfiles.timing_table(runs, ARMS),
+              runfiles.provenance(out / "runs"), runfiles.resumed_runs(out / "runs")]
     text = "\n\n".join(p for p in parts if p)
     common.write_text_atomic(out / "ab_table.md", text + "\n")
     print(text)
@@ -652,7 +521,7 @@ def run_rate_rules(setting: Setting, grid: Path, out: Path, extra: list) -> None
     (until none does), then, if the primary comparison's smallest detectable difference at the
     best rates exceeds 4 with 3 seeds, seeds 3 and 4 for the three arms at their best rates."""
     while True:
-        copy_small_files(grid, out)
+        runfiles.copy_small_files(grid, out)
         runs = collect(out / "runs")
         more = rates.arms_to_add(runs)
         if not more:
@@ -670,14 +539,14 @@ def run_rate_rules(setting: Setting, grid: Path, out: Path, extra: list) -> None
 def run_seed_rule(setting: Setting, grid: Path, out: Path, extra: list) -> None:
     """Setting 3's rule: if the primary comparison's smallest detectable difference on the
     damaged cells exceeds 4 points with 3 seeds, seeds 3 and 4 for every arm."""
-    copy_small_files(grid, out)
+    runfiles.copy_small_files(grid, out)
     runs = collect(out / "runs")
     if any(arm not in runs for arm in setting.primary):
         return
     c = rates.compare(rates.first_seeds(runs), *setting.primary, list(setting.damaged))
     if rates.needs_more_seeds(c):
         run_grid(grid, setting.arms, [3, 4], extra, setting.flags, committed=out)
-        copy_small_files(grid, out)
+        runfiles.copy_small_files(grid, out)
 
 
 if __name__ == "__main__":

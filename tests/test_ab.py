@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import ab
+from experiments import ab, runfiles
 
 
 def fake_run(folder, arm, seed, after, finished=True):
@@ -98,7 +98,7 @@ def test_cells_in_natural_order_and_trend_and_timing(tmp_path):
     assert runs["grpo-uniform"][0]["after"][ab.ALL] == 35.0  # (20 + 50) / 2, averages left out
     trend = ab.reward_trend(runs, k=1)  # rewards 0, 0.1, 0.2: first 0, last 0.2, +0.1
     assert "| grpo-uniform | 0.000 | 0.200 | +0.100 |" in trend
-    timing = ab.timing_table(runs)
+    timing = runfiles.timing_table(runs, ab.ARMS)
     assert "| grpo-uniform | 1 | 0.0 | 2.0 | 0.0 | 5.0 |" in timing and "| 5.0 |" in timing
 
 
@@ -107,8 +107,8 @@ def test_unfinished_runs_resume_and_finished_ones_are_skipped(tmp_path):
     (run / "ckpt").mkdir()
     argv = ab.train_argv(tmp_path, "grpo-random", 1, [])
     assert argv[-2:] == ["--resume", str(run)] and "--before-eval" in argv
-    assert not ab.is_finished(run)
-    assert ab.is_finished(fake_run(tmp_path, "grpo-uniform", 0, 1.0))
+    assert not runfiles.is_finished(run)
+    assert runfiles.is_finished(fake_run(tmp_path, "grpo-uniform", 0, 1.0))
 
 
 def test_arms_are_compared_within_their_algorithm(tmp_path):
@@ -235,15 +235,15 @@ def test_descriptive_pairs_and_the_step_size_fit(tmp_path):
 
 def test_the_summary_names_resumed_runs_and_the_flags_a_resume_changed(tmp_path):
     import train
-    assert ab.KL_STOP == train.build_parser().get_default("kl_stop")
+    assert runfiles.KL_STOP == train.build_parser().get_default("kl_stop")
     plain = fake_run(tmp_path, "grpo-uniform", 0, 1.0)
-    assert ab.resumed_runs(tmp_path) == ""  # nothing resumed: no line at all
+    assert runfiles.resumed_runs(tmp_path) == ""  # nothing resumed: no line at all
     old = fake_run(tmp_path, "grpo-uniform", 1, 1.0)  # resumed by code that kept the last step
     (old / "config.json").write_text(json.dumps({"resumed_at": 7, "kl_stop": 0.0}))
     new = fake_run(tmp_path, "grpo-uniform", 2, 1.0)
     (new / "config.json").write_text(json.dumps({"resumed_at": 7, "resumes": [
         {"at": 3, "changed": {}}, {"at": 7, "changed": {"kl_stop": [1000.0, 0.0]}}]}))
-    text = ab.resumed_runs(tmp_path)
+    text = runfiles.resumed_runs(tmp_path)
     assert plain.name not in text
     assert f"- {old.name}: resumed last at step 7, with kl_stop 0.0 (default 1000.0)" in text
     assert f"- {new.name}: resumed at step 3; at step 7, kl_stop 1000.0 -> 0.0" in text

@@ -21,7 +21,7 @@ import transformers
 import common
 import policy
 import train
-from experiments import ab
+from experiments import runfiles
 
 
 def refuse(*a, **kw):
@@ -123,7 +123,7 @@ def test_the_grid_summary_prints_versions_or_not_recorded(tmp_path):
         cfg = {"code_version": "abc", "cpu": "cpu"} | ({"versions": versions} if versions else {})
         (run / "config.json").write_text(json.dumps(cfg))
         (run / "eval.json").write_text(json.dumps({"after": {}}))
-    table = ab.provenance(tmp_path)
+    table = runfiles.provenance(tmp_path)
     assert "| abc | cpu | not recorded | 1 |" in table
     assert f"transformers {transformers.__version__}" in table
 
