@@ -10,6 +10,7 @@ on validation items that no reported cell uses; the comparisons are read at the 
 
     best_rates(runs)       {arm: factor}: the highest validation mean of cells over seeds
     arms_to_add(runs)      the next factor for an arm whose best rate is at an end of its range
+    pending(runs, ...)     what the rules still run before a reading (none: read)
     reading(runs, ...)     the pre-registered comparisons at the best rates (t and crossed)
     plot_rates(runs, ...)  rates.png: validation (choice) and reported outcome per factor
     step_size(runs)        every run's outcome beside its KL and q/k change, and how much of the
@@ -137,15 +138,50 @@ def verdict(c: dict, a: str, b: str, better: str = "is better") -> str:
     return "no difference detected"
 
 
+def unfinished(runs: dict, arm: str) -> list:
+    """"grpo-longact-lrx2 seeds 2": the arm's pre-registered or started rates that lack some
+    of seeds 0-2 (an arm's best rate is chosen only once it has none)."""
+    started = {split(n)[1] for n in runs if split(n)[0] == arm}
+    out = []
+    for f in sorted(set(FIRST) | started, key=float):
+        missing = [s for s in SEEDS if s not in runs.get(rate_arm(arm, f), {})]
+        if missing:
+            out.append(f"{rate_arm(arm, f)} seeds {' '.join(map(str, missing))}")
+    return out
+
+
+def pending(runs: dict, primary: tuple) -> list:
+    """What the rules still have to run before any comparison may be read: the pre-registered
+    rates' (and any started rate's) seeds 0-2, rule 2's next factors, then rule 3's seeds 3
+    and 4. A reading of a grid half run would choose rates on some seeds and compare others."""
+    out = [name for arm in ARMS for name in unfinished(runs, arm)]
+    if out:
+        return out
+    out = [f"{name} seeds 0 1 2 (rule 2)" for name in arms_to_add(runs)]
+    best = best_rates(runs)
+    if out or any(a not in best for a in primary):
+        return out
+    chosen = [rate_arm(a, best[a]) for a in ARMS]
+    c = compare(first_seeds(runs), *(rate_arm(a, best[a]) for a in primary))
+    if needs_more_seeds(c):
+        out = [f"{n} seeds 3 4 (rule 3)" for n in chosen if not {3, 4} <= set(runs[n])]
+    return out
+
+
 def reading(runs: dict, primary: tuple, secondary: tuple, prereg: str) -> str:
-    """The pre-registered reading: best rates, then the primary and secondary comparisons."""
+    """The pre-registered reading: best rates, then the primary and secondary comparisons, once
+    the rules have nothing left to run (`pending`); before that, what is left."""
     best = best_rates(runs)
     lines = [f"Pre-registered in {prereg}: each arm at its best rate on the validation items "
              "(seeds 0-2); mean of the reported cells, paired by seed (95% t) and by seed and "
              "item (crossed bootstrap)."]
-    lines.append("- best rates: " + ", ".join(f"{a} x{f}" for a, f in best.items())
-                 + (f"; still to run (rule 2): {', '.join(arms_to_add(runs))}"
-                    if arms_to_add(runs) else ""))
+    left = pending(runs, primary)
+    if not any(unfinished(runs, a) for a in ARMS):  # a best rate chosen on every seed 0-2
+        lines.append(("- best rates so far: " if left else "- best rates: ")
+                     + ", ".join(f"{a} x{f}" for a, f in best.items()))
+    if left:
+        lines.append("- not read yet: the rules still run " + ", ".join(left))
+        return "\n".join(lines)
     for role, (a, b) in (("primary", primary), ("secondary", secondary)):
         if a not in best or b not in best:
             lines.append(f"- {role}, {a} - {b}: an arm has no finished rate yet")
@@ -167,7 +203,8 @@ def reading(runs: dict, primary: tuple, secondary: tuple, prereg: str) -> str:
 
 def rates_table(runs: dict) -> str:
     """Per arm and factor: validation and reported mean of cells (mean +- se over seeds), the
-    last steps' KL and the relative q/k change; the best rate marked."""
+    last steps' KL and the relative q/k change; the best rate marked once every rate of the
+    arm has seeds 0-2."""
     best = best_rates(runs)
     lines = ["| arm | rate | seeds | validation | reported | KL, last 4 steps | q/k change |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -178,7 +215,8 @@ def rates_table(runs: dict) -> str:
             r = runs[rate_arm(arm, f)].values()
             val = [x["val"][ALL] for x in r if x.get("val")]
             moved = [x["qk"]["qk_rel_change"] for x in r if x.get("qk")]
-            lines.append(f"| {arm} | x{f}{' (best)' if best.get(arm) == f else ''} | {len(r)} | "
+            mark = " (best)" if best.get(arm) == f and not unfinished(runs, arm) else ""
+            lines.append(f"| {arm} | x{f}{mark} | {len(r)} | "
                          f"{fmt(val, 1)} | {fmt([x['after'][ALL] for x in r], 1)} | "
                          f"{fmt([x['kl_last'] for x in r], 4)} | {fmt(moved, 4)} |")
     return "\n".join(lines)

@@ -87,6 +87,44 @@ def test_reading_at_best_rates_claims_only_where_both_intervals_agree(tmp_path):
     assert "no difference detected" in secondary  # -1 +- the seed spread
 
 
+def test_no_comparison_is_read_while_the_rules_still_run(tmp_path):
+    # the pre-registered factors, seed 2 of x2 and x4 still running: x1 alone has seeds 0-2,
+    # so it would be "best" and compared; nothing may be read until every rate has them
+    primary = ("grpo-longact", "grpo-random-static")
+    vals = {(a, f): [(60 + 10 * (a == "grpo-longact"), 50 + float(f))] * (3 if f == "1" else 2)
+            for a in rates.ARMS for f in rates.FIRST}
+    grid(tmp_path, vals)
+    runs = ab.collect(tmp_path)
+    assert rates.pending(runs, primary) == [f"{a}-lrx{f} seeds 2" for a in rates.ARMS
+                                            for f in ("2", "4")]
+    text = rates.reading(runs, primary, ("grpo-longact", "grpo-uniform"), "prereg.md")
+    assert "not read yet" in text and "better" not in text and "t [" not in text
+    assert "best rates" not in text and "(best)" not in rates.rates_table(runs)
+    # every seed in, best at the top: rule 2 is pending
+    for a in rates.ARMS:
+        for f in ("2", "4"):
+            fake_rate_run(tmp_path, a, f, 2, 60 + 10 * (a == "grpo-longact"), 50 + float(f))
+    runs = ab.collect(tmp_path)
+    assert rates.pending(runs, primary) == [f"{a}-lrx8 seeds 0 1 2 (rule 2)" for a in rates.ARMS]
+    assert "best rates so far: grpo-longact x4" in rates.reading(runs, primary, primary, "p.md")
+
+
+def test_rule_3_is_pending_until_seeds_3_and_4_are_in(tmp_path):
+    # best x2 inside the range; LongAct's outcomes spread by 5 points a seed: rule 3 adds seeds
+    primary = ("grpo-longact", "grpo-random-static")
+    grid(tmp_path, {(a, f): [(50 + 5 * s * (a == "grpo-longact"), 40 + float(f) * (f != "4"))
+                             for s in range(3)] for a in rates.ARMS for f in rates.FIRST})
+    assert rates.pending(ab.collect(tmp_path), primary) == [
+        f"{a}-lrx2 seeds 3 4 (rule 3)" for a in rates.ARMS]
+    for a in rates.ARMS:
+        for seed in (3, 4):
+            fake_rate_run(tmp_path, a, "2", seed, 50, 0)
+    runs = ab.collect(tmp_path)
+    assert rates.pending(runs, primary) == []
+    text = rates.reading(runs, primary, ("grpo-longact", "grpo-uniform"), "prereg.md")
+    assert "over 5 seeds" in text
+
+
 def test_items_of_another_prompt_are_refused(tmp_path):
     grid(tmp_path, {("grpo-longact", "1"): [(60, 50)], ("grpo-uniform", "1"): [(50, 50)]})
     path = tmp_path / "grpo-uniform-lrx1-seed0" / "items" / "after.jsonl"
@@ -108,13 +146,14 @@ def test_r_squared_by_hand():
 
 
 def test_summary_of_setting_2b_rebuilds_tables_and_figures(tmp_path):
-    vals = {(a, f): [(50 + 10 * i + s, 40 + float(f)) for s in range(3)]
+    # every arm best at x4 after a widening to x8 (inside its range): the rules are done
+    vals = {(a, f): [(50 + 10 * i + s, 40 - abs(float(f) - 4)) for s in range(3)]
             for i, a in enumerate(rates.ARMS) for f in ("1", "2", "4", "8")}
     grid(tmp_path / "grid", vals)
     out = tmp_path / "out"
     ab.summarize(ab.SETTINGS["2b"], tmp_path / "grid", out)
     text = (out / "ab_table.md").read_text()
-    assert "x8 (best)" in text and "crossed [" in text
+    assert "x4 (best)" in text and "crossed [" in text and "not read yet" not in text
     assert "| outcome explained by (R^2) |" in text
     assert all((out / f).exists() for f in ("step_size.png", "rates.png", "ab.png"))
     assert (out / "runs" / "grpo-uniform-lrx8-seed2" / "items" / "after.jsonl").exists()
