@@ -486,8 +486,9 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
     print(text)
     plot(runs, out)
     if setting.by_rate:
-        rates.plot_step_size(runs, out, arm_styles()[0])
-        rates.plot_rates(runs, out, arm_styles()[0])
+        colour = arm_styles()[0]
+        rates.plot_step_size(runs, out, colour)
+        rates.plot_rates(runs, out, colour)
 
 
 def main(argv=None):

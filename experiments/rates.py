@@ -41,6 +41,11 @@ def split(name: str) -> tuple:
     return arm, factor
 
 
+def factors_started(runs: dict, arm: str) -> list:
+    """The factors of `arm` with at least one finished run, smallest first."""
+    return sorted({split(n)[1] for n in runs if split(n)[0] == arm}, key=float)
+
+
 def factors_run(runs: dict, arm: str) -> list:
     """The factors of `arm` whose seeds 0-2 have all finished, smallest first."""
     done = [f for f in FACTORS if set(SEEDS) <= set(runs.get(rate_arm(arm, f), {}))]
@@ -141,9 +146,8 @@ def verdict(c: dict, a: str, b: str, better: str = "is better") -> str:
 def unfinished(runs: dict, arm: str) -> list:
     """"grpo-longact-lrx2 seeds 2": the arm's pre-registered or started rates that lack some
     of seeds 0-2 (an arm's best rate is chosen only once it has none)."""
-    started = {split(n)[1] for n in runs if split(n)[0] == arm}
     out = []
-    for f in sorted(set(FIRST) | started, key=float):
+    for f in sorted(set(FIRST) | set(factors_started(runs, arm)), key=float):
         missing = [s for s in SEEDS if s not in runs.get(rate_arm(arm, f), {})]
         if missing:
             out.append(f"{rate_arm(arm, f)} seeds {' '.join(map(str, missing))}")
@@ -211,7 +215,7 @@ def rates_table(runs: dict) -> str:
     fmt = lambda xs, p: "n/a" if not xs else "{:.{p}f} ± {:.{p}f}".format(  # noqa: E731
         *(x if not math.isnan(x) else 0.0 for x in mean_se(xs)), p=p)
     for arm in ARMS:
-        for f in sorted({split(n)[1] for n in runs if split(n)[0] == arm}, key=float):
+        for f in factors_started(runs, arm):
             r = runs[rate_arm(arm, f)].values()
             val = [x["val"][ALL] for x in r if x.get("val")]
             moved = [x["qk"]["qk_rel_change"] for x in r if x.get("qk")]
@@ -320,7 +324,7 @@ def plot_rates(runs: dict, out, colour: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, key, seeds in zip(axes, ("val", "after"), (SEEDS, None)):
         for arm in ARMS:
-            factors = sorted({split(n)[1] for n in runs if split(n)[0] == arm}, key=float)
+            factors = factors_started(runs, arm)
             means = []
             for f in factors:
                 ys = [r[key][ALL] for s, r in runs[rate_arm(arm, f)].items()
@@ -329,7 +333,7 @@ def plot_rates(runs: dict, out, colour: dict) -> None:
                 means.append(mean_se(ys)[0] if ys else math.nan)
             ax.plot([float(f) for f in factors], means, color=colour[arm], marker="o",
                     label=arm)
-            if arm in best and key == "val":
+            if arm in best and key == "val" and not unfinished(runs, arm):  # as rates_table
                 ax.scatter([float(best[arm])], [means[factors.index(best[arm])]], s=160,
                            facecolors="none", edgecolors=colour[arm], linewidths=1.5)
         ax.set_xscale("log", base=2)
