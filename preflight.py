@@ -147,6 +147,12 @@ def existing_parent(path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
+def free_disk(folder) -> int:
+    """Bytes free on folder's file system; its own function so that tests can set it (a test
+    about another check must not depend on how full the host's disk is)."""
+    return shutil.disk_usage(folder).free
+
+
 def disk_problems(args, rows: list, config) -> list:
     """The plan's checkpoint peak (less a resumed run's checkpoints, already on disk) and the
     model's download, each on its own file system or together when they share one."""
@@ -167,7 +173,7 @@ def disk_problems(args, rows: list, config) -> list:
             entry[2].append(f"{what} {nbytes / plan.GB:.1f} GB")
     problems = []
     for folder, nbytes, what in needs.values():
-        free = shutil.disk_usage(folder).free
+        free = free_disk(folder)
         if nbytes > free:
             problems.append(f"disk: {' + '.join(what)} need {nbytes / plan.GB:.1f} GB more, "
                             f"{folder} has {free / plan.GB:.1f} GB free")

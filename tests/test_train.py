@@ -7,10 +7,10 @@ Run: .venv/bin/python -m pytest -q tests/test_train.py
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -283,7 +283,7 @@ def test_a_save_that_fails_half_way_leaves_the_previous_checkpoint(tiny_dir, qa_
 
 def test_too_little_disk_stops_before_loading_and_force_goes_on(tiny_dir, qa_file, tmp_path,
                                                                 monkeypatch, capsys):
-    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
+    monkeypatch.setattr(preflight, "free_disk", lambda folder: 1000)
     monkeypatch.setattr(train, "setup", lambda a: pytest.fail("the model must not load"))
     with pytest.raises(SystemExit) as e:
         train.main(args_for(tiny_dir, qa_file, tmp_path, "disk", 1))
@@ -294,10 +294,16 @@ def test_too_little_disk_stops_before_loading_and_force_goes_on(tiny_dir, qa_fil
         train.main(args_for(tiny_dir, qa_file, tmp_path, "disk2", 1, "--force"))
 
 
+@pytest.mark.real_disk
+def test_free_disk_reads_the_file_system_of_the_folder(tmp_path):
+    assert preflight.free_disk(tmp_path) == pytest.approx(shutil.disk_usage(tmp_path).free,
+                                                         abs=512 * 2 ** 20)  # others write
+
+
 def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch):
     # paper-8b: 98.3 GB of checkpoints fit 100 GB free, the 16.4 GB download on top does not
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache: not downloaded
-    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: SimpleNamespace(free=100e9))
+    monkeypatch.setattr(preflight, "free_disk", lambda folder: 100e9)
     args = train.parse_args(["--preset", "paper-8b", "--device", "cpu",
                              "--out-dir", str(tmp_path / "runs")])
     config = preflight.policy.model_config(args.model)
