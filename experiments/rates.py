@@ -291,6 +291,7 @@ def plot_step_size(runs: dict, out, colour: dict) -> None:
     import matplotlib  # plots only
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     import common
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -305,6 +306,10 @@ def plot_step_size(runs: dict, out, colour: dict) -> None:
     for ax, what in zip(axes, ("KL to the reference, last 4 steps", "relative q/k change")):
         ax.set(xscale="log", xlabel=what + " (log)", ylabel="reported mean of cells (%)",
                title=f"outcome against {what}")
+        # ticks at 1, 2, 5 of each decade, written plainly (matplotlib's log labels overlapped)
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.legend(fontsize=8, title="marker size: learning rate", title_fontsize=7)
     fig.tight_layout()
     with common.atomic_path(out / "step_size.png") as tmp:
