@@ -159,9 +159,9 @@ def pending(runs: dict, primary: tuple) -> list:
     rates' (and any started rate's) seeds 0-2, rule 2's next factors, then rule 3's seeds 3
     and 4. A reading of a grid half run would choose rates on some seeds and compare others."""
     out = [name for arm in ARMS for name in unfinished(runs, arm)]
-    if out:
-        return out
-    out = [f"{name} seeds 0 1 2 (rule 2)" for name in arms_to_add(runs)]
+    busy = {arm for arm in ARMS if unfinished(runs, arm)}  # a rate under way: no best yet
+    out += [f"{name} seeds 0 1 2 (rule 2)" for name in arms_to_add(runs)
+            if split(name)[0] not in busy]
     best = best_rates(runs)
     if out or any(a not in best for a in primary):
         return out

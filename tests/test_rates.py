@@ -107,6 +107,11 @@ def test_no_comparison_is_read_while_the_rules_still_run(tmp_path):
     runs = ab.collect(tmp_path)
     assert rates.pending(runs, primary) == [f"{a}-lrx8 seeds 0 1 2 (rule 2)" for a in rates.ARMS]
     assert "best rates so far: grpo-longact x4" in rates.reading(runs, primary, primary, "p.md")
+    # LongAct's x8 under way: its missing seeds, and the other arms' rule 2 runs still listed
+    fake_rate_run(tmp_path, "grpo-longact", "8", 0, 70, 58)
+    assert rates.pending(ab.collect(tmp_path), primary) == [
+        "grpo-longact-lrx8 seeds 1 2", "grpo-random-static-lrx8 seeds 0 1 2 (rule 2)",
+        "grpo-uniform-lrx8 seeds 0 1 2 (rule 2)"]
 
 
 def test_rule_3_is_pending_until_seeds_3_and_4_are_in(tmp_path):
