@@ -158,10 +158,10 @@ def pending(runs: dict, primary: tuple) -> list:
     """What the rules still have to run before any comparison may be read: the pre-registered
     rates' (and any started rate's) seeds 0-2, rule 2's next factors, then rule 3's seeds 3
     and 4. A reading of a grid half run would choose rates on some seeds and compare others."""
-    out = [name for arm in ARMS for name in unfinished(runs, arm)]
-    busy = {arm for arm in ARMS if unfinished(runs, arm)}  # a rate under way: no best yet
+    left = {arm: unfinished(runs, arm) for arm in ARMS}
+    out = [name for arm in ARMS for name in left[arm]]
     out += [f"{name} seeds 0 1 2 (rule 2)" for name in arms_to_add(runs)
-            if split(name)[0] not in busy]
+            if not left[split(name)[0]]]  # an arm with a rate under way has no best yet
     best = best_rates(runs)
     if out or any(a not in best for a in primary):
         return out
