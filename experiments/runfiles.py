@@ -35,8 +35,8 @@ def collect(folder: Path, arms) -> dict:
     "before_items" (the same for the shared "before" evaluation),
     "reward": [per step], "kl_last" (mean KL of the last 4 steps), "len_last" and "trunc_last"
     (mean completion tokens and share cut at the token limit, last 4 steps; nan where not
-    logged), "qk" (qk_change.json), "minutes": {phase: min}}}} of the finished runs in
-    `folder` whose arm is one of `arms`."""
+    logged), "qk" (qk_change.json), "minutes": {phase: min}, "cpu" (config.json's, or "not
+    recorded")}}} of the finished runs in `folder` whose arm is one of `arms`."""
     out = {}
     for run in sorted(p for p in folder.iterdir() if (p / "eval.json").exists()):
         arm, _, seed = run.name.rpartition("-seed")
@@ -46,6 +46,7 @@ def collect(folder: Path, arms) -> dict:
         metrics = common.read_jsonl(run / "metrics.jsonl")
         phases = common.read_json(run / "phases.json") if (run / "phases.json").exists() else {}
         qk = run / "qk_change.json"
+        cfg = common.read_json(run / "config.json") if (run / "config.json").exists() else {}
         out.setdefault(arm, {})[int(seed)] = {
             "after": with_mean(ev["after"]), "before": with_mean(ev["before"]),
             "val": with_mean(ev["after_val"]) if "after_val" in ev else None,
@@ -56,7 +57,8 @@ def collect(folder: Path, arms) -> dict:
             "len_last": last_mean(metrics, "len"),
             "trunc_last": last_mean(metrics, "frac_truncated"),
             "qk": common.read_json(qk) if qk.exists() else {},
-            "minutes": {k: v / 60 for k, v in phases.items()}}
+            "minutes": {k: v / 60 for k, v in phases.items()},
+            "cpu": cfg.get("cpu") or "not recorded"}
     return out
 
 
@@ -97,22 +99,24 @@ def copy_small_files(grid: Path, out: Path) -> None:
 
 
 def timing_table(runs: dict, arms) -> str:
-    """Wall minutes per run (mean over seeds) by phase, and the grid's total; arms in the
+    """Wall minutes per run (mean over seeds) by phase and the CPU that ran them (a row per arm
+    and CPU kind: minutes from two CPUs are not one sample), and the grid's total; arms in the
     order of `arms`."""
     phases = ["statistics", "training", "eval after", "eval validation", "total"]
     if not any("eval validation" in r["minutes"] for arm in runs.values() for r in arm.values()):
         phases.remove("eval validation")  # grids made before validation sets
-    lines = ["| arm | runs | " + " | ".join(phases) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in phases) + " |"]
+    lines = ["| arm | CPU | runs | " + " | ".join(phases) + " |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in phases) + " |"]
     total = 0.0
     for arm in (a for a in arms if a in runs):
-        mins = [r["minutes"] for r in runs[arm].values() if r["minutes"]]
-        if not mins:
-            continue
-        total += sum(m.get("total", 0.0) for m in mins)
-        lines.append(f"| {arm} | {len(mins)} | " + " | ".join(
-            f"{sum(m.get(p, 0.0) for m in mins) / len(mins):.1f}" for p in phases) + " |")
-    lines.append("| grid (sum of run totals) | - | " + " | ".join("" for _ in phases[:-1]) +
+        for cpu in sorted({r["cpu"] for r in runs[arm].values()}):
+            mins = [r["minutes"] for r in runs[arm].values() if r["minutes"] and r["cpu"] == cpu]
+            if not mins:
+                continue
+            total += sum(m.get("total", 0.0) for m in mins)
+            lines.append(f"| {arm} | {cpu} | {len(mins)} | " + " | ".join(
+                f"{sum(m.get(p, 0.0) for m in mins) / len(mins):.1f}" for p in phases) + " |")
+    lines.append("| grid (sum of run totals) | - | - | " + " | ".join("" for _ in phases[:-1]) +
                  f" | {total:.1f} |")
     return "\n".join(lines)
 

@@ -99,7 +99,16 @@ def test_cells_in_natural_order_and_trend_and_timing(tmp_path):
     trend = ab.reward_trend(runs, k=1)  # rewards 0, 0.1, 0.2: first 0, last 0.2, +0.1
     assert "| grpo-uniform | 0.000 | 0.200 | +0.100 |" in trend
     timing = runfiles.timing_table(runs, ab.ARMS)
-    assert "| grpo-uniform | 1 | 0.0 | 2.0 | 0.0 | 5.0 |" in timing and "| 5.0 |" in timing
+    assert "| grpo-uniform | not recorded | 1 | 0.0 | 2.0 | 0.0 | 5.0 |" in timing
+    assert timing.endswith("| 5.0 |")
+    # minutes from two CPU kinds are two rows, each naming its CPU; the total counts both
+    other = fake_run(tmp_path, "grpo-uniform", 1, 50.0)
+    (other / "phases.json").write_text(json.dumps({"training": 60.0, "total": 120.0}))
+    (other / "config.json").write_text(json.dumps({"cpu": "AMD EPYC (family 26 model 2)"}))
+    timing = runfiles.timing_table(ab.collect(tmp_path), ab.ARMS)
+    assert "| grpo-uniform | AMD EPYC (family 26 model 2) | 1 | 0.0 | 1.0 | 0.0 | 2.0 |" in timing
+    assert "| grpo-uniform | not recorded | 1 | 0.0 | 2.0 | 0.0 | 5.0 |" in timing
+    assert timing.endswith("| 7.0 |")
 
 
 def test_unfinished_runs_resume_and_finished_ones_are_skipped(tmp_path):
