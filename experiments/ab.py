@@ -472,6 +472,7 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
     elif setting.by_rate:  # setting 2b: each arm at its best rate (experiments/rates.py)
         parts = [rates.reading(runs, setting.primary, setting.secondary,
                                setting.preregistration), rates.rates_table(runs), table,
+                 rates.same_rate(runs, [setting.primary, setting.secondary]),
                  rates.step_size(runs)]
     else:
         parts = [preregistered(runs, setting)] if setting.preregistration else []

@@ -12,6 +12,7 @@ on validation items that no reported cell uses; the comparisons are read at the 
     arms_to_add(runs)      the next factor for an arm whose best rate is at an end of its range
     pending(runs, ...)     what the rules still run before a reading (none: read)
     reading(runs, ...)     the pre-registered comparisons at the best rates (t and crossed)
+    same_rate(runs, pairs) descriptive: each pair of arms at every rate both ran
     plot_rates(runs, ...)  rates.png: validation (choice) and reported outcome per factor
     step_size(runs)        every run's outcome beside its KL and q/k change, and how much of the
                            outcome the step size explains, with and without the arm
@@ -253,6 +254,28 @@ def r_squared(points: list) -> dict:
     both = common_slope_sse(points)
     return {"step size": 1 - alone / sst, "arm": 1 - arm_only / sst,
             "step size and arm": 1 - both / sst}
+
+
+def same_rate(runs: dict, pairs: list) -> str:
+    """Descriptive, not pre-registered: each pair of arms at every learning rate both ran, a - b
+    paired by seed (t) and by seed and item (crossed). It separates the two readings of setting
+    2's gap that the best-rate comparison merges: at x1 (setting 2's rate) a fixed random subset
+    replaces the redrawn one (stability); across rates the gap may close (step size)."""
+    lines = ["Descriptive, not pre-registered (many comparisons, none corrected): each pair at one "
+             "learning rate, paired by seed (95% t) and by seed and item (crossed bootstrap).",
+             "", "| a - b | rate | seeds | difference | t | crossed |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for a, b in pairs:
+        for f in FACTORS:
+            ra, rb = rate_arm(a, f), rate_arm(b, f)
+            if ra not in runs or rb not in runs or len(set(runs[ra]) & set(runs[rb])) < 2:
+                continue
+            c = compare(runs, ra, rb)
+            crossed = ("n/a" if "crossed" not in c
+                       else f"[{c['crossed'][0]:+.1f}, {c['crossed'][1]:+.1f}]")
+            lines.append(f"| {a} - {b} | x{f} | {c['seeds']} | {c['d']:+.1f} | "
+                         f"[{c['t'][0]:+.1f}, {c['t'][1]:+.1f}] | {crossed} |")
+    return "\n".join(lines) if len(lines) > 4 else ""
 
 
 def step_size(runs: dict) -> str:

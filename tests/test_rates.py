@@ -160,6 +160,7 @@ def test_summary_of_setting_2b_rebuilds_tables_and_figures(tmp_path):
     text = (out / "ab_table.md").read_text()
     assert "x4 (best)" in text and "crossed [" in text and "not read yet" not in text
     assert "| outcome explained by (R^2) |" in text
+    assert "| grpo-longact - grpo-random-static | x8 | 3 |" in text  # the same-rate table
     assert all((out / f).exists() for f in ("step_size.png", "rates.png", "ab.png"))
     assert (out / "runs" / "grpo-uniform-lrx8-seed2" / "items" / "after.jsonl").exists()
 
@@ -205,3 +206,18 @@ def test_a_run_writes_items_validation_and_qk_change(tiny_dir, qa_file, tmp_path
     qk = json.loads((run / "qk_change.json").read_text())
     assert qk["qk_change_l2"] > 0 and math.isclose(
         qk["qk_rel_change"], qk["qk_change_l2"] / qk["qk_weight_l2"], rel_tol=1e-6)
+
+
+def test_same_rate_pairs_arms_at_each_rate_both_ran(tmp_path):
+    # LongAct 10 points above fixed random rows at x1, level at x2; x4 has one seed of each only
+    grid(tmp_path, {("grpo-longact", "1"): [(60, 0), (62, 0), (64, 0)],
+                    ("grpo-random-static", "1"): [(50, 0), (52, 0), (54, 0)],
+                    ("grpo-longact", "2"): [(70, 0), (60, 0)],
+                    ("grpo-random-static", "2"): [(70, 0), (60, 0), (65, 0)],
+                    ("grpo-longact", "4"): [(70, 0)], ("grpo-random-static", "4"): [(70, 0)]})
+    text = rates.same_rate(ab.collect(tmp_path), [("grpo-longact", "grpo-random-static"),
+                                                 ("grpo-longact", "grpo-uniform")])
+    assert "| grpo-longact - grpo-random-static | x1 | 3 | +10.0 | [+10.0, +10.0] |" in text
+    assert "| grpo-longact - grpo-random-static | x2 | 2 | +0.0 |" in text  # seeds both have
+    assert "| x4 |" not in text and "grpo-uniform |" not in text  # one seed; no uniform runs
+    assert rates.same_rate(ab.collect(tmp_path), [("grpo-longact", "grpo-uniform")]) == ""
