@@ -121,9 +121,12 @@ def test_rule_3_is_pending_until_seeds_3_and_4_are_in(tmp_path):
                              for s in range(3)] for a in rates.ARMS for f in rates.FIRST})
     assert rates.pending(ab.collect(tmp_path), primary) == [
         f"{a}-lrx2 seeds 3 4 (rule 3)" for a in rates.ARMS]
+    fake_rate_run(tmp_path, "grpo-longact", "2", 3, 50, 0)  # one of them in: seed 4 left
+    assert rates.pending(ab.collect(tmp_path), primary)[0] == "grpo-longact-lrx2 seeds 4 (rule 3)"
     for a in rates.ARMS:
         for seed in (3, 4):
-            fake_rate_run(tmp_path, a, "2", seed, 50, 0)
+            if (a, seed) != ("grpo-longact", 3):
+                fake_rate_run(tmp_path, a, "2", seed, 50, 0)
     runs = ab.collect(tmp_path)
     assert rates.pending(runs, primary) == []
     text = rates.reading(runs, primary, ("grpo-longact", "grpo-uniform"), "prereg.md")
