@@ -5,8 +5,8 @@ flags and seed, made on two machines or from two commits) compared field by fiel
     python -m experiments.repeat RUN_A RUN_B
 
 A seeded fp32 run on the CPU is deterministic for one kind of kernel: the sampler draws from
-torch's generator, which every CPU advances the same way, so two runs agree exactly until one
-floating-point sum rounds differently, and then they part for good (another token is sampled).
+torch's generator, which every CPU advances the same way, so two runs agree exactly unless some
+floating-point sum rounds differently; once that changes a sampled token, they part for good.
 So the test is exact equality, not a tolerance: every per-step metric of metrics.jsonl except
 the clocks, eval.json, every per-item record under items/ and qk_change.json. Why it matters:
 a grid whose runs were made on two CPU kinds is one grid only if its runs repeat across them
