@@ -169,8 +169,8 @@ def pending(runs: dict, primary: tuple) -> list:
     chosen = [rate_arm(a, best[a]) for a in ARMS]
     c = compare(first_seeds(runs), *(rate_arm(a, best[a]) for a in primary))
     if needs_more_seeds(c):
-        out = [f"{n} seeds {' '.join(str(s) for s in (3, 4) if s not in runs[n])} (rule 3)"
-               for n in chosen if not {3, 4} <= set(runs[n])]  # only the seeds still missing
+        missing = {n: [str(s) for s in (3, 4) if s not in runs[n]] for n in chosen}
+        out = [f"{n} seeds {' '.join(m)} (rule 3)" for n, m in missing.items() if m]
     return out
 
 

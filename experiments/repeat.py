@@ -86,8 +86,9 @@ def main(argv=None):
     words = {True: "equal", False: "DIFFERS", None: "only in the first run"}
     for name, same in c["files"].items():
         print(f"{name}: {words[same]}")
-    print(verdict(c))
-    return 0 if verdict(c).startswith("repeats") else 1
+    line = verdict(c)
+    print(line)
+    return 0 if line.startswith("repeats") else 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ def rewrite_jsonl(path: Path, change) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in change(rows)))
 
 
+def rows_kl(run: Path) -> float:
+    """Step 7's KL as the run wrote it."""
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[7])["kl"]
+
+
 def test_the_committed_repeat_on_another_cpu_is_equal_to_the_grid_run(capsys):
     assert repeat.main([str(GRID_RUN), str(REPEATED)]) == 0
     out = capsys.readouterr().out
@@ -55,10 +60,6 @@ def test_clocks_differ_freely_but_one_metric_or_one_item_does_not(tmp_path):
     c = repeat.compare(a, b)
     assert c["differences"] == [] and c["files"]["items/after.jsonl"] is False
     assert "items/after.jsonl" in repeat.verdict(c)
-
-
-def rows_kl(run: Path) -> float:
-    return json.loads((run / "metrics.jsonl").read_text().splitlines()[7])["kl"]
 
 
 def test_a_run_cut_short_does_not_repeat(tmp_path):
