@@ -19,7 +19,8 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/mpl
 # and pytest would keep three runs of them in /tmp.
 PYTEST  := -m pytest -q -o tmp_path_retention_policy=failed tests
 
-.PHONY: setup test demo bench causal ab ab-dapo ab2 ab2b ab3 plan clean lock test-latest gpu-wheels
+.PHONY: setup test demo bench causal ab ab-dapo ab2 ab2b ab3 plan clean lock test-latest gpu-wheels \
+        gpu-rehearsal
 
 setup: $(STAMP)
 
@@ -98,6 +99,23 @@ test-latest:
 GPU_PYTHON ?= 3.12
 gpu-wheels: $(STAMP)
 	python3 dev/lock.py wheels .whl --python $(GPU_PYTHON)
+
+# bench/gpu_node.sh word for word on this CPU with --dry-run, set up as a GPU node is: CPython
+# 3.12 with torch 2.11 and transformers 5.17 preinstalled, the carried wheels installed offline;
+# then train.main's preflight with each card's figures. Downloads torch: not part of CI.
+REHEARSAL := $(CURDIR)/.cache/rehearsal
+REHEARSAL_PY ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/$(GPU_PYTHON).*/bin/python3) \
+                python$(GPU_PYTHON))
+gpu-rehearsal: gpu-wheels
+	rm -rf $(REHEARSAL)/site $(REHEARSAL)/out
+	test -x $(REHEARSAL)/venv/bin/python || $(REHEARSAL_PY) -m venv $(REHEARSAL)/venv
+	$(REHEARSAL)/venv/bin/python -m pip install -q torch==2.11.0 transformers==5.17.0
+	PYTHON=$(REHEARSAL)/venv/bin/python SITE=$(REHEARSAL)/site OUT=$(REHEARSAL)/out \
+	  bash bench/gpu_node.sh --dry-run
+	PYTHONPATH=$(REHEARSAL)/site HF_HUB_OFFLINE=1 $(REHEARSAL)/venv/bin/python \
+	  -m bench.gpu_check --simulate-preflight >$(REHEARSAL)/out/preflight.txt 2>&1 \
+	  || { cat $(REHEARSAL)/out/preflight.txt; exit 1; }
+	cat $(REHEARSAL)/out/preflight.txt
 
 clean:
 	rm -rf .cache runs __pycache__ tests/__pycache__

@@ -65,6 +65,8 @@ class Settings:
     eval_new_tokens: int = 128       # the evaluation's answer budget (RULER's niah tasks: 128)
     eval_batch: int = 1              # greedy evaluation prompts per generate call
     keep_checkpoints: int = 1        # checkpoints kept on disk (train.py --keep-checkpoints)
+    saves: int = 8                   # checkpoints the run writes (the paper: 200 steps, every 25)
+    train_scope: str = "all"         # "qk": only the q/k projections have optimizer state
     gpu: str = "h200"                # a key of GPUS: its memory (10% headroom) and speeds
 
     def __post_init__(self):
@@ -75,7 +77,7 @@ class Settings:
             raise ValueError(f"Settings.gpu: {self.gpu!r} is not one of {sorted(GPUS)}")
         for f in ("prompt_len", "group_size", "new_tokens", "logits_chunk",
                   "prompts_per_generate", "micro_groups", "eval_len", "eval_new_tokens",
-                  "eval_batch", "keep_checkpoints"):
+                  "eval_batch", "keep_checkpoints", "saves"):
             if getattr(self, f) < 1:
                 raise ValueError(f"Settings.{f} must be >= 1, got {getattr(self, f)}")
 
@@ -274,16 +276,21 @@ def eval_rows(config, s: Settings, states: list) -> list:
 
 def disk_rows(config, s: Settings) -> list:
     """One checkpoint (train.save_checkpoint: the weights as save_pretrained writes them, in the
-    policy's dtype, and trainer_state.pt with the optimizer state) and the disk peak while the
-    kept ones and the one being written coexist."""
-    n = param_counts(config)["total"]
+    policy's dtype, and trainer_state.pt with the optimizer state of the weights that train: all,
+    or with --train-scope qk the q/k projections alone) and the disk peak while the kept ones and
+    the one being written coexist (a run that writes fewer never has more on disk)."""
+    n = param_counts(config)
+    trained = n["qk"] if s.train_scope == "qk" else n["total"]
     w, _, st, _ = OPTIMIZERS[s.optimizer]
-    one = n * (w + st)
-    return [row("disk", "weights (model.safetensors)", n * w, f"params x {w} B"),
-            row("disk", "optimizer state (trainer_state.pt)", n * st, f"params x {st} B"),
+    one = n["total"] * w + trained * st
+    coexist = min(s.keep_checkpoints + 1, s.saves)
+    return [row("disk", "weights (model.safetensors)", n["total"] * w, f"params x {w} B"),
+            row("disk", "optimizer state (trainer_state.pt)", trained * st,
+                f"{'q/k ' if s.train_scope == 'qk' else ''}params x {st} B"),
             row("disk", "one checkpoint", one, "weights + optimizer state"),
-            row("disk", "peak", (s.keep_checkpoints + 1) * one,
-                f"{s.keep_checkpoints} kept + the one being written")]
+            row("disk", "peak", coexist * one,
+                f"{coexist} coexist: {s.keep_checkpoints} kept + the one being written, "
+                f"of {s.saves} written")]
 
 
 def step_rows(config, s: Settings, states: list) -> list:
@@ -350,7 +357,14 @@ def settings_for_args(args) -> Settings:
         micro_groups=args.micro_groups,
         mask_ratio=1.0 if args.mask_strategy == "all" else args.ratio,
         eval_len=max(args.eval_lengths), eval_new_tokens=eval_answer_tokens(args.eval_tasks),
-        eval_batch=args.eval_batch or 1, keep_checkpoints=args.keep_checkpoints, gpu=args.gpu)
+        eval_batch=args.eval_batch or 1, keep_checkpoints=args.keep_checkpoints, gpu=args.gpu,
+        saves=checkpoints_written(args), train_scope=getattr(args, "train_scope", "all"))
+
+
+def checkpoints_written(args) -> int:
+    """How many checkpoints train.main writes: every --save-every steps, and the last step's."""
+    every = args.save_every or args.steps
+    return len(set(range(every, args.steps + 1, every)) | {args.steps})
 
 
 def print_plan(args) -> None:

@@ -153,6 +153,14 @@ def free_disk(folder) -> int:
     return shutil.disk_usage(folder).free
 
 
+def cuda_free_bytes(device) -> int:
+    """Bytes a run on `device` can allocate: the driver's free memory plus what this process's
+    caching allocator holds reserved but unused (blocks of an earlier phase, model or run: torch
+    hands them out again, while the driver counts them as used)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def disk_problems(args, rows: list, config) -> list:
     """The plan's checkpoint peak (less a resumed run's checkpoints, already on disk) and the
     model's download, each on its own file system or together when they share one."""
@@ -189,7 +197,7 @@ def preflight(args) -> None:
     rows = plan.plan(config, plan.settings_for_args(args))
     problems = disk_problems(args, rows, config)
     if args.device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(args.device))
+        free = cuda_free_bytes(torch.device(args.device))
         phase, top = max(plan.memory_peaks(rows).items(), key=lambda kv: kv[1])
         if top * plan.GB > 0.95 * free:
             problems.append(f"memory: the plan's {phase} phase needs {top:.1f} GB, "

@@ -4,7 +4,7 @@ run's ETA, and the guards that stop a run gone wrong with one line that says whe
 
     reporter = open_reporter(args, run_dir)   # None (default), TensorBoard or wandb (optional)
     reporter.log(row, step)                   # every metrics.jsonl row and every evaluation
-    check_update(loss, grad_norm, kl_max, args)  # raises RunStopped BEFORE the optimizer step
+    check_update(loss, grad_norm, kl_mean, args)  # raises RunStopped BEFORE the optimizer step
     eta_seconds(step_seconds, steps_left, evals_left, eval_seconds)
     with phase_memory(device, peaks, "sampling"): ...   # CUDA: cached blocks released first,
                                                         # the phase's peak allocation kept
@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+import startup
 
 GB = 1e9  # decimal, as plan.py
 # this repository's metric -> TRL's name for the same quantity (trl/trainer/grpo_trainer.py)
@@ -92,16 +94,28 @@ def open_reporter(args, run_dir: Path) -> Reporter | None:
     return Reporter("wandb", run)
 
 
-def check_update(loss: float, grad_norm: float, kl_max: float, args) -> None:
+KL_STOP = 5.0  # nats: the step's mean k3 KL above which a run stops (SOURCES.md §9.56)
+
+
+def step_mean_kl(stats: list) -> tuple:
+    """(sum of token k3, tokens) of one optimizer step's micro-batches: the step's mean KL to the
+    reference is their ratio (summed over ranks under FSDP before dividing)."""
+    return (sum(s.get("kl", 0.0) * s["num_tokens"] for s in stats),
+            sum(s["num_tokens"] for s in stats))
+
+
+def check_update(loss: float, grad_norm: float, kl_mean: float, args) -> None:
     """Raise RunStopped for an update that would damage the weights: a non-finite loss or
-    gradient, or a token's KL to the reference far past its clamp (--kl-stop; 0 = never)."""
+    gradient, or a policy that has left the reference behind: the step's mean KL (the k3 the
+    loss uses, clamped per token) past --kl-stop nats (0 = never). No per-token test: the
+    largest token's KL grows with the tokens sampled, and a clamped token adds no gradient."""
     if not math.isfinite(loss):
         raise RunStopped(f"non-finite loss ({loss})")
     if not math.isfinite(grad_norm):
         raise RunStopped(f"non-finite gradient norm ({grad_norm})")
-    if args.kl_stop and kl_max > args.kl_stop:
-        raise RunStopped(f"a token's KL to the reference is {kl_max:.3g}, past --kl-stop "
-                         f"{args.kl_stop:g} (the loss clamps each token's KL at {args.kl_clamp:g})")
+    if args.kl_stop and not kl_mean <= args.kl_stop:  # a NaN mean stops too
+        raise RunStopped(f"the step's mean KL to the reference is {kl_mean:.3g} nats, past "
+                         f"--kl-stop {args.kl_stop:g}")
 
 
 def stop_line(step: int, reason: str, run_dir: Path, saved: int | None) -> str:
@@ -139,18 +153,19 @@ def format_eta(seconds: float | None) -> str:
 # -----------------------------------------------------------------------------
 # memory between phases (CUDA only; a no-op elsewhere)
 
-ALLOC_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+ALLOC_VARS = startup.ALLOC_VARS
 
 
 def configure_allocator(device: str) -> str:
-    """Before CUDA starts: expandable segments, unless the user set the allocator's variable.
-    Memory freed by one phase (sampling's KV cache) is then reused by the next (the update's
-    activations) instead of staying fragmented in fixed-size blocks. Returns the setting."""
+    """Expandable segments on CUDA, unless the user set the allocator's variable: memory freed by
+    one phase (sampling's KV cache) is then reused by the next (the update's activations)
+    instead of staying fragmented in fixed-size blocks. The entry points set it before torch
+    loads (startup.py); this call covers code that imports train later. Returns the setting in
+    force, as the run records it ("" off CUDA)."""
     if not device.startswith("cuda"):
         return ""
-    if not any(os.environ.get(k) for k in ALLOC_VARS):
-        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
-    return next(f"{k}={os.environ[k]}" for k in ALLOC_VARS if os.environ.get(k))
+    startup.set_allocator()
+    return startup.allocator_setting()
 
 
 @contextmanager

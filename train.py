@@ -33,6 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import startup
+
+startup.set_allocator()  # before torch loads: CUDA's allocator reads its setting once
+
 import torch
 from tqdm import tqdm
 
@@ -112,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report-to", default="none", choices=report.REPORTERS,
                    help="also log every metrics row and evaluation live (optional packages)")
     g.add_argument("--wandb-project", default="longact", help="with --report-to wandb")
-    g.add_argument("--kl-stop", type=float, default=1000.0,
-                   help="stop the run, before the update, when a token's KL to the reference "
-                        "exceeds this (100x the default --kl-clamp; 0 = never)")
+    g.add_argument("--kl-stop", type=float, default=report.KL_STOP,
+                   help="stop the run, before the update, when the step's mean KL to the "
+                        "reference exceeds this many nats (0 = never)")
     g.add_argument("--hub-kernels", action="store_true",
                    help="let transformers swap layers for kernels from the hub (off: only the "
                         "code this repository and its lock ship runs; SOURCES.md §9.44)")
@@ -419,11 +423,10 @@ def policy_update(run, r, adv, masks) -> dict:
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)))
             # before the step: a non-finite or runaway update never reaches the weights; every
             # rank sees the same numbers (the norm is global, loss and KL are reduced)
-            loss, kl_max = sum(s["loss"] for s in new), max(s.get("kl_max", 0.0) for s in new)
+            loss, (kl_sum, tokens) = sum(s["loss"] for s in new), report.step_mean_kl(new)
             if args.fsdp:
-                loss, kl_max = (fsdp.reduce_numbers([loss], "sum")[0],
-                                fsdp.reduce_numbers([kl_max], "max")[0])
-            report.check_update(loss, norms[-1], kl_max, args)
+                loss, kl_sum, tokens = fsdp.reduce_numbers([loss, kl_sum, float(tokens)], "sum")
+            report.check_update(loss, norms[-1], kl_sum / max(tokens, 1), args)
             # [LongAct] the step; under `frozen` rows outside the mask come back bit-identical
             drift.append(rows.masked_step(optimizer, model, masks, args.mask_semantics))
     optimizer.zero_grad(set_to_none=True)  # free the gradients before the next sampling phase

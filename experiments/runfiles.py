@@ -143,7 +143,7 @@ def provenance(folder: Path) -> str:
     return "\n".join(lines)
 
 
-KL_STOP = 1000.0  # train.py's --kl-stop default (tested equal)
+KL_STOP = 1000.0  # --kl-stop's default while the grids ran: a token's KL (SOURCES.md §9.56)
 
 
 def resumed_runs(folder: Path) -> str:

@@ -243,8 +243,7 @@ def test_descriptive_pairs_and_the_step_size_fit(tmp_path):
 
 
 def test_the_summary_names_resumed_runs_and_the_flags_a_resume_changed(tmp_path):
-    import train
-    assert runfiles.KL_STOP == train.build_parser().get_default("kl_stop")
+    assert runfiles.KL_STOP == 1000.0  # the default every committed grid run recorded
     plain = fake_run(tmp_path, "grpo-uniform", 0, 1.0)
     assert runfiles.resumed_runs(tmp_path) == ""  # nothing resumed: no line at all
     old = fake_run(tmp_path, "grpo-uniform", 1, 1.0)  # resumed by code that kept the last step
