@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-import common
 import evaluate
-import flags
 import masking
 import saliency
-from common import append_jsonl, atomic_path, qk_modules, read_jsonl, versions
-from policy import load_policy
+from plumbing import common, flags
+from plumbing.common import append_jsonl, atomic_path, qk_modules, read_jsonl, versions
+from plumbing.policy import load_policy
 from tasks import ruler
 from tasks.haystack import calibration_prompts
 

@@ -34,10 +34,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import common
-import flags
-from common import mix_seed, write_json_atomic
-from policy import load_policy
+from plumbing import common, flags
+from plumbing.common import mix_seed, write_json_atomic
+from plumbing.policy import load_policy
 from rollout import sample_groups
 from tasks import TRAIN_SEED_START, is_training_seed, longbench, ruler
 
@@ -419,7 +418,8 @@ def parse_args(argv=None):
 
 
 def check_args(p, args) -> None:
-    """Ranges, files, task names and the model's window, before the model loads (flags.py)."""
+    """Ranges, files, task names and the model's window, before the model loads
+    (plumbing/flags.py)."""
     flags.at_least(p, args, 1, "lengths", "samples", "batch", "max_len", "limit", "threads")
     flags.at_least(p, args, 0, "seed")
     flags.local_or_hub(p, "model", args.model, "model folder")

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from common import QK_SUFFIXES, atomic_path, load_stats_file, mix_seed, natural_key
+from plumbing.common import QK_SUFFIXES, atomic_path, load_stats_file, mix_seed, natural_key
 
 # -----------------------------------------------------------------------------
 STRATEGIES = ("topk", "bottomk", "random", "all")  # the choice list; topk is LongAct

@@ -34,12 +34,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import flags
-from common import (PRECISIONS, atomic_path, autocast, choose_precision, head_dim_of,
-                    load_stats_file, model_device, positions_from_mask, qk_modules)
 from experiments.concentration import concentration, format_table, plot_stats
 from masking import DEFAULT_RATIO
-from policy import load_policy
+from plumbing import flags
+from plumbing.common import (PRECISIONS, atomic_path, autocast, choose_precision, head_dim_of,
+                             load_stats_file, model_device, positions_from_mask, qk_modules)
+from plumbing.policy import load_policy
 from tasks.haystack import calibration_prompts
 
 # -----------------------------------------------------------------------------

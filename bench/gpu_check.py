@@ -8,7 +8,7 @@ tokenizer built here (no network, no model wheel), shortened to: one generate ca
 full-length prompts and completions (a random model never stops: every completion at the limit),
 one update, one evaluation batch of RULER at the longest length and one LongBench v2 item at the
 cap, a checkpoint (of the q/k rows' optimizer only when the disk cannot hold a full one), and a
-resume that loads it. Its own time, estimated by timeplan.py, must fit 5 minutes.
+resume that loads it. Its own time, estimated by plumbing/timeplan.py, must fit 5 minutes.
 
     python -m bench.gpu_check            # on the GPU: figures/gpu_check.json and .md
     python -m bench.gpu_check --dry-run  # the same code on the CPU, a tiny Qwen3 (in make test)
@@ -31,13 +31,9 @@ if not __package__:  # run as a file, `import train` would not find the reposito
 import torch
 import transformers
 
-import common
-import plan
-import policy
-import report
-import timeplan
 import train
-from common import write_json_atomic, write_text_atomic
+from plumbing import common, plan, policy, report, timeplan
+from plumbing.common import write_json_atomic, write_text_atomic
 
 BUDGET_S = 300  # the check must fit 5 minutes by the plan: a rerun fits a 15-minute rental
 CANDIDATES = [("paper-8b", []), ("paper", ["--optimizer", "bf16-sr"]), ("paper", [])]

@@ -36,10 +36,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import common
 from experiments import damage, rates, runfiles
 from experiments.stats import (T_80, T_975, crossed_bootstrap, difference, mean_se,
                                paired_detectable, pooled_sd, t_quantile)
+from plumbing import common
 
 ARMS = {  # name -> train.py flags (on top of the setting's)
     "grpo-longact": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step"],

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from common import QK_SUFFIXES, atomic_path, natural_key
 from masking import DEFAULT_RATIO
+from plumbing.common import QK_SUFFIXES, atomic_path, natural_key
 
 def layer_pairs(stats: dict) -> list:
     """[(layer prefix, q name, k name)] in layer order; a side is None when a layer lacks it."""

@@ -15,7 +15,7 @@ Test: .venv/bin/python -m pytest -q tests/test_curves.py
 import argparse
 from pathlib import Path
 
-import common
+from plumbing import common
 
 PANELS = [  # (title, [(metrics key, label)])
     ("reward and accuracy", [("reward", "reward"), ("acc", "accuracy")]),

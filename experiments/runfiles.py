@@ -17,8 +17,8 @@ Test: .venv/bin/python -m pytest -q tests/test_ab.py tests/test_install.py
 import shutil
 from pathlib import Path
 
-import common
 from experiments import rates
+from plumbing import common
 
 SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json", "qk_change.json")
 ALL = rates.ALL  # a run's mean over its task@length cells: 4x the samples of one cell

@@ -31,7 +31,7 @@ import json
 import re
 from pathlib import Path
 
-from common import read_jsonl
+from plumbing.common import read_jsonl
 
 LONGBENCH_HUB_ID = "THUDM/LongBench-v2"
 LONGBENCH_FIELDS = ("_id", "domain", "sub_domain", "difficulty", "length", "question",

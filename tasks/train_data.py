@@ -15,10 +15,9 @@ Test: .venv/bin/python -m pytest -q tests/test_flags.py tests/test_train.py
 import random
 from pathlib import Path
 
-import common
 import evaluate
-import flags
 import tasks
+from plumbing import common, flags
 
 
 QA_TEMPLATE = ("Read the following text and answer the question.\n\n{context}\n\n"

@@ -9,8 +9,8 @@ import torch
 
 from causal import (channel_masks, load_done, plan_points, plot_summary, removed_channels,
                     run_points, summary_table)
-from common import qk_modules, read_jsonl
 from conftest import tiny_model
+from plumbing.common import qk_modules, read_jsonl
 
 HEAD_DIM = 8  # tiny_model: 4 query heads, 2 KV heads of dim 8
 CONFIG = {"model": "tiny", "tasks": ["t"], "lengths": [64], "samples": 1, "seed": 0}

@@ -13,9 +13,9 @@ import pytest
 
 import causal
 import evaluate
-import policy
 import saliency
 import train
+from plumbing import policy
 
 
 @pytest.fixture

@@ -11,10 +11,9 @@ import json
 import pytest
 import torch
 
-import common
-import policy
 import train
 from bench import gpu_check
+from plumbing import common, policy
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -18,10 +18,9 @@ import pytest
 import torch
 import transformers
 
-import common
-import policy
 import train
 from experiments import runfiles
+from plumbing import common, policy
 
 
 def refuse(*a, **kw):
@@ -145,7 +144,7 @@ def test_the_embedded_model_cache_is_keyed_by_the_converting_versions():
 
 def test_every_model_load_goes_through_the_one_loader():
     # a from_pretrained of a model anywhere else would take transformers' default (kernels on)
-    root = policy.Path(policy.__file__).parent
+    root = policy.Path(policy.__file__).parents[1]
     files = [p for p in root.rglob("*.py") if ".venv" not in p.parts and ".cache" not in p.parts]
     direct = [f"{p.relative_to(root)}:{n}" for p in files
               for n, line in enumerate(p.read_text().splitlines(), 1)

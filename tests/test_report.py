@@ -1,6 +1,6 @@
-"""Watching a long run (report.py): tracker names, the guards that stop a bad update before it
-reaches the weights, the ETA, and --report-to through train.main with stand-in trackers (the
-real packages are optional and not in the lock).
+"""Watching a long run (plumbing/report.py): tracker names, the guards that stop a bad update
+before it reaches the weights, the ETA, and --report-to through train.main with stand-in
+trackers (the real packages are optional and not in the lock).
 
 Run: .venv/bin/python -m pytest -q tests/test_report.py
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import report
 import train
+from plumbing import report
 
 
 def args_for(tiny_dir, qa_file, out, name, steps, *extra):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import saliency
-from common import positions_from_mask, qk_modules
 from conftest import tiny_model
+from plumbing.common import positions_from_mask, qk_modules
 from saliency import (STATS, collect_qk_stats, concentration, finalize, finalize_state,
                       format_table, load_stats, new_acc, prefill_collector, qk_hooks, save_stats,
                       update_stats)
