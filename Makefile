@@ -42,8 +42,8 @@ bench: $(STAMP)
 CAUSAL := --tasks niah_single_2 niah_multikey_1 --lengths 1024 2048 --samples 10 --ns 1 4 16 \
           --out figures/causal/causal.jsonl
 causal: $(STAMP)
-	$(PY) causal.py $(CAUSAL)
-	$(PY) causal.py $(CAUSAL) --summary
+	$(PY) -m experiments.causal $(CAUSAL)
+	$(PY) -m experiments.causal $(CAUSAL) --summary
 
 # The A/B grid, setting 1: five GRPO arms x 3 seeds, resumable; then the table and figures.
 ab: $(STAMP)

@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-import causal
 import evaluate
 import saliency
 import train
+from experiments import causal
 from plumbing import policy
 
 

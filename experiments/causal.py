@@ -1,5 +1,6 @@
 """
-causal.py -- the causal test: does the model need its massive Q/K channels on long inputs?
+experiments/causal.py -- the causal test: does the model need its massive Q/K channels on long
+inputs?
 
 The LongAct write-up (SOURCES.md §1.5) removes the massive channels of Qwen3-8B and sees LongBench
 v2 collapse, far more than when the other channels go. If massive channels carry long-context
@@ -18,10 +19,10 @@ is edited). Every condition sees the same RULER samples; one JSON line per (cond
 appended when done, so an interrupted run resumes where it stopped.
 
 Shapes: H heads, D head dim, C = H*D output channels of one q/k projection.
-Run:  python causal.py --out figures/causal/causal.jsonl                (the measurement; resumable)
-      python causal.py --out figures/causal/causal.jsonl --summary      (table + causal.png)
-      python causal.py --out /tmp/c.jsonl --tasks niah_single_1 --lengths 512 --samples 2 \
-          --ns 1 --calib-len 256 --calib-samples 1                       (smoke run, minutes)
+Run:  python -m experiments.causal --out figures/causal/causal.jsonl   (measurement; resumable)
+      python -m experiments.causal --out figures/causal/causal.jsonl --summary  (table + figure)
+      python -m experiments.causal --out /tmp/c.jsonl --tasks niah_single_1 --lengths 512 \
+          --samples 2 --ns 1 --calib-len 256 --calib-samples 1            (smoke run, minutes)
 """
 
 import contextlib
