@@ -73,7 +73,7 @@ SETTING = ["--train-task", "niah_multikey_2", "--train-len", "512", "--steps", "
            "--eval-tasks", "niah_multikey_2", "niah_multikey_3", "--eval-lengths", "512", "1024",
            "--eval-samples", "50", "--save-every", "1"]
 # Setting 2 (SOURCES.md §9.43): only the q/k projections train, so which rows train is the whole
-# question; lr from the pilots (dev/LOG.md); fp32 everywhere, so that sittings on different CPUs
+# question; lr from the pilots (docs/LOG.md); fp32 everywhere, so that sittings on different CPUs
 # run one grid.
 SETTING_2_LR = "1e-4"
 SETTING_2 = (SETTING[:SETTING.index("--lr")] + ["--lr", SETTING_2_LR]

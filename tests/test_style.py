@@ -47,7 +47,7 @@ def test_module_docstrings_fit_on_a_first_screen():
 
 def test_cited_choices_exist_in_sources():
     # "§9.N" in code and documents must name an item of SOURCES.md §9
-    section = (ROOT / "SOURCES.md").read_text().split("## §9", 1)[1]
+    section = (ROOT / "docs" / "SOURCES.md").read_text().split("## §9", 1)[1]
     items = {int(m) for m in re.findall(r"^(\d+)\. ", section, re.MULTILINE)}
     cited = {(f"{p.relative_to(ROOT)}", int(n)) for p in tracked("*.py", "*.md")
              for n in re.findall(r"§9\.(\d+)", p.read_text())}
