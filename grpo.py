@@ -181,19 +181,3 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
             metrics["kl_max"] = raw[mask].max().item()
     loss = aggregate(per_token, mask, aggregation, max_len, num_tokens, num_seqs)
     return loss, metrics
-
-
-def summarize_update(stats: list, norms: list, drift: list, lr: float, mu: int) -> dict:
-    """One update's metrics from its micro-batches' (token-weighted means; the largest KL and
-    ratio deviation; the loss per optimizer step), the grad norms and the frozen-row drift."""
-    w = [s.get("num_tokens", 1) for s in stats]  # token-weighted means of per-micro-batch metrics
-    out = {k: sum(s[k] * wi for s, wi in zip(stats, w)) / max(1, sum(w)) for k in stats[0]
-           if k not in ("num_tokens", "loss", "kl_max", "ratio_dev_max")
-           and isinstance(stats[0][k], (int, float))}
-    out["kl_max"] = max(s.get("kl_max", 0.0) for s in stats)
-    out["ratio_dev_max"] = max(s["ratio_dev_max"] for s in stats)  # 0 when every step is on-policy
-    out["loss"] = sum(s["loss"] for s in stats) / (mu * max(1, len(norms) // mu))
-    out["grad_norm"], out["opt_steps"], out["lr"] = max(norms), len(norms), lr
-    if drift:
-        out["drift_outside_mask"] = max(drift)  # [LongAct] 0.0 exactly under `frozen`
-    return out

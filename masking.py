@@ -94,26 +94,6 @@ def build_masks(stats: dict[str, Tensor], ratio: float = DEFAULT_RATIO, strategy
     return masks
 
 
-def mask_overlap(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
-    """Jaccard |a & b| / |a | b| of two mask dicts, averaged over matrices (1.0 = the same rows).
-
-    Example: {"q": [T, T, F, F]} vs {"q": [F, T, T, F]} -> 1 shared row of 3 -> 0.333.
-    Two empty masks count as identical (1.0). Both dicts must name the same matrices.
-    """
-    if set(a) != set(b):
-        raise ValueError(f"mask sets differ: only in the first {sorted(set(a) - set(b))[:3]}, "
-                         f"only in the second {sorted(set(b) - set(a))[:3]}")
-    if not a:
-        raise ValueError("no masks to compare")
-    scores = []
-    for name in a:
-        if a[name].shape != b[name].shape:
-            raise ValueError(f"{name}: shapes {tuple(a[name].shape)} and {tuple(b[name].shape)}")
-        union = int((a[name] | b[name]).sum())
-        scores.append(1.0 if union == 0 else int((a[name] & b[name]).sum()) / union)
-    return sum(scores) / len(scores)
-
-
 # ----------------------------------------------------------------------------- summaries and files
 def mask_summary(masks: dict[str, Tensor], stats: dict[str, Tensor] | None = None):
     """(per-layer shares, overall share of trainable q/k rows).
@@ -276,45 +256,6 @@ def masked_step(optimizer, model: torch.nn.Module, masks: dict[str, Tensor],
         if out.any():
             drift = max(drift, (p[out].float() - before.float()).abs().max().item())
     return drift
-
-
-def qk_snapshot(model: torch.nn.Module, masks: dict[str, Tensor]) -> dict[str, Tensor]:
-    """{parameter name: detached copy} of every masked q/k weight and bias (rows_outside_drift)."""
-    return {name: p.detach().clone() for name, p, _ in masked_params(model, masks)}
-
-
-def rows_outside_drift(before: dict[str, Tensor], after, masks: dict[str, Tensor]) -> float:
-    """Max |after - before| over the rows outside each parameter's mask (0.0 = nothing moved).
-
-    before: {"<module>.weight" or "<module>.bias": tensor} (qk_snapshot); after: the same, or the
-    model itself (read in place, no copy); masks are keyed by module.
-    Example: before w = [[1, 1], [2, 2]], after [[1, 1], [2.5, 2]], mask [T, F] -> 0.5.
-    """
-    if isinstance(after, torch.nn.Module):
-        after = {n: p.detach() for n, p in after.named_parameters() if n in before}
-    drift = 0.0
-    for name, b in before.items():
-        module = name.rsplit(".", 1)[0]
-        if module not in masks or name not in after:
-            raise ValueError(f"{name}: no mask for {module!r} or no 'after' tensor")
-        out = ~masks[module].to(b.device)  # (C,)
-        if out.any():
-            delta = (after[name][out].float() - b[out].float()).abs().max().item()
-            drift = max(drift, delta)
-    return drift
-
-
-def mask_dynamics(masks: dict, refs: dict, static_masks: dict) -> dict:
-    """[LongAct] Jaccard overlap of this step's masks with the previous step's and step 0's, and of
-    step 0's with the static calibration mask. Updates `refs` in place."""
-    if refs.get("step0") is None:
-        refs["step0"] = masks
-    out = {"mask_jaccard_prev": (mask_overlap(masks, refs["prev"])
-                                 if refs.get("prev") is not None else 1.0),
-           "mask_jaccard_step0": mask_overlap(masks, refs["step0"]),
-           "mask_jaccard_step0_static": mask_overlap(refs["step0"], static_masks)}
-    refs["prev"] = masks
-    return out
 
 
 # ----------------------------------------------------------------------------- CLI

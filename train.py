@@ -422,7 +422,7 @@ def policy_update(run, r, adv, masks) -> dict:
             drift.append(rows.masked_step(optimizer, model, masks, args.mask_semantics))
     optimizer.zero_grad(set_to_none=True)  # free the gradients before the next sampling phase
     run.scheduler.step()
-    return grpo.summarize_update(stats, norms, drift, lr, args.mu)
+    return report.summarize_update(stats, norms, drift, lr, args.mu)
 
 
 # -----------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def rl_step(run, step: int) -> dict | None:
         r, rewards, scores, samples, info = collect_batch(run, step, hook)  # 1. sample, 4. score
     t_sample = time.time() - t
     masks = step_masks(run.model, args, step, state, run.static_masks)  # [LongAct] 2. and 3.
-    dyn = masking.mask_dynamics(masks, run.masks_ref, run.static_masks)
+    dyn = report.mask_dynamics(masks, run.masks_ref, run.static_masks)
     if len(r.prompt_ids) == 0:
         print(f"step {step}: no informative group in {info['gen_batches']} generation batches; "
               "update skipped")
