@@ -10,11 +10,10 @@ Samples from it (Sample and build_prompt_ids are there); this file runs a policy
 
 RULER (SOURCES.md §5): string_match_all (niah, vt, cwe, fwe) and string_match_part (qa), after
 RULER's clean-up `scripts/eval/evaluate.py:postprocess_pred`; scores x100 with 2 decimals, greedy
-decoding. LongBench v2 (SOURCES.md §6): the letter extracted from "The correct answer is (X)"
-against the answer; temperature 0.1; the table of `result.py` (Overall, Easy, Hard, Short, Medium,
-Long). Qwen3's thinking switch is passed explicitly (SOURCES.md §8.6): off for RULER and training
-(§9.19), either way for LongBench v2. Unparsed answers score 0 (§9.23); precision from the
-hardware (§9.17).
+decoding. LongBench v2: the letter extracted from "The correct answer is (X)" against the
+answer; temperature 0.1; the table of `result.py` (Overall, Easy, Hard, Short, Medium, Long).
+Qwen3's thinking switch is passed explicitly: off for RULER and training, either way for LongBench
+v2. Unparsed answers score 0; precision from the hardware.
 
 Seeds: Samples are pure functions of (task, length, seed, index); evaluation seeds are <
 TRAIN_SEED_START (tasks/__init__.py). Sampled completions (LongBench's temperature 0.1) are seeded

@@ -11,7 +11,7 @@ token t of o_i:
     l_i,t   = -min(rho_i,t * A_i, clip(rho_i,t, 1 - clip_eps, 1 + clip_eps) * A_i) + beta * k3_i,t
     loss    = (1/B) * sum_i (1/|o_i|) * sum_t l_i,t        "seq-mean-token-mean", the paper's
 
-Against TRL and verl (SOURCES.md §3.2-3.4; choices §9.10-9.12): TRL's Bessel std with eps 1e-4 and
+Against TRL and verl (choices: SOURCES.md §9.10-9.12): TRL's Bessel std with eps 1e-4 and
 its `scale_rewards` (group, batch, none); an all-equal group gets advantage exactly 0; symmetric
 clip 0.2 without verl's dual clip; k3 clamped to [-10, 10] as verl's `low_var_kl` (one token far
 below the reference would otherwise swamp the batch), `kl_max` logging the unclamped largest;

@@ -6,13 +6,12 @@ behind the salient activations" is a row mask G per q/k matrix (SOURCES.md §1.3
 
     grad W_Q <- grad W_Q * G_Q,    grad W_K <- grad W_K * G_K,
 
-keeping round(0.3 * D) rows in every head (SOURCES.md §9.5); W_V, W_O and the MLPs train
-normally. Masks are built once before RL or every step (§1.4, §9.6); strategies topk (LongAct),
-bottomk, random, all (§9.7, §9.9). Rows outside the mask (§9.8): AdamW's decay and momentum
-move rows whose gradient is zero (§8.1), so "frozen" (default) copies those rows of the parameter
-and of its same-shape optimizer state out, steps, and copies them back (bit-identical); "grad"
-masks only the gradient, the formula as written. `apply_train_scope` decides which weights train
-at all (§9.36).
+keeping round(0.3 * D) rows in every head; W_V, W_O and the MLPs train normally. Masks are built
+once before RL or every step; strategies topk (LongAct), bottomk, random, all. Rows outside the
+mask: AdamW's decay and momentum move rows whose gradient is zero, so "frozen" (default) copies
+those rows of the parameter and of its same-shape optimizer state out, steps, and copies them back
+(bit-identical); "grad" masks only the gradient, the formula as written. `apply_train_scope`
+decides which weights train at all. Choices: SOURCES.md §9.5-9.9.
 
 Each training step (train.py):
     masks = build_masks(stats, ratio=0.3, head_dim=D, seed=mix_seed(run_seed, step))

@@ -3,7 +3,7 @@ rollout.py -- G completions per prompt with Hugging Face `generate`, and their l
 prompt run once.
 
 In long-context RL a group is G completions of ONE long prompt (LongAct: 16k-token prompts,
-G = 8; SOURCES.md §1). Both halves of a step share that prompt:
+G = 8). Both halves of a step share that prompt:
   * sampling (`sample_groups`): the N prompts are prefilled once, their cache repeated to the
     G rows of each group, and one `generate` call decodes all N x G rows. The fast engine
     (plumbing/engine.py, the default) does the same with less memory traffic; `engine="hf"` is
@@ -13,7 +13,7 @@ G = 8; SOURCES.md §1). Both halves of a step share that prompt:
     Exact: tests/test_rollout.py compares it with G full [prompt; completion] forwards.
 Sampling sees the distribution the loss scores (a complete GenerationConfig, the model's own
 swapped out); completion masks come from the position of the first EOS, never from
-`ids != pad` (pad == EOS for SmolLM2 and Qwen). Choices: SOURCES.md §9.18, §9.20.
+`ids != pad` (pad == EOS for SmolLM2 and Qwen; SOURCES.md §9.20).
 
     sample_groups(model, tok, prompts, G, T)  -> Rollout: G completions per prompt
     completion_logprobs(model, rollout)       -> (B, T) log pi(y_t | x, y_<t), with gradients

@@ -2,8 +2,8 @@
 saliency.py -- LongAct step 1: how large each query/key channel's activations are on long inputs.
 
 When an LLM reads a long context, a few channels of its query and key vectors carry much larger
-activations than the rest (LongAct, arXiv 2604.14922; SOURCES.md §1.1, §2: AWQ's salient
-channels, the massive values of Q and K in low-frequency RoPE dims). LongAct lets RL update only
+activations than the rest (LongAct, arXiv 2604.14922; AWQ's salient channels, the massive
+values of Q and K in low-frequency RoPE dims). LongAct lets RL update only
 the weight rows behind those channels (`masking.py`). The statistic (SOURCES.md §1.2, from
 third-party summaries), per head h and head dim d:
 
@@ -13,7 +13,7 @@ the L2 norm over the positions s of each sequence i, averaged over the B sequenc
 q = x @ W_q.T (+ b_q), output channel c = h*D + d is row c of W_q: one number per weight row.
 Hooks on every `q_proj` / `k_proj` output reduce on the fly (no activation is stored):
   * a calibration pass:  collect_qk_stats(model, batches)   (a static mask, computed once), or
-  * around the rollout's prefill, every RL step, without an extra forward (SOURCES.md §1.4):
+  * around the rollout's prefill, every RL step, without an extra forward:
         hook, state = prefill_collector(model)           # a fresh state per step
         rollout.sample_groups(..., prefill_hook=hook)    # may run several times a step (DAPO)
         stats = finalize_state(state)                    # {name: (C,) float32}
