@@ -40,7 +40,7 @@ bench: $(STAMP)
 
 # The causal channel-removal test on the embedded model (resumable; README, "Causal test").
 CAUSAL := --tasks niah_single_2 niah_multikey_1 --lengths 1024 2048 --samples 10 --ns 1 4 16 \
-          --out figures/causal/causal.jsonl
+          --out experiments/runs/causal/causal.jsonl
 causal: $(STAMP)
 	$(PY) -m experiments.causal $(CAUSAL)
 	$(PY) -m experiments.causal $(CAUSAL) --summary
@@ -100,4 +100,4 @@ gpu-wheels: $(STAMP)
 	python3 dev/lock.py wheels .whl --python $(GPU_PYTHON)
 
 clean:
-	rm -rf .cache runs __pycache__ tests/__pycache__
+	rm -rf .cache runs __pycache__ plumbing/__pycache__ tests/__pycache__

@@ -19,8 +19,8 @@ is edited). Every condition sees the same RULER samples; one JSON line per (cond
 appended when done, so an interrupted run resumes where it stopped.
 
 Shapes: H heads, D head dim, C = H*D output channels of one q/k projection.
-Run:  python -m experiments.causal --out figures/causal/causal.jsonl   (measurement; resumable)
-      python -m experiments.causal --out figures/causal/causal.jsonl --summary  (table + figure)
+Run:  python -m experiments.causal            (measurement, resumable: experiments/runs/causal/)
+      python -m experiments.causal --summary  (the table, and figures/causal/causal.png)
       python -m experiments.causal --out /tmp/c.jsonl --tasks niah_single_1 --lengths 512 \
           --samples 2 --ns 1 --calib-len 256 --calib-samples 1            (smoke run, minutes)
 """
@@ -34,6 +34,7 @@ import torch
 import evaluate
 import masking
 import saliency
+from experiments import figures_twin
 from plumbing import common, flags
 from plumbing.common import append_jsonl, atomic_path, qk_modules, read_jsonl, versions
 from plumbing.policy import load_policy
@@ -250,9 +251,12 @@ def parse_args(argv=None):
     g.add_argument("--calib-len", type=int, default=2048, help="tokens per calibration text")
     g.add_argument("--calib-samples", type=int, default=8, help="calibration texts")
     g = p.add_argument_group("outputs")
-    g.add_argument("--out", default="figures/causal/causal.jsonl", help="results (JSON lines)")
+    g.add_argument("--out", default="experiments/runs/causal/causal.jsonl",
+                   help="results (JSON lines)")
     g.add_argument("--summary", action="store_true", help="print the table, write the figure")
-    g.add_argument("--figure", default=None, help="figure path (default: next to --out)")
+    g.add_argument("--figure", default=None,
+                   help="figure path (default: figures/NAME/ for results under "
+                        "experiments/runs/NAME/, else next to --out)")
     args = p.parse_args(argv)
     if args.summary:
         flags.existing(p, "out", args.out, "results file to summarise")
@@ -275,7 +279,9 @@ def main(argv=None):
     if args.summary:
         rows = read_jsonl(out)
         print(summary_table(rows))
-        figure = Path(args.figure or out.with_suffix(".png"))
+        twin = figures_twin(out.parent)  # committed results: the picture goes to figures/
+        figure = Path(args.figure or (twin / (out.stem + ".png") if twin else
+                                      out.with_suffix(".png")))
         plot_summary(rows, figure)
         print(f"wrote {figure}")
         return rows

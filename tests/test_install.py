@@ -128,10 +128,12 @@ def test_the_grid_summary_prints_versions_or_not_recorded(tmp_path):
 
 
 def test_a_grids_copied_run_files_do_not_mark_the_code_dirty():
-    assert common.code_changes("?? figures/ab3/runs/grpo-uniform-seed4/eval.json\n") == []
+    assert common.code_changes("?? experiments/runs/ab3/grpo-uniform-seed4/eval.json\n") == []
+    assert common.code_changes("?? figures/ab3/rates.png\n") == []  # a summary's new figure
     assert common.code_changes(" M train.py\n") == [" M train.py"]  # a tracked change
     assert common.code_changes("?? helper.py\n") == ["?? helper.py"]  # new code
     assert common.code_changes(" M figures/ab3/ab_table.md\n") != []  # tracked, even there
+    assert common.code_changes(" M experiments/runs/ab3/before.json\n") != []
     assert common.code_changes("") == []
 
 
