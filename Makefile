@@ -41,10 +41,10 @@ bench: $(STAMP)
 
 # The causal channel-removal test on the embedded model (resumable; README, "Causal test").
 CAUSAL := --tasks niah_single_2 niah_multikey_1 --lengths 1024 2048 --samples 10 --ns 1 4 16 \
-          --out figures/causal/causal.jsonl
+          --out experiments/runs/causal/causal.jsonl
 causal: $(STAMP)
-	$(PY) causal.py $(CAUSAL)
-	$(PY) causal.py $(CAUSAL) --summary
+	$(PY) -m experiments.causal $(CAUSAL)
+	$(PY) -m experiments.causal $(CAUSAL) --summary
 
 # The A/B grid, setting 1: five GRPO arms x 3 seeds, resumable; then the table and figures.
 ab: $(STAMP)
@@ -118,4 +118,4 @@ gpu-rehearsal: gpu-wheels
 	cat $(REHEARSAL)/out/preflight.txt
 
 clean:
-	rm -rf .cache runs __pycache__ tests/__pycache__
+	rm -rf .cache runs __pycache__ plumbing/__pycache__ tests/__pycache__

@@ -4,16 +4,16 @@ evaluate.py -- what the model is asked, and the one scorer used for benchmark ta
 A `Sample` is one benchmark item ready to prompt and to score. `build_prompt_ids` turns it into the
 token ids the model sees (chat template, assistant header, answer prefix); `score(sample,
 completion)` maps a completion to [0, 1] for the RULER / LongBench v2 tables and for `train.py`'s
-reward alike, so the reward is the metric. The data lives in `tasks/`; this file builds Samples
-from it, runs a policy on them (`rollout.py` generates), and prints the tables.
+reward alike, so the reward is the metric. The data lives in `tasks/`, and tasks/sample.py builds
+Samples from it (Sample and build_prompt_ids are there); this file runs a policy on them
+(`rollout.py` generates), scores them, and prints the tables.
 
 RULER (SOURCES.md §5): string_match_all (niah, vt, cwe, fwe) and string_match_part (qa), after
 RULER's clean-up `scripts/eval/evaluate.py:postprocess_pred`; scores x100 with 2 decimals, greedy
-decoding. LongBench v2 (SOURCES.md §6): the letter extracted from "The correct answer is (X)"
-against the answer; temperature 0.1; the table of `result.py` (Overall, Easy, Hard, Short, Medium,
-Long). Qwen3's thinking switch is passed explicitly (SOURCES.md §8.6): off for RULER and training
-(§9.19), either way for LongBench v2. Unparsed answers score 0 (§9.23); precision from the
-hardware (§9.17).
+decoding. LongBench v2: the letter extracted from "The correct answer is (X)" against the
+answer; temperature 0.1; the table of `result.py` (Overall, Easy, Hard, Short, Medium, Long).
+Qwen3's thinking switch is passed explicitly: off for RULER and training, either way for LongBench
+v2. Unparsed answers score 0; precision from the hardware.
 
 Seeds: Samples are pure functions of (task, length, seed, index); evaluation seeds are <
 TRAIN_SEED_START (tasks/__init__.py). Sampled completions (LongBench's temperature 0.1) are seeded
@@ -28,106 +28,21 @@ Run:
 import hashlib
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import common
-import flags
-from common import mix_seed, write_json_atomic
-from policy import load_policy
+from plumbing import common, flags
+from plumbing.common import mix_seed, write_json_atomic
+from plumbing.policy import load_policy
 from rollout import sample_groups
 from tasks import TRAIN_SEED_START, is_training_seed, longbench, ruler
+from tasks.sample import (Sample, build_prompt_ids, longbench_sample, prompt_ids,  # noqa: F401
+                          ruler_sample, ruler_samples, template_tokens)
 
-# -----------------------------------------------------------------------------
-# what the model is asked
-
-
-@dataclass
-class Sample:
-    """One benchmark item, ready to prompt and to score (RULER and LongBench v2 alike).
-
-    The model sees: chat template(user turn = `prompt`, thinking switch) + `answer_prefix`, and may
-    write `max_new_tokens` tokens. `score(sample, completion)` compares the completion with
-    `references`.
-    """
-    bench: str            # "ruler" | "longbench-v2" | what train.py reads from its own data
-    task: str             # RULER task name, or "longbench-v2"
-    length: int           # RULER: target tokens (prompt + generation budget); LongBench v2: 0
-    index: int            # position within its (task, length, seed) set
-    seed: int
-    prompt: str           # the user turn
-    answer_prefix: str    # after the chat template's assistant header (RULER); "" for LongBench v2
-    references: list      # RULER: strings to find in the completion; LongBench v2: [correct letter]
-    metric: str           # "string_match_all" | "string_match_part" | "choice"
-    max_new_tokens: int
-    prompt_tokens: int = 0  # chat template + prompt + answer prefix, in the evaluated tokenizer
-    meta: dict = field(default_factory=dict)
-    thinking: bool = False  # Qwen3's enable_thinking: the model writes its own <think> block first
-
-
-def build_prompt_ids(tokenizer, text: str, chat: bool = True, answer_prefix: str = "",
-                     thinking: bool = False) -> list:
-    """Token ids of one prompt: the text as a user turn in the model's chat template with the
-    assistant header appended (chat=True and the tokenizer has a template; else the plain text),
-    then an optional answer prefix that the model continues (RULER's, SOURCES.md §5).
-
-    thinking is handed to the template as `enable_thinking` (transformers passes extra keywords
-    through as template variables). Qwen3's template then ends the prompt with
-        thinking=False: '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + answer prefix
-        thinking=True:  '<|im_start|>assistant\\n' (the model opens its own block)
-    tests/test_evaluate.py checks both on the published template. Templates without the switch
-    ignore it."""
-    if chat and tokenizer.chat_template:
-        messages = [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                            enable_thinking=thinking, tokenize=True,
-                                            return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    if answer_prefix:
-        ids = list(ids) + tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
-    return list(ids)
-
-
-def prompt_ids(tokenizer, sample: Sample) -> list:
-    """Token ids the model is given for a sample (chat template + user turn + answer prefix)."""
-    return build_prompt_ids(tokenizer, sample.prompt, chat=True, answer_prefix=sample.answer_prefix,
-                            thinking=sample.thinking)
-
-
-def template_tokens(tokenizer, thinking: bool = False) -> int:
-    """Tokens the chat template adds around an empty user turn, in the given thinking mode."""
-    return len(build_prompt_ids(tokenizer, "", chat=True, thinking=thinking))
-
-
-def ruler_sample(tokenizer, task: str, length: int, seed: int = 0, index: int = 0) -> Sample:
-    """One RULER sample fitted to `length` tokens of this tokenizer, chat template included
-    (thinking off, §9.19). Pure function of (tokenizer, task, length, seed, index); train.py uses
-    seeds >= TRAIN_SEED_START."""
-    encode = lambda text, prefix: build_prompt_ids(tokenizer, text, chat=True, answer_prefix=prefix)
-    fields = ruler.ruler_item(tokenizer, task, length, seed, index, prompt_ids=encode)
-    return Sample(bench="ruler", **fields)
-
-
-def ruler_samples(tokenizer, task: str, length: int, num: int, seed: int = 0) -> list:
-    """`num` samples of one task at one length: indices 0..num-1 of this seed."""
-    return [ruler_sample(tokenizer, task, length, seed, i) for i in range(num)]
-
-
-def longbench_sample(item: dict, index: int, tokenizer, max_len: int = longbench.LONGBENCH_MAX_LEN,
-                     window=None, cot: bool = False, seed: int = 0,
-                     thinking: bool = False) -> Sample:
-    """A LongBench v2 item as a Sample (0-shot, the first CoT call, or 0-shot in thinking mode),
-    truncated to fit `window` together with the chat template and the generation budget
-    (tasks/longbench.py)."""
-    fields = longbench.longbench_item(item, index, tokenizer, template_tokens(tokenizer, thinking),
-                                      max_len=max_len, window=window, cot=cot, seed=seed,
-                                      thinking=thinking)
-    return Sample(bench="longbench-v2", **fields)
-
+# what the model is asked -- Sample, build_prompt_ids, prompt_ids, ruler_sample(s),
+# longbench_sample -- is tasks/sample.py's (imported above: evaluate.Sample names the same class)
 
 # -----------------------------------------------------------------------------
 # RULER metrics (scripts/eval/synthetic/constants.py and scripts/eval/evaluate.py:postprocess_pred)
@@ -419,7 +334,8 @@ def parse_args(argv=None):
 
 
 def check_args(p, args) -> None:
-    """Ranges, files, task names and the model's window, before the model loads (flags.py)."""
+    """Ranges, files, task names and the model's window, before the model loads
+    (plumbing/flags.py)."""
     flags.at_least(p, args, 1, "lengths", "samples", "batch", "max_len", "limit", "threads")
     flags.at_least(p, args, 0, "seed")
     flags.local_or_hub(p, "model", args.model, "model folder")

@@ -11,7 +11,7 @@ token t of o_i:
     l_i,t   = -min(rho_i,t * A_i, clip(rho_i,t, 1 - clip_eps, 1 + clip_eps) * A_i) + beta * k3_i,t
     loss    = (1/B) * sum_i (1/|o_i|) * sum_t l_i,t        "seq-mean-token-mean", the paper's
 
-Against TRL and verl (SOURCES.md §3.2-3.4; choices §9.10-9.12): TRL's Bessel std with eps 1e-4 and
+Against TRL and verl (choices: SOURCES.md §9.10-9.12): TRL's Bessel std with eps 1e-4 and
 its `scale_rewards` (group, batch, none); an all-equal group gets advantage exactly 0; symmetric
 clip 0.2 without verl's dual clip; k3 clamped to [-10, 10] as verl's `low_var_kl` (one token far
 below the reference would otherwise swamp the batch), `kl_max` logging the unclamped largest;
@@ -181,19 +181,3 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
             metrics["kl_max"] = raw[mask].max().item()
     loss = aggregate(per_token, mask, aggregation, max_len, num_tokens, num_seqs)
     return loss, metrics
-
-
-def summarize_update(stats: list, norms: list, drift: list, lr: float, mu: int) -> dict:
-    """One update's metrics from its micro-batches' (token-weighted means; the largest KL and
-    ratio deviation; the loss per optimizer step), the grad norms and the frozen-row drift."""
-    w = [s.get("num_tokens", 1) for s in stats]  # token-weighted means of per-micro-batch metrics
-    out = {k: sum(s[k] * wi for s, wi in zip(stats, w)) / max(1, sum(w)) for k in stats[0]
-           if k not in ("num_tokens", "loss", "kl_max", "ratio_dev_max")
-           and isinstance(stats[0][k], (int, float))}
-    out["kl_max"] = max(s.get("kl_max", 0.0) for s in stats)
-    out["ratio_dev_max"] = max(s["ratio_dev_max"] for s in stats)  # 0 when every step is on-policy
-    out["loss"] = sum(s["loss"] for s in stats) / (mu * max(1, len(norms) // mu))
-    out["grad_norm"], out["opt_steps"], out["lr"] = max(norms), len(norms), lr
-    if drift:
-        out["drift_outside_mask"] = max(drift)  # [LongAct] 0.0 exactly under `frozen`
-    return out

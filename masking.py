@@ -6,13 +6,12 @@ behind the salient activations" is a row mask G per q/k matrix (SOURCES.md §1.3
 
     grad W_Q <- grad W_Q * G_Q,    grad W_K <- grad W_K * G_K,
 
-keeping round(0.3 * D) rows in every head (SOURCES.md §9.5); W_V, W_O and the MLPs train
-normally. Masks are built once before RL or every step (§1.4, §9.6); strategies topk (LongAct),
-bottomk, random, all (§9.7, §9.9). Rows outside the mask (§9.8): AdamW's decay and momentum
-move rows whose gradient is zero (§8.1), so "frozen" (default) copies those rows of the parameter
-and of its same-shape optimizer state out, steps, and copies them back (bit-identical); "grad"
-masks only the gradient, the formula as written. `apply_train_scope` decides which weights train
-at all (§9.36).
+keeping round(0.3 * D) rows in every head; W_V, W_O and the MLPs train normally. Masks are built
+once before RL or every step; strategies topk (LongAct), bottomk, random, all. Rows outside the
+mask: AdamW's decay and momentum move rows whose gradient is zero, so "frozen" (default) copies
+those rows of the parameter and of its same-shape optimizer state out, steps, and copies them back
+(bit-identical); "grad" masks only the gradient, the formula as written. `apply_train_scope`
+decides which weights train at all. Choices: SOURCES.md §9.5-9.9.
 
 Each training step (train.py):
     masks = build_masks(stats, ratio=0.3, head_dim=D, seed=mix_seed(run_seed, step))
@@ -33,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from common import QK_SUFFIXES, atomic_path, load_stats_file, mix_seed, natural_key
+from plumbing.common import QK_SUFFIXES, atomic_path, load_stats_file, mix_seed, natural_key
 
 # -----------------------------------------------------------------------------
 STRATEGIES = ("topk", "bottomk", "random", "all")  # the choice list; topk is LongAct
@@ -92,26 +91,6 @@ def build_masks(stats: dict[str, Tensor], ratio: float = DEFAULT_RATIO, strategy
         group = head_dim if per_head else None
         masks[name] = select_rows(s, ratio, largest=strategy != "bottomk", group=group)
     return masks
-
-
-def mask_overlap(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
-    """Jaccard |a & b| / |a | b| of two mask dicts, averaged over matrices (1.0 = the same rows).
-
-    Example: {"q": [T, T, F, F]} vs {"q": [F, T, T, F]} -> 1 shared row of 3 -> 0.333.
-    Two empty masks count as identical (1.0). Both dicts must name the same matrices.
-    """
-    if set(a) != set(b):
-        raise ValueError(f"mask sets differ: only in the first {sorted(set(a) - set(b))[:3]}, "
-                         f"only in the second {sorted(set(b) - set(a))[:3]}")
-    if not a:
-        raise ValueError("no masks to compare")
-    scores = []
-    for name in a:
-        if a[name].shape != b[name].shape:
-            raise ValueError(f"{name}: shapes {tuple(a[name].shape)} and {tuple(b[name].shape)}")
-        union = int((a[name] | b[name]).sum())
-        scores.append(1.0 if union == 0 else int((a[name] & b[name]).sum()) / union)
-    return sum(scores) / len(scores)
 
 
 # ----------------------------------------------------------------------------- summaries and files
@@ -276,45 +255,6 @@ def masked_step(optimizer, model: torch.nn.Module, masks: dict[str, Tensor],
         if out.any():
             drift = max(drift, (p[out].float() - before.float()).abs().max().item())
     return drift
-
-
-def qk_snapshot(model: torch.nn.Module, masks: dict[str, Tensor]) -> dict[str, Tensor]:
-    """{parameter name: detached copy} of every masked q/k weight and bias (rows_outside_drift)."""
-    return {name: p.detach().clone() for name, p, _ in masked_params(model, masks)}
-
-
-def rows_outside_drift(before: dict[str, Tensor], after, masks: dict[str, Tensor]) -> float:
-    """Max |after - before| over the rows outside each parameter's mask (0.0 = nothing moved).
-
-    before: {"<module>.weight" or "<module>.bias": tensor} (qk_snapshot); after: the same, or the
-    model itself (read in place, no copy); masks are keyed by module.
-    Example: before w = [[1, 1], [2, 2]], after [[1, 1], [2.5, 2]], mask [T, F] -> 0.5.
-    """
-    if isinstance(after, torch.nn.Module):
-        after = {n: p.detach() for n, p in after.named_parameters() if n in before}
-    drift = 0.0
-    for name, b in before.items():
-        module = name.rsplit(".", 1)[0]
-        if module not in masks or name not in after:
-            raise ValueError(f"{name}: no mask for {module!r} or no 'after' tensor")
-        out = ~masks[module].to(b.device)  # (C,)
-        if out.any():
-            delta = (after[name][out].float() - b[out].float()).abs().max().item()
-            drift = max(drift, delta)
-    return drift
-
-
-def mask_dynamics(masks: dict, refs: dict, static_masks: dict) -> dict:
-    """[LongAct] Jaccard overlap of this step's masks with the previous step's and step 0's, and of
-    step 0's with the static calibration mask. Updates `refs` in place."""
-    if refs.get("step0") is None:
-        refs["step0"] = masks
-    out = {"mask_jaccard_prev": (mask_overlap(masks, refs["prev"])
-                                 if refs.get("prev") is not None else 1.0),
-           "mask_jaccard_step0": mask_overlap(masks, refs["step0"]),
-           "mask_jaccard_step0_static": mask_overlap(refs["step0"], static_masks)}
-    refs["prev"] = masks
-    return out
 
 
 # ----------------------------------------------------------------------------- CLI

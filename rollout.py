@@ -3,17 +3,17 @@ rollout.py -- G completions per prompt with Hugging Face `generate`, and their l
 prompt run once.
 
 In long-context RL a group is G completions of ONE long prompt (LongAct: 16k-token prompts,
-G = 8; SOURCES.md §1). Both halves of a step share that prompt:
+G = 8). Both halves of a step share that prompt:
   * sampling (`sample_groups`): the N prompts are prefilled once, their cache repeated to the
     G rows of each group, and one `generate` call decodes all N x G rows. The fast engine
-    (engine.py, the default) does the same with less memory traffic; `engine="hf"` is the plain
-    version below;
+    (plumbing/engine.py, the default) does the same with less memory traffic; `engine="hf"` is
+    the plain version below;
   * log-probs (`completion_logprobs`): the prompt runs ONCE with gradients and the G completion
     forwards attend to its keys/values, so backward sends all G gradients into one prompt forward.
     Exact: tests/test_rollout.py compares it with G full [prompt; completion] forwards.
 Sampling sees the distribution the loss scores (a complete GenerationConfig, the model's own
 swapped out); completion masks come from the position of the first EOS, never from
-`ids != pad` (pad == EOS for SmolLM2 and Qwen). Choices: SOURCES.md §9.18, §9.20.
+`ids != pad` (pad == EOS for SmolLM2 and Qwen; SOURCES.md §9.20).
 
     sample_groups(model, tok, prompts, G, T)  -> Rollout: G completions per prompt
     completion_logprobs(model, rollout)       -> (B, T) log pi(y_t | x, y_<t), with gradients
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationConfig
 
-from common import left_pad, mix_seed, model_device, positions_from_mask, swapped
+from plumbing.common import left_pad, mix_seed, model_device, positions_from_mask, swapped
 
 try:  # the fast path, in its own file; without it the plain engine still runs (engine="hf")
-    import engine as fast_engine
+    import plumbing.engine as fast_engine
 except ModuleNotFoundError:
     fast_engine = None
 
@@ -140,14 +140,15 @@ def sample_groups(model, tokenizer, prompts: list, group_size: int, max_new_toke
     in the batch -> other samples). Greedy: `greedy_batch` prompts per call.
     prefill_hook: optional callable(attention_mask) -> context manager, entered around each
     prefill forward only (never decoding); it sees every prompt's tokens exactly once.
-    engine: "fast" (engine.py) or "hf" (hf_generate above): one distribution, other draws.
+    engine: "fast" (plumbing/engine.py) or "hf" (hf_generate above): one distribution, other
+    draws.
     """
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, "
                          f"{max_new_tokens}")
     if engine not in ENGINES or (engine == "fast" and fast_engine is None):
-        raise ValueError(f"engine {engine!r}: choose from {ENGINES}"
-                         + ("; engine.py is missing, so only 'hf'" if fast_engine is None else ""))
+        missing = "; plumbing/engine.py is missing, so only 'hf'" if fast_engine is None else ""
+        raise ValueError(f"engine {engine!r}: choose from {ENGINES}" + missing)
     generate = fast_engine.generate if engine == "fast" else hf_generate
     was_training = model.training
     model.eval()  # no dropout while sampling

@@ -2,8 +2,8 @@
 saliency.py -- LongAct step 1: how large each query/key channel's activations are on long inputs.
 
 When an LLM reads a long context, a few channels of its query and key vectors carry much larger
-activations than the rest (LongAct, arXiv 2604.14922; SOURCES.md §1.1, §2: AWQ's salient
-channels, the massive values of Q and K in low-frequency RoPE dims). LongAct lets RL update only
+activations than the rest (LongAct, arXiv 2604.14922; AWQ's salient channels, the massive
+values of Q and K in low-frequency RoPE dims). LongAct lets RL update only
 the weight rows behind those channels (`masking.py`). The statistic (SOURCES.md §1.2, from
 third-party summaries), per head h and head dim d:
 
@@ -13,17 +13,19 @@ the L2 norm over the positions s of each sequence i, averaged over the B sequenc
 q = x @ W_q.T (+ b_q), output channel c = h*D + d is row c of W_q: one number per weight row.
 Hooks on every `q_proj` / `k_proj` output reduce on the fly (no activation is stored):
   * a calibration pass:  collect_qk_stats(model, batches)   (a static mask, computed once), or
-  * around the rollout's prefill, every RL step, without an extra forward (SOURCES.md §1.4):
+  * around the rollout's prefill, every RL step, without an extra forward:
         hook, state = prefill_collector(model)           # a fresh state per step
         rollout.sample_groups(..., prefill_hook=hook)    # may run several times a step (DAPO)
         stats = finalize_state(state)                    # {name: (C,) float32}
 Choices (the hook site, the statistic and its options, the inputs, fp32 accumulation, padding):
-SOURCES.md §9.1-9.4. The concentration table and heatmaps: experiments/concentration.py.
+SOURCES.md §9.1-9.4. How concentrated the statistic is: `concentration` below; its per-layer
+table and heatmaps: experiments/concentration.py.
 
 Shapes: B sequences, T tokens, L layers, H heads (KV heads for k_proj), D head dim, C = H*D
         channels, N non-padding tokens.
 Run:  python saliency.py --model smollm2-135m --seq-len 2048 --num-samples 8 \
-          --out qk_stats.safetensors --plot qk_saliency.png
+          --out qk_stats.safetensors
+      python -m experiments.concentration qk_stats.safetensors --plot qk_saliency.png
 """
 
 import contextlib
@@ -34,12 +36,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import flags
-from common import (PRECISIONS, atomic_path, autocast, choose_precision, head_dim_of,
-                    load_stats_file, model_device, positions_from_mask, qk_modules)
-from experiments.concentration import concentration, format_table, plot_stats
 from masking import DEFAULT_RATIO
-from policy import load_policy
+from plumbing import flags
+from plumbing.common import (PRECISIONS, atomic_path, autocast, choose_precision, head_dim_of,
+                             load_stats_file, model_device, positions_from_mask, qk_modules)
+from plumbing.policy import load_policy
 from tasks.haystack import calibration_prompts
 
 # -----------------------------------------------------------------------------
@@ -121,6 +122,62 @@ def finalize(acc: dict, stat: str = DEFAULT_STAT) -> torch.Tensor:
     if stat == "l2":
         return value.sqrt()  # one L2 norm over every token seen
     return value.clone()
+
+
+# -----------------------------------------------------------------------------
+# how concentrated a finished statistic is (pure; its table and heatmaps:
+# experiments/concentration.py)
+
+
+def top_channels(s: torch.Tensor, ratio: float, head_dim: int, per_head: bool) -> torch.Tensor:
+    """Channel ids a `ratio` mask keeps (as masking.build_masks; ties go to the lower index)."""
+    C = s.numel()
+    n = head_dim if per_head else C
+    k = round(ratio * n)
+    grouped = s.float().view(C // n, n)  # (H, D) per head, or (1, C)
+    order = torch.sort(grouped, dim=1, descending=True, stable=True).indices  # (H, n)
+    offsets = torch.arange(0, C, n).unsqueeze(1)  # (H, 1) first channel of each group
+    return (order[:, :k] + offsets).flatten()  # (H*k,)
+
+
+def concentration(stats: dict, ratio: float = DEFAULT_RATIO, *, head_dim: int,
+                  per_head: bool = True):
+    """How concentrated each matrix's statistic is, and where its top channels sit (§9.40).
+
+    Returns (per_module, metrics). per_module[name] holds:
+      top_share       share of sum(stat) held by the channels a `ratio` mask keeps (flat: ratio)
+      dim_hist        (D,) how many top channels have dim index d = c % D (summed over heads)
+      mean_freq_index mean RoPE frequency index d mod (D/2) of the top channels; in HF's
+                      rotate_half layout d and d + D/2 share one frequency; higher = lower
+      low_freq_share  share of top channels with frequency index >= D/4 (0.5 = no preference)
+    metrics: the mean of each scalar over the q and over the k matrices ("q_top_share", ...).
+
+    Example: head_dim 4, stats {"...q_proj": [1, 1, 1, 7]}, ratio 0.25 -> one top channel, c = 3:
+      top_share 7/10 = 0.7, dim_hist [0, 0, 0, 1], frequency index 3 mod 2 = 1 -> low_freq_share 1.
+    """
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    half = head_dim // 2
+    per_module = {}
+    for name, s in stats.items():
+        if s.numel() % head_dim:
+            raise ValueError(f"{name}: {s.numel()} channels do not split into heads of {head_dim}")
+        top = top_channels(s, ratio, head_dim, per_head)  # (k,)
+        d = top % head_dim  # (k,) dim inside the head
+        freq = d % half  # (k,) RoPE frequency index, 0 = fastest rotation
+        per_module[name] = {
+            "top_share": (s[top].sum() / s.sum()).item(),
+            "dim_hist": torch.bincount(d, minlength=head_dim),  # (D,)
+            "mean_freq_index": freq.float().mean().item(),
+            "low_freq_share": (freq >= half // 2).float().mean().item(),
+        }
+    metrics = {}
+    for side in ("q", "k"):
+        rows = [v for n, v in per_module.items() if n.endswith(f"{side}_proj")]
+        for key in ("top_share", "mean_freq_index", "low_freq_share"):
+            if rows:
+                metrics[f"{side}_{key}"] = sum(r[key] for r in rows) / len(rows)
+    return per_module, metrics
 
 
 # -----------------------------------------------------------------------------
@@ -275,19 +332,17 @@ def parse_args(argv=None):
                    help="bf16 autocast where the device has native bf16, else fp32 (§9.17)")
     g = p.add_argument_group("statistic and outputs")
     g.add_argument("--stat", choices=STATS, default=DEFAULT_STAT, help="statistic (§9.2)")
-    g.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="top share in the table")
+    g.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="top share in the summary")
     g.add_argument("--out", default="qk_stats.safetensors", help="where the statistics are written")
-    g.add_argument("--plot", default=None, help="optional heatmap image (needs matplotlib)")
     args = p.parse_args(argv)
     flags.at_least(p, args, 2, "seq_len")  # (B, T) with T >= 2: a statistic over positions
     flags.at_least(p, args, 1, "num_samples", "batch_size")
     flags.between(p, args, "ratio", 0, 1, low_open=True)
     flags.local_or_hub(p, "model", args.model, "model folder")
     flags.within(p, "seq_len", args.seq_len, flags.model_window(args.model), "a prompt")
-    for dest in ("out", "plot"):
-        folder = Path(getattr(args, dest) or ".").expanduser().resolve().parent
-        if not folder.is_dir():
-            p.error(f"{flags.name(dest)} {getattr(args, dest)}: no folder {folder}")
+    folder = Path(args.out).expanduser().resolve().parent
+    if not folder.is_dir():
+        p.error(f"{flags.name('out')} {args.out}: no folder {folder}")
     return args
 
 
@@ -315,15 +370,16 @@ def main(argv=None):
             "calibration": "RULER Paul Graham essays (tasks.haystack.calibration_prompts)"}
     save_stats(args.out, stats, meta)
     # 3. how concentrated the statistic is, and in which RoPE dims the top channels sit
-    per_module, metrics = concentration(stats, ratio=args.ratio, head_dim=head_dim)
+    _, metrics = concentration(stats, ratio=args.ratio, head_dim=head_dim)
     print(f"{args.model}: {len(stats)} q/k matrices, stat {args.stat}, {meta['num_tokens']} tokens "
           f"({len(prompts)} x {args.seq_len}), {precision}, head_dim {head_dim}")
-    print(format_table(per_module, metrics, args.ratio, head_dim))
-    if args.plot:
-        title = f"{args.model}: {args.stat} of q/k outputs over {meta['num_tokens']} tokens"
-        plot_stats(stats, head_dim, args.plot, title=title)
-    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else "")
-          + f"; forward {t_fwd:.0f} s, total {time.time() - t0:.0f} s")
+    pct = f"top {round(100 * args.ratio)}%"
+    print(f"mean over layers: {pct} share q {metrics['q_top_share']:.3f}, k "
+          f"{metrics['k_top_share']:.3f} (flat: {args.ratio:.3f}); low-frequency share of the "
+          f"top channels q {metrics['q_low_freq_share']:.2f}, k {metrics['k_low_freq_share']:.2f}"
+          " (flat: 0.50)")
+    print(f"wrote {args.out}; forward {t_fwd:.0f} s, total {time.time() - t0:.0f} s. Per layer, "
+          f"and heatmaps: python -m experiments.concentration {args.out} --plot qk_saliency.png")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ Per RL step (`rl_step`), as the paper describes it:
                 (rows outside the step's mask stay bit-identical)            grpo.py, dapo.py
 and RULER at the training length and at 2x it, before and after. Lines that make this LongAct rather
 than plain GRPO/DAPO carry the tag `# [LongAct]`. Choices where the paper is silent: SOURCES.md
-§9, items 6, 15-17, 24, 26-28, 32, 36. Checks before loading: preflight.py; checkpoints:
-checkpoint.py.
+§9, items 6, 15-17, 24, 26-28, 32, 36. Checks before loading: plumbing/preflight.py; checkpoints:
+plumbing/checkpoint.py.
 Outputs in --out-dir/RUN: config.json, qk_stats.safetensors, masks.safetensors (static mask),
 metrics.jsonl (one line per step), samples.jsonl, eval.json, phases.json (wall seconds per
 phase), ckpt/. A resumed run's phases.json and "elapsed" count every part of it.
@@ -33,29 +33,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import startup
+from plumbing import startup
 
 startup.set_allocator()  # before torch loads: CUDA's allocator reads its setting once
 
 import torch
 from tqdm import tqdm
 
-import common
 import dapo
-import checkpoint
 import evaluate
-import flags
-import fsdp
 import grpo
 import masking
-import optim
-import plan
-import policy
-import preflight
-import report
 import rollout
 import saliency
-import timeplan
+from plumbing import (checkpoint, common, flags, fsdp, optim, plan, policy, preflight, report,
+                      timeplan)
 from tasks import haystack
 from tasks.train_data import draw_samples, load_train_data, read_train_rows
 
@@ -86,9 +78,9 @@ PRESETS = {
                   # -> 2 per mini-batch.
                   dapo=dict(overlong_buffer=0.2, overlong_factor=1.0, mini_batch_groups=2)),
 }
-# Qwen3-8B fits one 141 GB GPU with bf16 weights and moments under stochastic rounding (optim.py);
-# groups per generate call and evaluation batch from the plan (python train.py --preset paper-8b
-# --plan; README, "The paper recipe on one GPU").
+# Qwen3-8B fits one 141 GB GPU with bf16 weights and moments under stochastic rounding
+# (plumbing/optim.py); groups per generate call and evaluation batch from the plan (python train.py
+# --preset paper-8b --plan; README, "The paper recipe on one GPU").
 PRESETS["paper-8b"] = PRESETS["paper"] | dict(model="Qwen/Qwen3-8B", optimizer="bf16-sr")
 def build_parser() -> argparse.ArgumentParser:
     p = flags.Parser(description="LongAct RL: saliency-guided sparse q/k updates.",
@@ -96,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="a set of defaults")
     p.add_argument("--show-config", action="store_true", help="print the effective config, exit")
     p.add_argument("--plan", action="store_true",
-                   help="print the memory, disk and time plan (plan.py), exit")
+                   help="print the memory, disk and time plan (plumbing/plan.py), exit")
     p.add_argument("--gpu", default="h200", choices=sorted(plan.GPUS),
                    help="the GPU the plan sizes and times (the run itself uses --device)")
     p.add_argument("--force", action="store_true",
@@ -123,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let transformers swap layers for kernels from the hub (off: only the "
                         "code this repository and its lock ship runs; SOURCES.md §9.44)")
     g.add_argument("--fsdp", action="store_true",
-                   help="shard the policy over torchrun's processes with FSDP2 (fsdp.py)")
+                   help="shard the policy over torchrun's processes with FSDP2 "
+                        "(plumbing/fsdp.py)")
     g.add_argument("--thinking", action="store_true",
                    help="Qwen3 thinking mode for LongBench v2 evaluation (training prompts: off)")
     g = p.add_argument_group("LongAct")
@@ -173,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fits on --gpu); bounds the KV cache")
     g.add_argument("--max-new-tokens", type=int, default=32, help="completion budget")
     g.add_argument("--engine", default="fast", choices=rollout.ENGINES,
-                   help="fast: engine.py (cascade decoding); hf: transformers' generate, plain")
+                   help="fast: plumbing/engine.py (cascade decoding); hf: transformers' "
+                        "generate, plain")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g = p.add_argument_group("optimiser")
@@ -431,7 +425,7 @@ def policy_update(run, r, adv, masks) -> dict:
             drift.append(rows.masked_step(optimizer, model, masks, args.mask_semantics))
     optimizer.zero_grad(set_to_none=True)  # free the gradients before the next sampling phase
     run.scheduler.step()
-    return grpo.summarize_update(stats, norms, drift, lr, args.mu)
+    return report.summarize_update(stats, norms, drift, lr, args.mu)
 
 
 # -----------------------------------------------------------------------------
@@ -446,7 +440,7 @@ def rl_step(run, step: int) -> dict | None:
         r, rewards, scores, samples, info = collect_batch(run, step, hook)  # 1. sample, 4. score
     t_sample = time.time() - t
     masks = step_masks(run.model, args, step, state, run.static_masks)  # [LongAct] 2. and 3.
-    dyn = masking.mask_dynamics(masks, run.masks_ref, run.static_masks)
+    dyn = report.mask_dynamics(masks, run.masks_ref, run.static_masks)
     if len(r.prompt_ids) == 0:
         print(f"step {step}: no informative group in {info['gen_batches']} generation batches; "
               "update skipped")
@@ -645,7 +639,7 @@ def load_model(args, run_dir: Path):
         model, tokenizer = policy.load_policy(source, dtype=dtype, device=args.device,
                                               hub_kernels=args.hub_kernels, **yarn_of(args))
     masking.apply_train_scope(model, args.train_scope)  # before the optimizer sees the params
-    if args.grad_checkpointing:  # before sharding (fsdp.py)
+    if args.grad_checkpointing:  # before sharding (plumbing/fsdp.py)
         model.activation_checkpointing_enable({"use_reentrant": False})
     return (fsdp.shard_policy(model) if args.fsdp else model), tokenizer
 
@@ -776,7 +770,8 @@ def write_evals(run_dir: Path, evals: dict) -> None:
 
 
 def show_config_or_plan(args):
-    """--show-config: every effective setting; --plan: the memory plan of this run (plan.py)."""
+    """--show-config: every effective setting; --plan: the memory plan of this run
+    (plumbing/plan.py)."""
     for flag, why in getattr(args, "plan_reasons", {}).items():
         print(f"--{flag.replace('_', '-')} {why}")
     if args.plan:

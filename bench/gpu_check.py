@@ -8,8 +8,8 @@ tokenizer built here (no network, no model wheel), shortened to: one generate ca
 full-length prompts and completions (a random model never stops: every completion at the limit),
 one update, one evaluation batch of RULER at the longest length and one LongBench v2 item at the
 cap, a checkpoint (of the q/k rows' optimizer only when the disk cannot hold a full one), and a
-resume that loads it. Its time by timeplan.py, start-up and prompt building included, fits 5
-minutes. After each part it writes check.json, check.md and check.log into --out, so a run
+resume that loads it. Its time by plumbing/timeplan.py, start-up and prompt building included,
+fits 5 minutes. After each part it writes check.json, check.md and check.log into --out, so a run
 killed by a timeout still leaves what it measured; a failed part makes the command fail.
 
     python -m bench.gpu_check --out DIR  # on the GPU (bench/gpu_node.sh runs it on a GPU node)
@@ -35,20 +35,16 @@ from unittest import mock
 if not __package__:  # run as a file, `import train` would not find the repository's modules
     sys.exit("run from the repository root as a module: python -m bench.gpu_check")
 
-import startup
+from plumbing import startup
 
 startup.set_allocator()  # before torch loads: CUDA's allocator reads its setting once
 
 import torch
 import transformers
 
-import common
-import plan
-import policy
-import preflight
-import timeplan
 import train
-from common import write_json_atomic, write_text_atomic
+from plumbing import common, plan, policy, preflight, timeplan
+from plumbing.common import write_json_atomic, write_text_atomic
 
 BUDGET_S = 300  # the check must fit 5 minutes by the plan: a rerun fits a 15-minute rental
 STARTUP_S = 20  # imports (11 s on a 2-core Zen 3) and CUDA's start, estimated (SOURCES.md §9.57)
@@ -342,8 +338,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="The paper run, shortened, on one GPU.")
     p.add_argument("--dry-run", action="store_true", help="a tiny Qwen3 on the CPU, seconds")
     p.add_argument("--out", default=None, help="folder for check.json, check.md and check.log, "
-                   "written after each part (default figures/gpu_check, or runs/gpu_check_dry "
-                   "with --dry-run)")
+                   "written after each part (default experiments/runs/gpu_check, or "
+                   "runs/gpu_check_dry with --dry-run)")
     p.add_argument("--work", default="runs/gpu_check_work",
                    help="weights, data and the run's checkpoint while it runs (removed after)")
     p.add_argument("--simulate-preflight", action="store_true",
@@ -358,7 +354,7 @@ def main(argv=None):
     device = torch.device("cpu" if a.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --dry-run to exercise the code path on the CPU")
-    out = Path(a.out or ("runs/gpu_check_dry" if a.dry_run else "figures/gpu_check"))
+    out = Path(a.out or ("runs/gpu_check_dry" if a.dry_run else "experiments/runs/gpu_check"))
     out.mkdir(parents=True, exist_ok=True)
     try:
         result = check(device, a.dry_run, Path(a.work), out)

@@ -41,9 +41,9 @@ import torch  # noqa: E402  (after the environment above)
 
 import masking  # noqa: E402
 import saliency  # noqa: E402
-from common import (cpu_name, head_dim_of, mix_seed, positions_from_mask,  # noqa: E402
-                    qk_modules)
-from policy import load_policy  # noqa: E402
+from plumbing.common import (cpu_name, head_dim_of, mix_seed,  # noqa: E402
+                             positions_from_mask, qk_modules)
+from plumbing.policy import load_policy  # noqa: E402
 
 # Letters: B batch rows, T tokens, C channels of one q/k matrix.
 VARIANTS = ("plain", "grad", "frozen")

@@ -44,9 +44,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never 
 import torch  # noqa: E402  (after the environment above)
 import transformers  # noqa: E402
 
-import engine  # noqa: E402
-from common import cpu_name, mix_seed  # noqa: E402
-from policy import load_policy  # noqa: E402
+from plumbing import engine  # noqa: E402
+from plumbing.common import cpu_name, mix_seed  # noqa: E402
+from plumbing.policy import load_policy  # noqa: E402
 from rollout import (completion_mask_from_positions, eos_ids, full_sequence_logprobs,  # noqa: E402
                      generation_config, group_logprobs, only_config)
 from tasks.haystack import calibration_prompts  # noqa: E402

@@ -23,7 +23,8 @@ pre-registered before its grid ran (ab2_preregistration.md); its summary reports
 control and the primary comparison against that rule. Every arm of a seed starts from the same
 model and trains on the same prompts; the "before" evaluation is computed once and shared, and
 arms are compared by paired per-seed differences (a 95% t interval; SOURCES.md §9.42).
-The finished runs' files are read back by experiments/runfiles.py.
+The finished runs' small files are committed in experiments/runs/<setting>/ and read back by
+experiments/runfiles.py; the summary table and figures go to figures/<setting>/.
 
 Shapes: S seeds, A arms, K evaluation cells.
 """
@@ -36,10 +37,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import common
 from experiments import damage, rates, runfiles
 from experiments.stats import (T_80, T_975, crossed_bootstrap, difference, mean_se,
                                paired_detectable, pooled_sd, t_quantile)
+from plumbing import common
 
 ARMS = {  # name -> train.py flags (on top of the setting's)
     "grpo-longact": ["--algo", "grpo", "--mask-strategy", "topk", "--mask-schedule", "step"],
@@ -73,7 +74,7 @@ SETTING = ["--train-task", "niah_multikey_2", "--train-len", "512", "--steps", "
            "--eval-tasks", "niah_multikey_2", "niah_multikey_3", "--eval-lengths", "512", "1024",
            "--eval-samples", "50", "--save-every", "1"]
 # Setting 2 (SOURCES.md §9.43): only the q/k projections train, so which rows train is the whole
-# question; lr from the pilots (dev/LOG.md); fp32 everywhere, so that sittings on different CPUs
+# question; lr from the pilots (docs/LOG.md); fp32 everywhere, so that sittings on different CPUs
 # run one grid.
 SETTING_2_LR = "1e-4"
 SETTING_2 = (SETTING[:SETTING.index("--lr")] + ["--lr", SETTING_2_LR]
@@ -114,7 +115,8 @@ class Setting:
     flags: list  # train.py flags of every run
     arms: list  # what `run` runs by default, in the order of the tables
     grid: str  # the runs' folders (weights too; not committed)
-    out: str  # the summary, figure and small run files (committed)
+    runs: str  # the finished runs' small files and the shared "before" (committed)
+    out: str  # the summary table and the figures (committed)
     baselines: tuple  # every arm minus each of these, paired by seed
     primary: tuple | None = None  # (arm, baseline): the pre-registered comparison
     control: tuple | None = None  # (arm, baseline): the positive control
@@ -128,9 +130,9 @@ class Setting:
 
 
 SETTINGS = {
-    "1": Setting(SETTING, GRPO_ARMS, "runs/ab", "figures/ab",
+    "1": Setting(SETTING, GRPO_ARMS, "runs/ab", "experiments/runs/ab", "figures/ab",
                  ("grpo-uniform", "grpo-random", "dapo-uniform")),
-    "2": Setting(SETTING_2, ARMS_2, "runs/ab2", "figures/ab2",
+    "2": Setting(SETTING_2, ARMS_2, "runs/ab2", "experiments/runs/ab2", "figures/ab2",
                  ("grpo-random", "grpo-uniform", "grpo-longact-1row"),
                  primary=("grpo-longact", "grpo-random"),
                  control=("grpo-uniform", "grpo-longact-1row"),
@@ -142,13 +144,14 @@ SETTINGS = {
                         ("grpo-random-r0.4", "grpo-random"),
                         ("grpo-longact-r0.2", "grpo-random-r0.4")),
                  kl_fit_without=("grpo-longact-1row",)),
-    "2b": Setting(SETTING_2B, ARMS_2B, "runs/ab2b", "figures/ab2b", (),
+    "2b": Setting(SETTING_2B, ARMS_2B, "runs/ab2b", "experiments/runs/ab2b", "figures/ab2b", (),
                   primary=("grpo-longact", "grpo-random-static"),
                   secondary=("grpo-longact", "grpo-uniform"), by_rate=True,
                   preregistration="experiments/ab2b_preregistration.md"),
-    "3-pilot": Setting(SETTING_3_PILOT, ARMS_3_PILOT, "runs/ab3-pilot", "figures/ab3-pilot", (),
+    "3-pilot": Setting(SETTING_3_PILOT, ARMS_3_PILOT, "runs/ab3-pilot",
+                       "experiments/runs/ab3-pilot", "figures/ab3-pilot", (),
                        damage_plan="experiments/ab3_pilots.md"),
-    "3": Setting(SETTING_3, ARMS_3, "runs/ab3", "figures/ab3", (),
+    "3": Setting(SETTING_3, ARMS_3, "runs/ab3", "experiments/runs/ab3", "figures/ab3", (),
                  primary=("grpo-longact", "grpo-uniform"),
                  secondary=("grpo-longact", "grpo-random-static"),
                  preregistration="experiments/ab3_preregistration.md",
@@ -176,15 +179,16 @@ def train_argv(grid: Path, arm: str, seed: int, extra: list, flags: list = SETTI
 def run_grid(grid: Path, arms: list, seeds: list, extra: list, flags: list = SETTING,
              committed: Path | None = None) -> None:
     """Every unfinished (arm, seed) in turn, seed-major so that each sitting adds whole seeds.
-    `committed` is the summary folder: a run whose small files are committed there is finished
-    (runs/ is not kept between sittings), and its shared "before" is reused from there."""
+    `committed` is the setting's folder under experiments/runs/: a run whose small files are
+    committed there is finished (runs/ is not kept between sittings), and its shared "before" is
+    reused from there."""
     grid.mkdir(parents=True, exist_ok=True)
     if committed and (committed / "before.json").exists() and not (grid / "before.json").exists():
         shutil.copy(committed / "before.json", grid / "before.json")
     for seed in seeds:
         for arm in arms:
             folder = run_dir(grid, arm, seed)
-            kept = committed / "runs" / folder.name if committed else None
+            kept = committed / folder.name if committed else None
             if runfiles.is_finished(folder) or (kept and runfiles.is_finished(kept)):
                 print(f"{folder.name}: finished, skipped")
                 continue
@@ -453,22 +457,24 @@ def plot(runs: dict, out: Path) -> None:
         fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
 
 
-def summarize(setting: Setting, grid: Path, out: Path) -> None:
-    """Copy the finished runs' small files, then rebuild the tables and the figure from out/runs
-    alone (so a clean clone rebuilds them from committed files)."""
-    runfiles.copy_small_files(grid, out)
-    runs = collect(out / "runs")
+def summarize(setting: Setting, grid: Path, kept: Path, out: Path) -> None:
+    """Copy the finished runs' small files from `grid` into `kept` (experiments/runs/<setting>),
+    then rebuild the tables and the figures in `out` (figures/<setting>) from `kept` alone, so a
+    clean clone rebuilds them from committed files."""
+    runfiles.copy_small_files(grid, kept)
+    runs = collect(kept)
     if not runs:
-        raise SystemExit(f"no finished run in {out / 'runs'} or {grid}")
+        raise SystemExit(f"no finished run in {kept} or {grid}")
+    out.mkdir(parents=True, exist_ok=True)
     table, _ = summary_table(runs, setting.primary[1] if setting.primary else "grpo-uniform")
     if setting.damaged:  # setting 3 proper: LongAct - uniform on the damaged cells
         parts = [damage.protection_reading(runs, setting.primary, setting.secondary,
                                            list(setting.damaged), setting.preregistration),
-                 damage.damage_table(runs), table, damage.values_table(out / "runs"),
+                 damage.damage_table(runs), table, damage.values_table(kept),
                  damage.step_table(runs, list(setting.damaged))]
     elif setting.damage_plan:  # setting 3's pilots: damage against "before"
         parts = [damage.reading(runs, setting.damage_plan), damage.damage_table(runs), table,
-                 damage.values_table(out / "runs")]
+                 damage.values_table(kept)]
     elif setting.by_rate:  # setting 2b: each arm at its best rate (experiments/rates.py)
         parts = [rates.reading(runs, setting.primary, setting.secondary,
                                setting.preregistration), rates.rates_table(runs), table,
@@ -481,7 +487,7 @@ def summarize(setting: Setting, grid: Path, out: Path) -> None:
         if setting.kl_fit_without is not None:
             parts.append(kl_fit(runs, setting.kl_fit_without))
     parts += [reward_trend(runs), runfiles.timing_table(runs, ARMS),
-              runfiles.provenance(out / "runs"), runfiles.resumed_runs(out / "runs")]
+              runfiles.provenance(kept), runfiles.resumed_runs(kept)]
     text = "\n\n".join(p for p in parts if p)
     common.write_text_atomic(out / "ab_table.md", text + "\n")
     print(text)
@@ -497,7 +503,11 @@ def main(argv=None):
     p.add_argument("command", choices=["run", "summary", "pilot"])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="1")
     p.add_argument("--grid", default=None, help="the runs' folder (default: the setting's)")
-    p.add_argument("--out", default=None, help="summary folder (default: the setting's)")
+    p.add_argument("--runs", default=None,
+                   help="the finished runs' small files, committed (default: the setting's, "
+                        "experiments/runs/...)")
+    p.add_argument("--out", default=None,
+                   help="the table and figures (default: the setting's, figures/...)")
     p.add_argument("--arms", nargs="+", default=None, choices=sorted(ARMS),
                    help="default: the setting's arms (pilot: grpo-uniform)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -505,50 +515,51 @@ def main(argv=None):
                    help="more train.py flags for every run (e.g. --threads 2); last, they win")
     a = p.parse_args(argv)
     setting = SETTINGS[a.setting]
+    kept = Path(a.runs or setting.runs)
     if a.command == "summary":
-        return summarize(setting, Path(a.grid or setting.grid), Path(a.out or setting.out))
+        return summarize(setting, Path(a.grid or setting.grid), kept, Path(a.out or setting.out))
     if a.command == "pilot":  # one seed, outside the grid's folder
         grid = Path(a.grid or setting.grid + "-pilot")
         return run_grid(grid, a.arms or ["grpo-uniform"], a.seeds[:1], a.extra, setting.flags)
-    grid, out = Path(a.grid or setting.grid), Path(a.out or setting.out)
-    run_grid(grid, a.arms or setting.arms, a.seeds, a.extra, setting.flags, committed=out)
+    grid = Path(a.grid or setting.grid)
+    run_grid(grid, a.arms or setting.arms, a.seeds, a.extra, setting.flags, committed=kept)
     if setting.by_rate and not a.arms:  # rules 2 and 3 of the pre-registration, then done
-        run_rate_rules(setting, grid, out, a.extra)
+        run_rate_rules(setting, grid, kept, a.extra)
     if setting.damaged and not a.arms:  # setting 3's seed rule
-        run_seed_rule(setting, grid, out, a.extra)
+        run_seed_rule(setting, grid, kept, a.extra)
 
 
-def run_rate_rules(setting: Setting, grid: Path, out: Path, extra: list) -> None:
+def run_rate_rules(setting: Setting, grid: Path, kept: Path, extra: list) -> None:
     """Setting 2b's rules, in order: widen an arm whose best rate sits at an end of its range
     (until none does), then, if the primary comparison's smallest detectable difference at the
     best rates exceeds 4 with 3 seeds, seeds 3 and 4 for the three arms at their best rates."""
     while True:
-        runfiles.copy_small_files(grid, out)
-        runs = collect(out / "runs")
+        runfiles.copy_small_files(grid, kept)
+        runs = collect(kept)
         more = rates.arms_to_add(runs)
         if not more:
             break
-        run_grid(grid, more, list(rates.SEEDS), extra, setting.flags, committed=out)
+        run_grid(grid, more, list(rates.SEEDS), extra, setting.flags, committed=kept)
     best = rates.best_rates(runs)
     if len(best) == len(rates.ARMS):
         a, b = (rates.rate_arm(x, best[x]) for x in setting.primary)
         c = rates.compare(rates.first_seeds(runs), a, b)
         if rates.needs_more_seeds(c):
             chosen = [rates.rate_arm(x, f) for x, f in best.items()]
-            run_grid(grid, chosen, [3, 4], extra, setting.flags, committed=out)
+            run_grid(grid, chosen, [3, 4], extra, setting.flags, committed=kept)
 
 
-def run_seed_rule(setting: Setting, grid: Path, out: Path, extra: list) -> None:
+def run_seed_rule(setting: Setting, grid: Path, kept: Path, extra: list) -> None:
     """Setting 3's rule: if the primary comparison's smallest detectable difference on the
     damaged cells exceeds 4 points with 3 seeds, seeds 3 and 4 for every arm."""
-    runfiles.copy_small_files(grid, out)
-    runs = collect(out / "runs")
+    runfiles.copy_small_files(grid, kept)
+    runs = collect(kept)
     if any(arm not in runs for arm in setting.primary):
         return
     c = rates.compare(rates.first_seeds(runs), *setting.primary, list(setting.damaged))
     if rates.needs_more_seeds(c):
-        run_grid(grid, setting.arms, [3, 4], extra, setting.flags, committed=out)
-        runfiles.copy_small_files(grid, out)
+        run_grid(grid, setting.arms, [3, 4], extra, setting.flags, committed=kept)
+        runfiles.copy_small_files(grid, kept)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """
 experiments/concentration.py -- how concentrated a model's q/k statistics are, and where the top
-channels sit: the analysis behind `python saliency.py` (its table and its heatmaps).
+channels sit: the per-layer table and the heatmaps of a `python saliency.py` statistics file.
 
 LongAct's premise (arXiv 2604.14922; SOURCES.md §1.1, §2) is that a few q/k channels carry much
 larger activations on long inputs, in the low-frequency RoPE dims. Given finished statistics
-({module name: (C,)} from saliency.py) this file measures it:
+({module name: (C,)} from saliency.py) saliency.concentration measures it, and this file shows it:
 
     top_share        share of a matrix's summed statistic held by the channels a 30% mask keeps
                      (per head, as masking.build_masks); a flat statistic gives 0.30
@@ -13,76 +13,29 @@ larger activations on long inputs, in the low-frequency RoPE dims. Given finishe
     dim_hist         which dims d = c mod D hold the top channels, summed over heads
 
 The definitions are this project's (SOURCES.md §9.40). All pure functions of tensors except
-plot_stats, which writes an image (matplotlib, imported there).
+plot_stats, which writes an image (matplotlib, imported there), and the CLI.
 
 Shapes: L layers, H heads (KV heads for k_proj), D head dim, C = H*D channels.
-Run:  python saliency.py --seq-len 2048 --plot qk_saliency.png    (statistics, table, heatmaps)
+Run:  python saliency.py --seq-len 2048 --out qk_stats.safetensors         (the statistics, first)
+      python -m experiments.concentration qk_stats.safetensors --plot qk_saliency.png
 """
 
+import argparse
 import re
 from pathlib import Path
 
 import torch
 
-from common import QK_SUFFIXES, atomic_path, natural_key
 from masking import DEFAULT_RATIO
+from plumbing.common import QK_SUFFIXES, atomic_path, load_stats_file, natural_key
+from saliency import concentration  # the metric lives with the statistic it measures
+
 
 def layer_pairs(stats: dict) -> list:
     """[(layer prefix, q name, k name)] in layer order; a side is None when a layer lacks it."""
     prefixes = {n[:-len(s)] for n in stats for s in QK_SUFFIXES if n.endswith(s)}
     pick = lambda p, s: p + s if p + s in stats else None  # noqa: E731
     return [(p, pick(p, "q_proj"), pick(p, "k_proj")) for p in sorted(prefixes, key=natural_key)]
-
-
-def top_channels(s: torch.Tensor, ratio: float, head_dim: int, per_head: bool) -> torch.Tensor:
-    """Channel ids a `ratio` mask keeps (as masking.build_masks; ties go to the lower index)."""
-    C = s.numel()
-    n = head_dim if per_head else C
-    k = round(ratio * n)
-    grouped = s.float().view(C // n, n)  # (H, D) per head, or (1, C)
-    order = torch.sort(grouped, dim=1, descending=True, stable=True).indices  # (H, n)
-    offsets = torch.arange(0, C, n).unsqueeze(1)  # (H, 1) first channel of each group
-    return (order[:, :k] + offsets).flatten()  # (H*k,)
-
-
-def concentration(stats: dict, ratio: float = DEFAULT_RATIO, *, head_dim: int,
-                  per_head: bool = True):
-    """How concentrated each matrix's statistic is, and where its top channels sit (§9.40).
-
-    Returns (per_module, metrics). per_module[name] holds:
-      top_share       share of sum(stat) held by the channels a `ratio` mask keeps (flat: ratio)
-      dim_hist        (D,) how many top channels have dim index d = c % D (summed over heads)
-      mean_freq_index mean RoPE frequency index d mod (D/2) of the top channels; in HF's
-                      rotate_half layout d and d + D/2 share one frequency; higher = lower
-      low_freq_share  share of top channels with frequency index >= D/4 (0.5 = no preference)
-    metrics: the mean of each scalar over the q and over the k matrices ("q_top_share", ...).
-
-    Example: head_dim 4, stats {"...q_proj": [1, 1, 1, 7]}, ratio 0.25 -> one top channel, c = 3:
-      top_share 7/10 = 0.7, dim_hist [0, 0, 0, 1], frequency index 3 mod 2 = 1 -> low_freq_share 1.
-    """
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    half = head_dim // 2
-    per_module = {}
-    for name, s in stats.items():
-        if s.numel() % head_dim:
-            raise ValueError(f"{name}: {s.numel()} channels do not split into heads of {head_dim}")
-        top = top_channels(s, ratio, head_dim, per_head)  # (k,)
-        d = top % head_dim  # (k,) dim inside the head
-        freq = d % half  # (k,) RoPE frequency index, 0 = fastest rotation
-        per_module[name] = {
-            "top_share": (s[top].sum() / s.sum()).item(),
-            "dim_hist": torch.bincount(d, minlength=head_dim),  # (D,)
-            "mean_freq_index": freq.float().mean().item(),
-            "low_freq_share": (freq >= half // 2).float().mean().item(),
-        }
-    metrics = {}
-    for side in ("q", "k"):
-        rows = [v for n, v in per_module.items() if n.endswith(f"{side}_proj")]
-        for key in ("top_share", "mean_freq_index", "low_freq_share"):
-            if rows:
-                metrics[f"{side}_{key}"] = sum(r[key] for r in rows) / len(rows)
-    return per_module, metrics
 
 
 def top_dims(hist: torch.Tensor, n: int = 3) -> str:
@@ -163,3 +116,31 @@ def plot_stats(stats: dict, head_dim: int, path, title: str = "") -> None:
             fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The concentration table (and heatmaps) of a "
+                                            "saliency.py statistics file.")
+    p.add_argument("stats", help="safetensors file from saliency.py (one (C,) statistic per q/k)")
+    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="top share in the table")
+    p.add_argument("--head-dim", type=int, default=None, help="default: the file's metadata")
+    p.add_argument("--plot", default=None, help="heatmap image (needs matplotlib)")
+    a = p.parse_args(argv)
+    if not 0 < a.ratio <= 1:
+        p.error(f"--ratio {a.ratio}: must be in (0, 1]")
+    stats, meta = load_stats_file(a.stats)
+    head_dim = a.head_dim or (int(meta["head_dim"]) if "head_dim" in meta else None)
+    if not head_dim:
+        p.error(f"{a.stats} has no head_dim metadata: pass --head-dim")
+    per_module, metrics = concentration(stats, ratio=a.ratio, head_dim=head_dim)
+    print(format_table(per_module, metrics, a.ratio, head_dim))
+    if a.plot:
+        title = (f"{meta.get('model', '?')}: {meta.get('stat', '?')} of q/k outputs over "
+                 f"{meta.get('num_tokens', '?')} tokens")
+        plot_stats(stats, head_dim, a.plot, title=title)
+        print(f"wrote {a.plot}")
+    return per_module, metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@ experiments/curves.py -- a run as a picture: reward, accuracy, KL, grad norm, ma
 the phase times of every step, from the run's metrics.jsonl (train.py writes one line per step).
 
     python -m experiments.curves runs/RUN [--out RUN/curves.png]
+    python -m experiments.curves experiments/runs/demo          # -> figures/demo/curves.png
 
 Six panels over the step: reward (the task score plus any overlong penalty) and accuracy
 (completions that score 1); KL to the reference (mean and largest); gradient norm before
@@ -15,7 +16,8 @@ Test: .venv/bin/python -m pytest -q tests/test_curves.py
 import argparse
 from pathlib import Path
 
-import common
+from experiments import figures_twin
+from plumbing import common
 
 PANELS = [  # (title, [(metrics key, label)])
     ("reward and accuracy", [("reward", "reward"), ("acc", "accuracy")]),
@@ -74,11 +76,12 @@ def plot(rows: list, evals: dict, run: Path, out: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Draw a train.py run's per-step metrics.")
     p.add_argument("run", help="a run folder (holds metrics.jsonl)")
-    p.add_argument("--out", default=None, help="image path (default RUN/curves.png)")
+    p.add_argument("--out", default=None, help="image path (default RUN/curves.png; for a "
+                   "committed run experiments/runs/NAME, figures/NAME/curves.png)")
     a = p.parse_args(argv)
     run = Path(a.run)
     rows, evals = read_run(run)
-    out = Path(a.out) if a.out else run / "curves.png"
+    out = Path(a.out) if a.out else (figures_twin(run) or run) / "curves.png"
     plot(rows, evals, run, out)
     print(f"{len(rows)} steps -> {out}")
     return out

@@ -13,7 +13,7 @@ of 30% of the rows overlap by about 0.18 (J = p / (2 - p) for p = 0.3).
 import argparse
 from pathlib import Path
 
-import common
+from plumbing import common
 
 KEYS = ("mask_jaccard_prev", "mask_jaccard_step0", "mask_jaccard_step0_static")
 

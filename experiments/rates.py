@@ -317,7 +317,7 @@ def plot_step_size(runs: dict, out, colour: dict) -> None:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    import common
+    from plumbing import common
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for arm in ARMS:
         pts = [(r["kl_last"], r.get("qk", {}).get("qk_rel_change"), r["after"][ALL], f)
@@ -348,7 +348,7 @@ def plot_rates(runs: dict, out, colour: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import common
+    from plumbing import common
     best = best_rates(runs)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, key, seeds in zip(axes, ("val", "after"), (SEEDS, None)):

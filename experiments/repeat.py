@@ -17,7 +17,7 @@ Test: .venv/bin/python -m pytest -q tests/test_repeat.py
 import argparse
 from pathlib import Path
 
-import common
+from plumbing import common
 
 CLOCKS = ("elapsed",)  # per-step fields that measure time, not the run; so is every "t_*"
 FILES = ("eval.json", "qk_change.json")  # compared whole, when both runs have them

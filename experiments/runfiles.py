@@ -1,11 +1,12 @@
 """
 experiments/runfiles.py -- what a grid's finished runs recorded, read back from their folders:
 the small files each run keeps (config, metrics, evaluation, phases, q/k change, per-item
-records), which are committed, so that every summary table and figure rebuilds from a clean
-clone. The A/B summaries (experiments/ab.py) read runs only through this file.
+records), which are committed under experiments/runs/<setting>/, so that every summary table and
+figure (figures/<setting>/) rebuilds from a clean clone. The A/B summaries (experiments/ab.py)
+read runs only through this file.
 
     collect(folder, arms)   {arm: {seed: outcome, reward curve, KL, items, minutes, ...}}
-    copy_small_files(g, o)  each finished run's small files from the grid into the summary
+    copy_small_files(g, k)  each finished run's small files from the grid into experiments/runs/
     timing_table, provenance, resumed_runs
                             what each run cost, which commit, CPU and lock it came from, and
                             which runs were resumed with which flags (SOURCES.md §9.42, §9.54)
@@ -17,8 +18,8 @@ Test: .venv/bin/python -m pytest -q tests/test_ab.py tests/test_install.py
 import shutil
 from pathlib import Path
 
-import common
 from experiments import rates
+from plumbing import common
 
 SMALL_FILES = ("config.json", "metrics.jsonl", "eval.json", "phases.json", "qk_change.json")
 ALL = rates.ALL  # a run's mean over its task@length cells: 4x the samples of one cell
@@ -80,14 +81,15 @@ def with_mean(scores: dict) -> dict:
     return scores | {ALL: sum(scores[k] for k in cells) / len(cells)}
 
 
-def copy_small_files(grid: Path, out: Path) -> None:
-    """Each finished run's small files (and its first samples) into out/runs, for committing."""
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+def copy_small_files(grid: Path, kept: Path) -> None:
+    """Each finished run's small files (and its first samples) into kept/<run>, and the shared
+    "before" into kept/before.json, for committing (kept: experiments/runs/<setting>)."""
+    kept.mkdir(parents=True, exist_ok=True)
     if (grid / "before.json").exists():  # the shared "before", for the next sitting
-        shutil.copy(grid / "before.json", out / "before.json")
+        shutil.copy(grid / "before.json", kept / "before.json")
     for run in (grid.iterdir() if grid.exists() else []):
         if run.is_dir() and is_finished(run):
-            dst = out / "runs" / run.name
+            dst = kept / run.name
             dst.mkdir(exist_ok=True)
             for name in SMALL_FILES:
                 if (run / name).exists():

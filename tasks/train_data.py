@@ -4,7 +4,7 @@ context / question / answer fields (a local JSONL file or a hub id), every row c
 model loads.
 
     rows = read_train_rows(args)              [(line, row)] of --train-data, each one checked
-    data = load_train_data(args, tok, rows)   evaluate.Sample per row (None: builtin)
+    data = load_train_data(args, tok, rows)   a Sample (tasks/sample.py) per row (None: builtin)
     draw_samples(data, tok, args, seed, n)    one generation batch, a pure function of the seed
 
 Builtin samples use seeds >= tasks.TRAIN_SEED_START, disjoint from every evaluation seed
@@ -15,10 +15,9 @@ Test: .venv/bin/python -m pytest -q tests/test_flags.py tests/test_train.py
 import random
 from pathlib import Path
 
-import common
-import evaluate
-import flags
 import tasks
+from plumbing import common, flags
+from tasks.sample import Sample, longbench_sample, ruler_sample
 
 
 QA_TEMPLATE = ("Read the following text and answer the question.\n\n{context}\n\n"
@@ -39,7 +38,7 @@ def parse_field_map(spec: str) -> dict:
 
 
 def row_to_sample(row: dict, n: int, fields: dict, source: str, tokenizer, max_len: int):
-    """A dataset row -> evaluate.Sample. Multiple choice (a choices list, or LongBench v2's
+    """A dataset row -> a Sample. Multiple choice (a choices list, or LongBench v2's
     choice_A..D) is scored by the letter; a free answer (a string or a list of acceptable strings)
     by RULER's string_match_part."""
     def need(key):
@@ -57,12 +56,12 @@ def row_to_sample(row: dict, n: int, fields: dict, source: str, tokenizer, max_l
         item = {"_id": str(n), "domain": "", "sub_domain": "", "difficulty": "", "length": "",
                 "context": context, "question": question, "answer": answer,
                 **{f"choice_{c}": x for c, x in zip("ABCD", choices)}}
-        return evaluate.longbench_sample(item, n, tokenizer, max_len=max_len)
+        return longbench_sample(item, n, tokenizer, max_len=max_len)
     refs = [answer] if isinstance(answer, str) else [str(a) for a in answer]
-    return evaluate.Sample(bench="train", task="qa", length=0, index=n, seed=0,
-                           prompt=QA_TEMPLATE.format(context=context, question=question),
-                           answer_prefix="Answer:", references=refs, metric="string_match_part",
-                           max_new_tokens=32)
+    return Sample(bench="train", task="qa", length=0, index=n, seed=0,
+                  prompt=QA_TEMPLATE.format(context=context, question=question),
+                  answer_prefix="Answer:", references=refs, metric="string_match_part",
+                  max_new_tokens=32)
 
 
 def read_train_rows(args) -> list:
@@ -124,8 +123,8 @@ def draw_samples(data, tokenizer, args, seed: int, num: int) -> list:
     """`num` training samples for one generation batch, a pure function of `seed`. Builtin samples
     use seeds >= tasks.TRAIN_SEED_START, disjoint from every evaluation seed."""
     if data is None:
-        return [evaluate.ruler_sample(tokenizer, args.train_task, args.train_len,
-                                      seed=tasks.TRAIN_SEED_START + seed % 10**9, index=i)
+        return [ruler_sample(tokenizer, args.train_task, args.train_len,
+                             seed=tasks.TRAIN_SEED_START + seed % 10**9, index=i)
                 for i in range(num)]
     rng = random.Random(seed)
     return [data[rng.randrange(len(data))] for _ in range(num)]

@@ -31,7 +31,7 @@ def roomy_disk(request, monkeypatch):
     plan wants 3.2 GB). The disk check's own tests set free_disk themselves; `real_disk` opts
     out."""
     if request.node.get_closest_marker("real_disk") is None:
-        monkeypatch.setattr("preflight.free_disk", lambda folder: 10 ** 12)
+        monkeypatch.setattr("plumbing.preflight.free_disk", lambda folder: 10 ** 12)
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, vocab: int = 128, layers: int = 2):
@@ -58,7 +58,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def embedded():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (converted once, .cache/longact)."""
-    from policy import load_policy
+    from plumbing.policy import load_policy
     return load_policy("smollm2-135m")
 
 
@@ -67,7 +67,7 @@ def tiny_dir(tmp_path_factory):
     """A 2-layer Llama with the embedded model's tokenizer (prompts are real text), an HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from policy import resolve_model_path
+    from plumbing.policy import resolve_model_path
     tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

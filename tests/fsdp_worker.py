@@ -18,10 +18,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import fsdp  # noqa: E402
 import grpo  # noqa: E402
 import masking  # noqa: E402
 import rollout  # noqa: E402
+from plumbing import fsdp  # noqa: E402
 
 GROUPS, G, T, STEPS = 4, 2, 6, 3  # groups per step, group size, completion tokens, steps
 LR, WD, CLIP = 1e-2, 0.1, 0.5

@@ -7,9 +7,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-import common
-import engine
 import rollout
+from plumbing import common, engine
 
 EOS = 2
 

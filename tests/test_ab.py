@@ -194,32 +194,33 @@ def test_summary_rebuilds_from_committed_files_alone(tmp_path):
     for arm in ("grpo-longact", "grpo-random", "grpo-longact-r0.2", "grpo-random-r0.2"):
         for seed in range(2):
             fake_run(tmp_path / "grid", arm, seed, 50.0 + seed + len(arm))
-    out = tmp_path / "out"
-    ab.summarize(ab.SETTINGS["2"], tmp_path / "grid", out)
+    kept, out = tmp_path / "kept", tmp_path / "out"
+    ab.summarize(ab.SETTINGS["2"], tmp_path / "grid", kept, out)
     first = (out / "ab_table.md").read_text()
-    assert (out / "ab.png").exists() and (out / "runs" / "grpo-random-seed1" / "eval.json").exists()
+    assert (out / "ab.png").exists() and (kept / "grpo-random-seed1" / "eval.json").exists()
     assert "| 0.2 |" in first and "| 0.3 |" in first  # the ratio ablation
     assert "fewer than 2 paired seeds" in first  # no control arms yet
-    ab.summarize(ab.SETTINGS["2"], tmp_path / "nothing-here", out)  # from out/runs alone
+    ab.summarize(ab.SETTINGS["2"], tmp_path / "nothing-here", kept, out)  # from kept alone
     assert (out / "ab_table.md").read_text() == first
     # a grid that has not run its primary baseline yet still summarises (the pilots)
     fake_run(tmp_path / "pilot", "grpo-uniform", 0, 60.0)
-    ab.summarize(ab.SETTINGS["2"], tmp_path / "pilot", tmp_path / "pilot-out")
+    ab.summarize(ab.SETTINGS["2"], tmp_path / "pilot", tmp_path / "pilot-kept",
+                 tmp_path / "pilot-out")
     assert "| grpo-uniform | 1 |" in (tmp_path / "pilot-out" / "ab_table.md").read_text()
 
 
 def test_a_new_sitting_skips_committed_runs_and_reuses_the_before(tmp_path, monkeypatch):
-    """runs/ is not kept between sittings: what is committed in the summary folder counts."""
-    out = tmp_path / "out"
+    """runs/ is not kept between sittings: what is committed in experiments/runs/ counts."""
+    kept, out = tmp_path / "kept", tmp_path / "out"
     fake_run(tmp_path / "old-grid", "grpo-random", 0, 55.0)
     (tmp_path / "old-grid" / "before.json").write_text('{"t@1024": 10.0}')
-    ab.summarize(ab.SETTINGS["2"], tmp_path / "old-grid", out)
-    assert (out / "before.json").exists()
+    ab.summarize(ab.SETTINGS["2"], tmp_path / "old-grid", kept, out)
+    assert (kept / "before.json").exists() and not (out / "before.json").exists()
     assert "| not recorded | not recorded | 1 |" in (out / "ab_table.md").read_text()
     started = []
     monkeypatch.setattr(ab.subprocess, "run", lambda argv, check: started.append(argv))
     grid = tmp_path / "new-grid"
-    ab.run_grid(grid, ["grpo-random", "grpo-uniform"], [0], [], ab.SETTING_2, committed=out)
+    ab.run_grid(grid, ["grpo-random", "grpo-uniform"], [0], [], ab.SETTING_2, committed=kept)
     assert (grid / "before.json").read_text() == '{"t@1024": 10.0}'
     assert len(started) == 1 and "grpo-uniform-seed0" in started[0]
 

@@ -1,5 +1,5 @@
-"""Tests for causal.py: which channels are removed, that the hooks zero exactly those and nothing
-else, and that an interrupted dose-response resumes where it stopped.
+"""Tests for experiments/causal.py: which channels are removed, that the hooks zero exactly those
+and nothing else, and that an interrupted dose-response resumes where it stopped.
 
 Run: .venv/bin/python -m pytest -q tests/test_causal.py   (seconds; tiny models, no downloads)
 """
@@ -7,10 +7,10 @@ Run: .venv/bin/python -m pytest -q tests/test_causal.py   (seconds; tiny models,
 import pytest
 import torch
 
-from causal import (channel_masks, load_done, plan_points, plot_summary, removed_channels,
-                    run_points, summary_table)
-from common import qk_modules, read_jsonl
 from conftest import tiny_model
+from experiments.causal import (channel_masks, load_done, plan_points, plot_summary,
+                                removed_channels, run_points, summary_table)
+from plumbing.common import qk_modules, read_jsonl
 
 HEAD_DIM = 8  # tiny_model: 4 query heads, 2 KV heads of dim 8
 CONFIG = {"model": "tiny", "tasks": ["t"], "lengths": [64], "samples": 1, "seed": 0}

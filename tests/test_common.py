@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-import common
+from plumbing import common
 
 
 @pytest.mark.parametrize("device, capability, flags, cuda_bf16, expected", [

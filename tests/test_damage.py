@@ -88,15 +88,15 @@ def test_items_must_be_the_before_evaluations(tmp_path):
 
 
 def test_summary_of_the_pilots_from_committed_files(tmp_path):
-    grid, out = tmp_path / "grid", tmp_path / "out"
+    grid, kept, out = tmp_path / "grid", tmp_path / "kept", tmp_path / "out"
     for s, lost in enumerate((6, 7, 8)):
         fake_run(grid, "grpo-uniform-lr1e-4", s, forget(lost, "fwe@2048"), BEFORE)
         fake_run(grid, "grpo-uniform", s, dict(BEFORE), BEFORE)
-    ab.summarize(ab.SETTINGS["3-pilot"], grid, out)
+    ab.summarize(ab.SETTINGS["3-pilot"], grid, kept, out)
     text = (out / "ab_table.md").read_text()
     assert text.startswith("Damage rule (experiments/ab3_pilots.md)")
     assert "fwe@2048" in text and (out / "ab.png").exists()
-    assert (out / "runs" / "grpo-uniform-seed0" / "items" / "before.jsonl").exists()
+    assert (kept / "grpo-uniform-seed0" / "items" / "before.jsonl").exists()
 
 
 def test_pilot_setting_reads_untrained_families_at_four_times_the_training_length():
@@ -170,15 +170,15 @@ def test_setting_3_is_the_pilots_at_the_rate_that_separated():
     assert {args(s3.flags, a)["lr"] for a in s3.arms} == {1e-4}
     assert {args(s3.flags, a)["train_scope"] for a in s3.arms} == {
         args(pilot.flags, "grpo-uniform")["train_scope"]}  # every weight trains in every arm
-    before = json.loads((ab.Path(s3.out) / "before.json").read_text())
-    assert before == json.loads((ab.Path(pilot.out) / "before.json").read_text())
+    before = json.loads((ab.Path(s3.runs) / "before.json").read_text())
+    assert before == json.loads((ab.Path(pilot.runs) / "before.json").read_text())
 
 
 def test_setting_3_summary_and_seed_rule(tmp_path, monkeypatch):
     """The summary reads the pre-registered rule on the damaged cell; with a noisy primary the
     runner adds seeds 3 and 4 for every arm, and the seeds 3+ line appears once they exist."""
-    grid, out = tmp_path / "grid", tmp_path / "out"
-    setting = ab.Setting(ab.SETTING_3, ab.ARMS_3, str(grid), str(out), (),
+    grid, kept, out = tmp_path / "grid", tmp_path / "kept", tmp_path / "out"
+    setting = ab.Setting(ab.SETTING_3, ab.ARMS_3, str(grid), str(kept), str(out), (),
                          primary=("grpo-longact", "grpo-uniform"),
                          secondary=("grpo-longact", "grpo-random-static"),
                          preregistration="p.md", damage_plan="p.md",
@@ -202,9 +202,9 @@ def test_setting_3_summary_and_seed_rule(tmp_path, monkeypatch):
     assert "not read with 3 seeds (the rule reads 5); smallest detectable" in text
     assert "control, grpo-uniform after - before: niah_multivalue@2048 -" in text and \
         "; not read with 3 seed(s) (the rule reads 5)" in text
-    ab.run_seed_rule(setting, grid, out, [])
+    ab.run_seed_rule(setting, grid, kept, [])
     assert called == [(ab.ARMS_3, [3, 4])]
-    ab.summarize(setting, grid, out)
+    ab.summarize(setting, grid, kept, out)
     text = (out / "ab_table.md").read_text()
     assert text.startswith("Pre-registered in p.md: outcome = mean of niah_multivalue@2048")
     assert "not read with 3 seed(s) (the rule reads 5)" in text and "adds seeds 3 and 4" in text
@@ -213,9 +213,9 @@ def test_setting_3_summary_and_seed_rule(tmp_path, monkeypatch):
     for s in (3, 4):
         fake_run(grid, "grpo-longact", s, forget(3, cell), BEFORE)
         fake_run(grid, "grpo-uniform", s, forget(9, cell), BEFORE)
-    ab.run_seed_rule(setting, grid, out, [])  # started again after some of seeds 3-4: goes on
+    ab.run_seed_rule(setting, grid, kept, [])  # started again after some of seeds 3-4: goes on
     assert called == [(ab.ARMS_3, [3, 4])] * 2
-    ab.summarize(setting, grid, out)
+    ab.summarize(setting, grid, kept, out)
     text = (out / "ab_table.md").read_text()
     assert "seeds 3+ only (the pilots picked the cell on seeds 0-2): +30.0" in text
     assert "damaged again: niah_multivalue@2048" in text  # the control, over 5 seeds

@@ -1,5 +1,6 @@
-"""Tests for engine.py, the fast sampling path: cascade decoding against the repeated cache, the
-cascade attention itself, the CDF-draw decoding loop, per-prompt prefill, oneDNN linears.
+"""Tests for plumbing/engine.py, the fast sampling path: cascade decoding against the repeated
+cache, the cascade attention itself, the CDF-draw decoding loop, per-prompt prefill, oneDNN
+linears.
 
 Run: .venv/bin/python -m pytest -q tests/test_engine.py
 """
@@ -12,8 +13,7 @@ from conftest import tiny_model
 from sampling_helpers import EOS, TinyTok, engine_sample, eos_boost, prompts, spy_generate
 from transformers import DynamicCache
 
-import common
-import engine
+from plumbing import common, engine
 from rollout import sample_groups
 
 # ------------------------------------------------------------------ cascade decoding

@@ -16,9 +16,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import evaluate as E
-from common import write_json_atomic
 from conftest import ROOT, tiny_model
-from policy import resolve_model_path
+from plumbing.common import write_json_atomic
+from plumbing.policy import resolve_model_path
 from tasks import TRAIN_SEED_START, longbench, ruler
 
 LENGTHS = (1024, 2048)

@@ -11,11 +11,11 @@ import json
 
 import pytest
 
-import causal
 import evaluate
-import policy
 import saliency
 import train
+from experiments import causal
+from plumbing import policy
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Tests for fsdp.py: 2 gloo processes (torchrun) against one process, on tiny models from configs.
+"""Tests for plumbing/fsdp.py: 2 gloo processes (torchrun) against one process, on tiny models
+from configs.
 
 The sharded runs happen once per session in `sharded` (tests/fsdp_worker.py, about ten seconds);
 each test reads its part. The one-process reference runs the same scenario with masking.py's own
@@ -22,11 +23,11 @@ import pytest
 import torch
 from conftest import ROOT, tiny_model
 
-import fsdp
 import fsdp_worker as W
 import masking
 import rollout
-from common import qk_modules
+from plumbing import fsdp
+from plumbing.common import qk_modules
 
 PARAM_ATOL = 5e-6  # 10x the measured reduction-order difference (module docstring)
 NORM_RTOL = 1e-6
@@ -214,7 +215,7 @@ def test_resume_from_step_two_equals_three_straight_steps_bit_for_bit(sharded):
                                                ("llama_tied", "hf_tied", "LlamaForCausalLM")])
 def test_export_writes_a_plain_hugging_face_folder_with_the_trained_weights(sharded, name, folder,
                                                                             cls):
-    from policy import load_weights  # hub kernels off, no remote code (SOURCES.md §9.44)
+    from plumbing.policy import load_weights  # hub kernels off, no remote code (SOURCES.md §9.44)
     (r0, _), out = sharded
     model = load_weights(out / folder)
     assert type(model).__name__ == cls

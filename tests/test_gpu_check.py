@@ -14,13 +14,9 @@ import json
 import pytest
 import torch
 
-import common
-import plan
-import policy
-import preflight
-import startup
 import train
 from bench import gpu_check
+from plumbing import common, plan, policy, preflight, startup
 
 CARDS = gpu_check.CARDS
 DISK = gpu_check.NODE_DISK
@@ -167,7 +163,7 @@ def test_an_older_torch_is_refused_in_one_line():
 def test_the_entry_points_set_the_allocator_before_torch_loads(tmp_path):
     import subprocess
     import sys
-    code = ("import os, sys; import train, startup; "
+    code = ("import os, sys; import train; from plumbing import startup; "
             "print(startup.SET['before_torch'], os.environ['PYTORCH_ALLOC_CONF'])")
     env = {k: v for k, v in __import__("os").environ.items() if k not in startup.ALLOC_VARS}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -18,10 +18,9 @@ import pytest
 import torch
 import transformers
 
-import common
-import policy
 import train
 from experiments import runfiles
+from plumbing import common, policy
 
 
 def refuse(*a, **kw):
@@ -129,10 +128,12 @@ def test_the_grid_summary_prints_versions_or_not_recorded(tmp_path):
 
 
 def test_a_grids_copied_run_files_do_not_mark_the_code_dirty():
-    assert common.code_changes("?? figures/ab3/runs/grpo-uniform-seed4/eval.json\n") == []
+    assert common.code_changes("?? experiments/runs/ab3/grpo-uniform-seed4/eval.json\n") == []
+    assert common.code_changes("?? figures/ab3/rates.png\n") == []  # a summary's new figure
     assert common.code_changes(" M train.py\n") == [" M train.py"]  # a tracked change
     assert common.code_changes("?? helper.py\n") == ["?? helper.py"]  # new code
     assert common.code_changes(" M figures/ab3/ab_table.md\n") != []  # tracked, even there
+    assert common.code_changes(" M experiments/runs/ab3/before.json\n") != []
     assert common.code_changes("") == []
 
 
@@ -145,7 +146,7 @@ def test_the_embedded_model_cache_is_keyed_by_the_converting_versions():
 
 def test_every_model_load_goes_through_the_one_loader():
     # a from_pretrained of a model anywhere else would take transformers' default (kernels on)
-    root = policy.Path(policy.__file__).parent
+    root = policy.Path(policy.__file__).parents[1]
     files = [p for p in root.rglob("*.py") if ".venv" not in p.parts and ".cache" not in p.parts]
     direct = [f"{p.relative_to(root)}:{n}" for p in files
               for n, line in enumerate(p.read_text().splitlines(), 1)

@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import ROOT, tiny_model
 
+from mask_helpers import qk_snapshot, rows_outside_drift
 from masking import (SEMANTICS, STRATEGIES, build_masks, check_masks, format_summary, load_masks,
-                     mask_grads, mask_overlap, mask_summary, masked_params, masked_step,
-                     qk_snapshot, rows_outside_drift, save_masks)
+                     mask_grads, mask_summary, masked_params, masked_step, save_masks)
+from plumbing.report import mask_overlap
 
 QK = ("q_proj", "k_proj")
 HEAD_DIM = 8  # tiny_model: 4 query heads, 2 KV heads, head_dim 8

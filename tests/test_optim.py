@@ -1,4 +1,4 @@
-"""AdamWSR: bf16 weights and moments with stochastic rounding (optim.py).
+"""AdamWSR: bf16 weights and moments with stochastic rounding (plumbing/optim.py).
 
 The first test is the reason the file exists: at lr 1e-6 on weights near 1 (bf16 ulp 2^-7), plain
 bf16 AdamW never moves a weight, while stochastic rounding follows the exact (fp64) trajectory on
@@ -14,7 +14,7 @@ import io
 import pytest
 import torch
 
-import optim
+from plumbing import optim
 
 D, STEPS, LR = 16384, 1000, 1e-6
 

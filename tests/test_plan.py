@@ -1,4 +1,4 @@
-"""The memory plan (plan.py) against real tensors of tiny Qwen3 models, and its verdicts.
+"""The memory plan (plumbing/plan.py) against real tensors of tiny Qwen3 models, and its verdicts.
 
   * parameter, gradient and optimizer-state bytes equal those of a model built from the config,
     after one optimizer step, for every precision option (exact);
@@ -17,13 +17,9 @@ import pytest
 import torch
 import transformers
 
-import optim
-import plan
-import policy
-import timeplan
-import train
-import engine
 import rollout
+import train
+from plumbing import engine, optim, plan, policy, timeplan
 from conftest import tiny_model
 from live_bytes import LiveBytes
 

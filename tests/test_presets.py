@@ -16,10 +16,9 @@ import json
 import pytest
 import torch
 
-import optim
-import plan
 import saliency
 import train
+from plumbing import optim, plan
 from fake_device import FAKE, fake_device
 
 GPU_GB = 0.064  # the stated capacity, 64 MB: the tiny model's 4 groups take 2 generate calls
@@ -30,7 +29,7 @@ def tiny_qwen3(tmp_path_factory):
     """A 2-layer Qwen3 as 8B is built (q/k RMS norm, GQA 4:2, untied head), real tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
-    from policy import resolve_model_path
+    from plumbing.policy import resolve_model_path
     tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -158,33 +158,33 @@ def test_summary_of_setting_2b_rebuilds_tables_and_figures(tmp_path):
     vals = {(a, f): [(50 + 10 * i + s, 40 - abs(float(f) - 4)) for s in range(3)]
             for i, a in enumerate(rates.ARMS) for f in ("1", "2", "4", "8")}
     grid(tmp_path / "grid", vals)
-    out = tmp_path / "out"
-    ab.summarize(ab.SETTINGS["2b"], tmp_path / "grid", out)
+    kept, out = tmp_path / "kept", tmp_path / "out"
+    ab.summarize(ab.SETTINGS["2b"], tmp_path / "grid", kept, out)
     text = (out / "ab_table.md").read_text()
     assert "x4 (best)" in text and "crossed [" in text and "not read yet" not in text
     assert "| outcome explained by (R^2) |" in text
     assert "| grpo-longact - grpo-random-static | x8 | 3 |" in text  # the same-rate table
     assert all((out / f).exists() for f in ("step_size.png", "rates.png", "ab.png"))
-    assert (out / "runs" / "grpo-uniform-lrx8-seed2" / "items" / "after.jsonl").exists()
+    assert (kept / "grpo-uniform-lrx8-seed2" / "items" / "after.jsonl").exists()
 
 
 def test_the_2b_runner_adds_seeds_when_the_primary_detects_too_little(tmp_path, monkeypatch):
     # every arm's best validation rate is x2 (inside the range: no widening); LongAct's per-seed
     # outcomes spread by 5 points, so the primary detects only ~15 with 3 seeds: rule 3
-    out = tmp_path / "out"
-    grid(out / "runs", {(a, f): [(50 + 5 * s * (a == "grpo-longact"), 40 + float(f) * (f != "4"))
-                                 for s in range(3)] for a in rates.ARMS for f in rates.FIRST})
+    kept = tmp_path / "kept"
+    grid(kept, {(a, f): [(50 + 5 * s * (a == "grpo-longact"), 40 + float(f) * (f != "4"))
+                         for s in range(3)] for a in rates.ARMS for f in rates.FIRST})
     started = []
     monkeypatch.setattr(ab.subprocess, "run",
                         lambda argv, check: started.append(argv[argv.index("--run-name") + 1]))
-    ab.run_rate_rules(ab.SETTINGS["2b"], tmp_path / "grid", out, [])
+    ab.run_rate_rules(ab.SETTINGS["2b"], tmp_path / "grid", kept, [])
     assert started == [f"{a}-lrx2-seed{s}" for s in (3, 4) for a in rates.ARMS]
     # stopped after two seed-3 runs had finished: started again, the rule still adds the rest
     primary = ab.SETTINGS["2b"].primary
     for arm in primary:
-        fake_rate_run(out / "runs", arm, "2", 3, 0, 0, kl=0.02, qk=0.002)
+        fake_rate_run(kept, arm, "2", 3, 0, 0, kl=0.02, qk=0.002)
     started.clear()
-    ab.run_rate_rules(ab.SETTINGS["2b"], tmp_path / "grid", out, [])
+    ab.run_rate_rules(ab.SETTINGS["2b"], tmp_path / "grid", kept, [])
     assert started == [f"{a}-lrx2-seed{s}" for s in (3, 4) for a in rates.ARMS
                        if not (s == 3 and a in primary)]
 

@@ -13,9 +13,9 @@ import pytest
 
 from experiments import repeat
 
-FIGURES = Path(__file__).resolve().parents[1] / "figures" / "ab2b"
-GRID_RUN = FIGURES / "runs" / "grpo-longact-lrx8-seed0"
-REPEATED = FIGURES / "repeat" / "grpo-longact-lrx8-seed0"
+RUNS = Path(__file__).resolve().parents[1] / "experiments" / "runs"
+GRID_RUN = RUNS / "ab2b" / "grpo-longact-lrx8-seed0"
+REPEATED = RUNS / "ab2b-repeat" / "grpo-longact-lrx8-seed0"
 
 
 def rewrite_jsonl(path: Path, change) -> None:

@@ -1,6 +1,6 @@
-"""Watching a long run (report.py): tracker names, the guards that stop a bad update before it
-reaches the weights, the ETA, and --report-to through train.main with stand-in trackers (the
-real packages are optional and not in the lock).
+"""Watching a long run (plumbing/report.py): tracker names, the guards that stop a bad update
+before it reaches the weights, the ETA, and --report-to through train.main with stand-in
+trackers (the real packages are optional and not in the lock).
 
 Run: .venv/bin/python -m pytest -q tests/test_report.py
 """
@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import report
 import train
+from plumbing import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,6 +196,7 @@ def test_a_missing_tracker_is_one_line_before_the_model_loads(tiny_dir, qa_file,
 def test_the_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
     for k in report.ALLOC_VARS:
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(report.startup, "SET", {"before_torch": True})  # as train.py does it
     assert report.configure_allocator("cpu") == "" and not any(
         k in report.os.environ for k in report.ALLOC_VARS)
     assert report.configure_allocator("cuda:0") == "PYTORCH_ALLOC_CONF=expandable_segments:True"
@@ -203,6 +204,9 @@ def test_the_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatc
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     assert report.configure_allocator("cuda") == "PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:512"
     assert "PYTORCH_ALLOC_CONF" not in report.os.environ
+    monkeypatch.setattr(report.startup, "SET", {})  # first set after torch was imported
+    assert report.configure_allocator("cuda").endswith(
+        "(set after torch was imported: in force only if CUDA had not started)")
 
 
 def test_each_phase_releases_the_cache_and_keeps_its_peak(monkeypatch):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from sampling_helpers import EOS, TinyTok, eos_boost, prompts, spy_generate
 
-import policy
 import rollout
+from plumbing import policy
 from rollout import (completion_logprobs, completion_mask_from_positions, full_sequence_logprobs,
                      group_logprobs, sample_groups)
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import saliency
-from common import positions_from_mask, qk_modules
 from conftest import tiny_model
+from experiments import concentration as analysis
+from experiments.concentration import format_table
+from plumbing.common import positions_from_mask, qk_modules
 from saliency import (STATS, collect_qk_stats, concentration, finalize, finalize_state,
-                      format_table, load_stats, new_acc, prefill_collector, qk_hooks, save_stats,
-                      update_stats)
+                      load_stats, new_acc, prefill_collector, qk_hooks, save_stats, update_stats)
 
 KINDS = ("llama", "qwen2", "qwen3")
 
@@ -301,6 +302,21 @@ def test_concentration_per_head_keeps_the_masks_count():
     whole, _ = concentration({"a.q_proj": s}, ratio=0.25, head_dim=4, per_head=False)
     assert per_head["a.q_proj"]["top_share"] == pytest.approx((9 + 2) / 30)  # one channel per head
     assert whole["a.q_proj"]["top_share"] == pytest.approx((9 + 8) / 30)
+
+
+def test_the_table_and_heatmaps_come_from_a_saved_statistics_file(tmp_path, capsys):
+    # saliency.py writes the data; experiments/concentration.py prints its table and draws it
+    stats = {f"model.layers.{i}.self_attn.{s}": torch.rand(16, generator=torch.Generator()
+                                                            .manual_seed(i))
+             for i in range(2) for s in ("q_proj", "k_proj")}
+    save_stats(tmp_path / "qk.safetensors", stats, {"model": "tiny", "stat": "seq_l2",
+                                                    "num_tokens": 64, "head_dim": 8})
+    per, metrics = analysis.main([str(tmp_path / "qk.safetensors"), "--ratio", "0.25",
+                                  "--plot", str(tmp_path / "qk.png")])
+    table = capsys.readouterr().out
+    assert format_table(per, metrics, 0.25, 8) in table and "q top25%" in table
+    assert (tmp_path / "qk.png").stat().st_size > 10_000
+    assert metrics == concentration(stats, ratio=0.25, head_dim=8)[1]
 
 
 # ----------------------------------------------------------------------------- the embedded model

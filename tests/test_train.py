@@ -16,10 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
-import common
-import preflight
 import train
+from plumbing import checkpoint, common, preflight
 
 
 def args_for(tiny_dir, qa_file, out, name, steps, *extra):

@@ -23,15 +23,15 @@ Model configs come from policy.model_config (Qwen3-4B and -8B offline).
 
 Letters: L layers, C hidden, I MLP width, H query heads, K key/value heads, D head dim, V vocab,
 P prompt tokens, G completions per prompt, T new tokens per completion.
-Run: python plan.py --model qwen3-4b qwen3-8b --optimizer bf16-sr [--prompt-len 16384 ...]
+Run: python -m plumbing.plan --model qwen3-4b qwen3-8b --optimizer bf16-sr [--prompt-len 16384]
 """
 
 import argparse
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from common import head_dim_of
-from policy import model_config
+from plumbing.common import head_dim_of
+from plumbing.policy import model_config
 
 GB = 1e9
 OPTIMIZERS = {  # bytes per parameter: weight, gradient, optimizer state (m + v); autocast copies?
@@ -379,7 +379,7 @@ def download_bytes(model: str, config) -> int:
     """Bytes the hub download of `model` writes into the hub cache: 0 for an embedded name, a
     local folder or a model already cached; else the weights in bf16 (how Qwen3 ships them),
     params x 2 B (SOURCES.md §9.48)."""
-    import policy  # the embedded names
+    from plumbing import policy  # the embedded names
     if model in policy.EMBEDDED or Path(model).exists():
         return 0
     from huggingface_hub import try_to_load_from_cache

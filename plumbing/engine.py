@@ -33,7 +33,7 @@ from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from common import left_pad, model_device, positions_from_mask, swapped, world_size
+from plumbing.common import left_pad, model_device, positions_from_mask, swapped, world_size
 
 
 # the decoding loop: transformers prepares, we decode

@@ -88,7 +88,7 @@ def known(p, dest, values, choices) -> None:
 def model_window(model: str):
     """max_position_embeddings of a model from its config alone (None when it cannot be read
     without the network or a conversion): the bound of every length flag."""
-    import policy
+    from plumbing import policy
     if model in policy.EMBEDDED:
         config = policy.embedded_dir(model) / "config.json"
         return json.loads(config.read_text()).get("max_position_embeddings") \

@@ -42,7 +42,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import AutoModelForCausalLM
 
 import masking
-from common import model_device, swap_folder_in, world_size
+from plumbing.common import model_device, swap_folder_in, world_size
 
 MIN_TORCH = (2, 13)  # §9.37
 

@@ -24,9 +24,9 @@ Run: python train.py --preset paper-8b --plan --gpu h100
 from dataclasses import replace
 from pathlib import Path
 
-from plan import (GPUS, OPTIMIZERS, Settings, act_bytes, cascade_cache_bytes, dims,
-                  param_counts, settings_for_args)
-from policy import model_config
+from plumbing.plan import (GPUS, OPTIMIZERS, Settings, act_bytes, cascade_cache_bytes,
+                           dims, param_counts, settings_for_args)
+from plumbing.policy import model_config
 from tasks.longbench import LONGBENCH_NEW_TOKENS, load_longbench
 
 MATMUL_EFFICIENCY = 0.45   # share of the dense bf16 peak that long prefill/training matmuls reach

@@ -286,19 +286,23 @@ def cpu_name() -> str:
     return f"{name} ({family}{cores} cores, {torch.backends.cpu.get_cpu_capability()})"
 
 
+OUTPUTS = ("experiments/runs/", "figures/")  # where grids copy run files and write summaries
+
+
 def code_changes(porcelain: str) -> list:
     """The lines of `git status --porcelain` that change the code: every tracked change, and new
-    files outside figures/ (where a grid copies its finished runs' small files; those outputs
-    are not code, and counting them marked every later run of a grid "-dirty")."""
+    files outside experiments/runs/ and figures/ (where a grid copies its finished runs' small
+    files and writes its summary; those outputs are not code, and counting them marked every
+    later run of a grid "-dirty")."""
     return [line for line in porcelain.splitlines()
-            if line.strip() and not (line.startswith("?? ") and line[3:].startswith("figures/"))]
+            if line.strip() and not (line.startswith("?? ") and line[3:].startswith(OUTPUTS))]
 
 
 def code_version() -> str:
     """The git commit of this code, with "-dirty" when tracked or new files differ from it (new
-    run outputs under figures/ aside); saved with every run so that a grid can show that all of
-    its runs came from one commit."""
-    root = Path(__file__).resolve().parent
+    run outputs under experiments/runs/ and figures/ aside); saved with every run so that a grid
+    can show that all of its runs came from one commit."""
+    root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, check=True,
                              capture_output=True, text=True).stdout.strip()
@@ -309,7 +313,7 @@ def code_version() -> str:
     return sha + ("-dirty" if code_changes(dirty) else "")
 
 
-LOCK_FILE = Path(__file__).resolve().parent / "requirements.lock"
+LOCK_FILE = Path(__file__).resolve().parents[1] / "requirements.lock"
 # The oldest torch this code is meant to run on: the GPU image of our device runs 2.11, CI and the
 # lock run 2.13 (SOURCES.md §9.51: 2.11 is stated, not yet tested). Older ones are refused.
 MIN_TORCH = (2, 11)

@@ -1,5 +1,6 @@
 """
-causal.py -- the causal test: does the model need its massive Q/K channels on long inputs?
+experiments/causal.py -- the causal test: does the model need its massive Q/K channels on long
+inputs?
 
 The LongAct write-up (SOURCES.md §1.5) removes the massive channels of Qwen3-8B and sees LongBench
 v2 collapse, far more than when the other channels go. If massive channels carry long-context
@@ -18,10 +19,10 @@ is edited). Every condition sees the same RULER samples; one JSON line per (cond
 appended when done, so an interrupted run resumes where it stopped.
 
 Shapes: H heads, D head dim, C = H*D output channels of one q/k projection.
-Run:  python causal.py --out figures/causal/causal.jsonl                (the measurement; resumable)
-      python causal.py --out figures/causal/causal.jsonl --summary      (table + causal.png)
-      python causal.py --out /tmp/c.jsonl --tasks niah_single_1 --lengths 512 --samples 2 \
-          --ns 1 --calib-len 256 --calib-samples 1                       (smoke run, minutes)
+Run:  python -m experiments.causal            (measurement, resumable: experiments/runs/causal/)
+      python -m experiments.causal --summary  (the table, and figures/causal/causal.png)
+      python -m experiments.causal --out /tmp/c.jsonl --tasks niah_single_1 --lengths 512 \
+          --samples 2 --ns 1 --calib-len 256 --calib-samples 1            (smoke run, minutes)
 """
 
 import contextlib
@@ -30,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-import common
 import evaluate
-import flags
 import masking
 import saliency
-from common import append_jsonl, atomic_path, qk_modules, read_jsonl, versions
-from policy import load_policy
+from experiments import figures_twin
+from plumbing import common, flags
+from plumbing.common import append_jsonl, atomic_path, qk_modules, read_jsonl, versions
+from plumbing.policy import load_policy
 from tasks import ruler
 from tasks.haystack import calibration_prompts
 
@@ -250,9 +251,12 @@ def parse_args(argv=None):
     g.add_argument("--calib-len", type=int, default=2048, help="tokens per calibration text")
     g.add_argument("--calib-samples", type=int, default=8, help="calibration texts")
     g = p.add_argument_group("outputs")
-    g.add_argument("--out", default="figures/causal/causal.jsonl", help="results (JSON lines)")
+    g.add_argument("--out", default="experiments/runs/causal/causal.jsonl",
+                   help="results (JSON lines)")
     g.add_argument("--summary", action="store_true", help="print the table, write the figure")
-    g.add_argument("--figure", default=None, help="figure path (default: next to --out)")
+    g.add_argument("--figure", default=None,
+                   help="figure path (default: figures/NAME/ for results under "
+                        "experiments/runs/NAME/, else next to --out)")
     args = p.parse_args(argv)
     if args.summary:
         flags.existing(p, "out", args.out, "results file to summarise")
@@ -275,7 +279,9 @@ def main(argv=None):
     if args.summary:
         rows = read_jsonl(out)
         print(summary_table(rows))
-        figure = Path(args.figure or out.with_suffix(".png"))
+        twin = figures_twin(out.parent)  # committed results: the picture goes to figures/
+        figure = Path(args.figure or (twin / (out.stem + ".png") if twin else
+                                      out.with_suffix(".png")))
         plot_summary(rows, figure)
         print(f"wrote {figure}")
         return rows

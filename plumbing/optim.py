@@ -3,11 +3,11 @@ optim.py -- AdamW for bf16 weights: fp32 math, bf16 storage, stochastic rounding
 
 Why. Adam with fp32 master weights, gradients and moments costs 16 bytes per parameter, so the
 update of the paper's Qwen3-8B (SOURCES.md §1.6) does not fit one 141 GB GPU; bf16 weights,
-gradients and moments cost 8 (`python plan.py --model qwen3-8b --optimizer bf16-sr`). But bf16
-keeps 8 significant bits, and at a small learning rate round-to-nearest drops every Adam step
-(SOURCES.md §8.8; tests/test_optim.py shows it). Stochastic rounding (Zamirai et al., arXiv
-2010.06192) rounds up with probability equal to the distance from the lower neighbour in ulps:
-the stored value is unbiased, so the expected trajectory is the exact one. We do the whole
+gradients and moments cost 8 (`python -m plumbing.plan --model qwen3-8b --optimizer bf16-sr`).
+But bf16 keeps 8 significant bits, and at a small learning rate round-to-nearest drops every
+Adam step (SOURCES.md §8.8; tests/test_optim.py shows it). Stochastic rounding (Zamirai et al.,
+arXiv 2010.06192) rounds up with probability equal to the distance from the lower neighbour in
+ulps: the stored value is unbiased, so the expected trajectory is the exact one. We do the whole
 AdamW update in fp32 and round once per store:
 
     w <- w (1 - lr wd)                             decoupled weight decay (AdamW)
@@ -28,7 +28,7 @@ Run: .venv/bin/python -m pytest -q tests/test_optim.py
 import torch
 from torch import Tensor
 
-from common import mix_seed
+from plumbing.common import mix_seed
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the param-shaped state tensors (step is a plain int)
 

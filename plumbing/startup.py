@@ -1,12 +1,12 @@
 """
-startup.py -- what an entry point does before torch loads (standard library only).
+plumbing/startup.py -- what an entry point does before torch loads (standard library only).
 
 CUDA's caching allocator reads its setting (PYTORCH_ALLOC_CONF, or the older
 PYTORCH_CUDA_ALLOC_CONF) once, when torch starts it; a value put into os.environ after that is
 silently ignored. So train.py and bench/gpu_check.py call set_allocator() before `import torch`,
 and a run records the setting that was in force (SOURCES.md §9.57).
 
-    import startup
+    from plumbing import startup
     startup.set_allocator()   # expandable segments, unless the user chose a setting
     import torch
     startup.allocator_setting()  # "PYTORCH_ALLOC_CONF=expandable_segments:True"

@@ -18,7 +18,7 @@ remote code (SOURCES.md §9.44). `hub_kernels=True` turns the kernels on, explic
     model_config("qwen3-8b")                  a config without weights (the paper's models
                                               offline, from their published config.json)
 
-Run: python policy.py --model smollm2-135m    (loads the policy and prints its shape)
+Run: python -m plumbing.policy --model smollm2-135m    (loads the policy and prints its shape)
 Test: .venv/bin/python -m pytest -q tests/test_rollout.py
 """
 
@@ -33,7 +33,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import head_dim_of, package_dir, swap_folder_in
+from plumbing.common import head_dim_of, package_dir, swap_folder_in
 
 # Names that resolve offline: (python package holding the file, file name inside it, pip spec).
 EMBEDDED = {

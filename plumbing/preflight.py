@@ -21,11 +21,8 @@ from pathlib import Path
 import torch
 
 import evaluate
-import flags
-import plan
-import policy
-import report
 import rollout
+from plumbing import flags, plan, policy, report
 from tasks import TRAIN_SEED_START, longbench, ruler
 from tasks.train_data import parse_field_map
 
@@ -66,7 +63,7 @@ def check_args(p, args) -> None:
     if args.fsdp and (args.optimizer == "bf16-sr" or args.adv_scale == "batch"):
         p.error("--fsdp: tested with --optimizer adamw and per-group advantages only")
     if args.engine == "fast" and rollout.fast_engine is None:
-        p.error("--engine fast: engine.py is missing; pass --engine hf")
+        p.error("--engine fast: plumbing/engine.py is missing; pass --engine hf")
     check_paths(p, args)
 
 

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-import common
-import fsdp
+from plumbing import common, fsdp
 
 # What a resumed run must share with the run it continues: else its masks, weights, optimizer state
 # or schedule would not belong together. A resume that changes one of these is refused.

@@ -8,6 +8,8 @@ run's ETA, and the guards that stop a run gone wrong with one line that says whe
     eta_seconds(step_seconds, steps_left, evals_left, eval_seconds)
     with phase_memory(device, peaks, "sampling"): ...   # CUDA: cached blocks released first,
                                                         # the phase's peak allocation kept
+    summarize_update(stats, norms, drift, lr, mu)       # one update's metrics row
+    mask_dynamics(masks, refs, static_masks)            # [LongAct] how much the masks change
 
 Names: where a quantity is the one TRL's GRPOTrainer logs (reward, reward_std, kl, clip ratios,
 completion lengths, ...), a tracker gets TRL's name, so dashboards of the two compare;
@@ -25,8 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-import startup
+from plumbing import startup
 
 GB = 1e9  # decimal, as plan.py
 # this repository's metric -> TRL's name for the same quantity (trl/trainer/grpo_trainer.py)
@@ -194,3 +197,55 @@ def memory_report(peaks: dict, planned: dict, device: str) -> dict:
             "phases": {k: {"measured_gb": v, "planned_gb": planned.get(k)}
                        for k, v in peaks.items()}}
 
+
+# -----------------------------------------------------------------------------
+# the metrics row of one update (train.py logs it): grpo.py's losses summed up, LongAct's masks
+
+
+def summarize_update(stats: list, norms: list, drift: list, lr: float, mu: int) -> dict:
+    """One update's metrics from its micro-batches' (token-weighted means; the largest KL and
+    ratio deviation; the loss per optimizer step), the grad norms and the frozen-row drift."""
+    w = [s.get("num_tokens", 1) for s in stats]  # token-weighted means of per-micro-batch metrics
+    out = {k: sum(s[k] * wi for s, wi in zip(stats, w)) / max(1, sum(w)) for k in stats[0]
+           if k not in ("num_tokens", "loss", "kl_max", "ratio_dev_max")
+           and isinstance(stats[0][k], (int, float))}
+    out["kl_max"] = max(s.get("kl_max", 0.0) for s in stats)
+    out["ratio_dev_max"] = max(s["ratio_dev_max"] for s in stats)  # 0 when every step is on-policy
+    out["loss"] = sum(s["loss"] for s in stats) / (mu * max(1, len(norms) // mu))
+    out["grad_norm"], out["opt_steps"], out["lr"] = max(norms), len(norms), lr
+    if drift:
+        out["drift_outside_mask"] = max(drift)  # [LongAct] 0.0 exactly under `frozen`
+    return out
+
+
+def mask_overlap(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    """Jaccard |a & b| / |a | b| of two mask dicts, averaged over matrices (1.0 = the same rows).
+
+    Example: {"q": [T, T, F, F]} vs {"q": [F, T, T, F]} -> 1 shared row of 3 -> 0.333.
+    Two empty masks count as identical (1.0). Both dicts must name the same matrices.
+    """
+    if set(a) != set(b):
+        raise ValueError(f"mask sets differ: only in the first {sorted(set(a) - set(b))[:3]}, "
+                         f"only in the second {sorted(set(b) - set(a))[:3]}")
+    if not a:
+        raise ValueError("no masks to compare")
+    scores = []
+    for name in a:
+        if a[name].shape != b[name].shape:
+            raise ValueError(f"{name}: shapes {tuple(a[name].shape)} and {tuple(b[name].shape)}")
+        union = int((a[name] | b[name]).sum())
+        scores.append(1.0 if union == 0 else int((a[name] & b[name]).sum()) / union)
+    return sum(scores) / len(scores)
+
+
+def mask_dynamics(masks: dict, refs: dict, static_masks: dict) -> dict:
+    """[LongAct] Jaccard overlap of this step's masks with the previous step's and step 0's, and of
+    step 0's with the static calibration mask. Updates `refs` in place."""
+    if refs.get("step0") is None:
+        refs["step0"] = masks
+    out = {"mask_jaccard_prev": (mask_overlap(masks, refs["prev"])
+                                 if refs.get("prev") is not None else 1.0),
+           "mask_jaccard_step0": mask_overlap(masks, refs["step0"]),
+           "mask_jaccard_step0_static": mask_overlap(refs["step0"], static_masks)}
+    refs["prev"] = masks
+    return out
