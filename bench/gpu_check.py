@@ -43,7 +43,7 @@ import torch
 import transformers
 
 import train
-from plumbing import common, plan, policy, preflight, timeplan
+from plumbing import common, plan, policy, preflight, runner, timeplan
 from plumbing.common import write_json_atomic, write_text_atomic
 
 BUDGET_S = 300  # the check must fit 5 minutes by the plan: a rerun fits a 15-minute rental
@@ -152,7 +152,7 @@ def prepare(folder: Path, argv: list, chosen, config, device) -> None:
     write_longbench_item(folder, chosen)
     args = train.parse_args(argv)
     args.precision_used = common.choose_precision(args.precision, str(device))[0]
-    write_json_atomic(folder / "before.json", {"settings": train.eval_settings(args),
+    write_json_atomic(folder / "before.json", {"settings": runner.eval_settings(args),
                                                "scores": {}, "items": []})
 
 

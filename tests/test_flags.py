@@ -150,8 +150,35 @@ def test_a_bad_flag_of_the_other_scripts_says_what_to_change(main, argv, message
 
 def test_a_good_command_gets_past_the_checks(tiny_dir, qa_file, monkeypatch, tmp_path):
     reached = []
-    monkeypatch.setattr(train, "setup", lambda args: reached.append(args) or 1 / 0)
+    monkeypatch.setattr(train.runner, "setup", lambda args: reached.append(args) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
         train.main(["--model", tiny_dir, "--train-data", qa_file, "--train-len", "128",
                     "--max-new-tokens", "6", "--eval-lengths", "512", "--out-dir", str(tmp_path)])
     assert reached and reached[0].train_data == qa_file
+
+
+def test_help_groups_the_flags_as_the_config_block_does(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    titles = [f"{t}:" for t in train.FLAGS]
+    assert all(t in out for t in titles)
+    assert [out.index(t) for t in titles] == sorted(out.index(t) for t in titles)  # table order
+    assert "--eval, --no-eval" in out  # a switch whose default is on can be turned off
+    for group in train.FLAGS.values():  # every entry is one flag of the parser
+        for name in group:
+            assert f"--{name.replace('_', '-')}" in out
+
+
+def test_a_runs_saved_config_gives_the_same_settings_back(tmp_path, qa_file, tiny_dir):
+    argv = ["--model", tiny_dir, "--train-data", qa_file, "--train-len", "128", "--algo", "dapo",
+            "--max-new-tokens", "6", "--lr", "3e-4", "--no-eval", "--seed", "7", "--run-name", "a"]
+    saved = vars(train.parse_args(argv)) | {"precision_used": "fp32", "resumes": []}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    again = vars(train.parse_args(["--config", str(tmp_path / "config.json")]))
+    differ = {k for k in saved if k in again and saved[k] != again[k]}
+    assert differ == {"run_name", "config"}  # its own name; everything else comes back
+    assert train.parse_args(["--config", str(tmp_path / "config.json"), "--seed", "8"]).seed == 8
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(tmp_path / "bad.json")])

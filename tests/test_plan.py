@@ -19,7 +19,7 @@ import transformers
 
 import rollout
 import train
-from plumbing import engine, optim, plan, policy, timeplan
+from plumbing import engine, optim, plan, policy, runner, timeplan
 from conftest import tiny_model
 from live_bytes import LiveBytes
 
@@ -295,9 +295,9 @@ def test_yarn_is_a_stated_choice_of_window(tiny_dir, tmp_path):
     assert "each at the cap 120000 (--longbench-max-len 120000, window 131072 with YaRN x4)" in how
     # a shared "before" file written before these settings existed still matches the defaults
     now = train.parse_args([])
-    now.precision_used = "fp32"  # set by train.setup
-    old = {k: v for k, v in train.eval_settings(now).items() if k not in train.EVAL_ADDED_LATER}
-    assert (train.EVAL_ADDED_LATER | old) == train.eval_settings(now)
+    now.precision_used = "fp32"  # set by runner.setup
+    old = {k: v for k, v in runner.eval_settings(now).items() if k not in runner.EVAL_ADDED_LATER}
+    assert (runner.EVAL_ADDED_LATER | old) == runner.eval_settings(now)
 
 
 def test_the_embedded_default_has_a_plan_too(capsys):

@@ -18,7 +18,7 @@ import torch
 
 import saliency
 import train
-from plumbing import optim, plan
+from plumbing import optim, plan, runner
 from fake_device import FAKE, fake_device
 
 GPU_GB = 0.064  # the stated capacity, 64 MB: the tiny model's 4 groups take 2 generate calls
@@ -71,13 +71,13 @@ def spies(monkeypatch) -> dict:
         seen["prefill_hooks"] += 1
         return collector(*a, **kw)
     monkeypatch.setattr(saliency, "prefill_collector", counted_collector)
-    load = train.load_model
+    load = runner.load_model
 
     def kept(*a, **kw):
         model, tok = load(*a, **kw)
         seen["models"].append(model)
         return model, tok
-    monkeypatch.setattr(train, "load_model", kept)
+    monkeypatch.setattr(runner, "load_model", kept)
     monkeypatch.setitem(plan.GPUS["h200"], "gb", GPU_GB)
     return seen
 
@@ -97,7 +97,7 @@ def before_file(argv, path) -> str:
     run then evaluates only once, after training (the fake device decodes slowly)."""
     args = train.parse_args(argv)
     args.precision_used = "fp32"  # what --precision auto picks on the fake device
-    path.write_text(json.dumps({"settings": train.eval_settings(args), "items": [],
+    path.write_text(json.dumps({"settings": runner.eval_settings(args), "items": [],
                                 "scores": {"niah_single_1@512": 0.0, "ruler_avg@512": 0.0}}))
     return str(path)
 

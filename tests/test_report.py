@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from plumbing import report
+from plumbing import report, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_wandb_runs_offline_by_default_and_a_resume_continues_its_run(tiny_dir, 
 def test_a_missing_tracker_is_one_line_before_the_model_loads(tiny_dir, qa_file, tmp_path,
                                                               monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    monkeypatch.setattr(train.policy, "load_policy", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(runner.policy, "load_policy", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(SystemExit) as e:
         train.main(args_for(tiny_dir, qa_file, tmp_path, "x", 1, "--report-to", "wandb"))
     assert e.value.code == 2

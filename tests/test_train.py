@@ -282,12 +282,13 @@ def test_a_save_that_fails_half_way_leaves_the_previous_checkpoint(tiny_dir, qa_
 def test_too_little_disk_stops_before_loading_and_force_goes_on(tiny_dir, qa_file, tmp_path,
                                                                 monkeypatch, capsys):
     monkeypatch.setattr(preflight, "free_disk", lambda folder: 1000)
-    monkeypatch.setattr(train, "setup", lambda a: pytest.fail("the model must not load"))
+    monkeypatch.setattr(train.runner, "setup", lambda a: pytest.fail("the model must not load"))
     with pytest.raises(SystemExit) as e:
         train.main(args_for(tiny_dir, qa_file, tmp_path, "disk", 1))
     assert e.value.code == 2
     assert "preflight: disk: checkpoints (the plan's disk peak" in capsys.readouterr().err
-    monkeypatch.setattr(train, "setup", lambda a: (_ for _ in ()).throw(RuntimeError("loaded")))
+    monkeypatch.setattr(train.runner, "setup",
+                        lambda a: (_ for _ in ()).throw(RuntimeError("loaded")))
     with pytest.raises(RuntimeError, match="loaded"):  # --force: past the checks, to the load
         train.main(args_for(tiny_dir, qa_file, tmp_path, "disk2", 1, "--force"))
 
@@ -317,7 +318,7 @@ def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch):
 
 def test_a_plan_larger_than_the_free_gpu_memory_stops_with_the_phase(monkeypatch, capsys):
     monkeypatch.setattr(train.torch.cuda, "mem_get_info", lambda d: (40e9, 141e9))
-    monkeypatch.setattr(train, "setup", lambda a: pytest.fail("the model must not load"))
+    monkeypatch.setattr(train.runner, "setup", lambda a: pytest.fail("the model must not load"))
     with pytest.raises(SystemExit):
         train.main(["--preset", "paper-8b", "--device", "cuda", "--longbench", ""])
     err = capsys.readouterr().err
@@ -327,6 +328,6 @@ def test_a_plan_larger_than_the_free_gpu_memory_stops_with_the_phase(monkeypatch
 def test_a_bad_longbench_file_fails_before_the_model(tmp_path, monkeypatch):
     bad = tmp_path / "lb.json"
     bad.write_text('[{"_id": "1"}]')
-    monkeypatch.setattr(train, "setup", lambda a: pytest.fail("the model must not load"))
+    monkeypatch.setattr(train.runner, "setup", lambda a: pytest.fail("the model must not load"))
     with pytest.raises(ValueError, match="lb.json"):
         train.main(["--longbench", str(bad), "--out-dir", str(tmp_path)])
