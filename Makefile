@@ -9,12 +9,12 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export TORCH_INDEX ?=
-# Keep every cache inside the work tree so tests and CI never write to ~/.cache or need the network.
+# Converted models live in .cache/longact with make or without (plumbing/policy.py's default);
+# hub downloads go to your usual Hugging Face cache. The tests keep even those inside the work
+# tree, so that tests and CI never write to ~/.cache or need the network.
 export LONGACT_CACHE ?= $(CURDIR)/.cache/longact
-export HF_HOME ?= $(CURDIR)/.cache/hf
-export HF_DATASETS_CACHE ?= $(CURDIR)/.cache/hf/datasets
-export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
-export MPLCONFIGDIR ?= $(CURDIR)/.cache/mpl
+TEST_CACHES := HF_HOME=$(CURDIR)/.cache/hf HF_DATASETS_CACHE=$(CURDIR)/.cache/hf/datasets \
+               TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/inductor MPLCONFIGDIR=$(CURDIR)/.cache/mpl
 # A passing test's tmp_path is deleted when it ends: the suite writes about 0.9 GB of checkpoints
 # and pytest would keep three runs of them in /tmp.
 PYTEST  := -m pytest -q -o tmp_path_retention_policy=failed tests
@@ -29,7 +29,7 @@ $(STAMP): requirements.lock dev/lock.py
 	python3 dev/lock.py install .venv
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) $(PYTEST)
+	$(TEST_CACHES) HF_HUB_OFFLINE=1 $(PY) $(PYTEST)
 
 demo: $(STAMP)
 	$(PY) train.py --algo grpo
@@ -83,7 +83,7 @@ lock:
 	python3 dev/lock.py resolve .cache/lock/candidate.lock
 	rm -rf .cache/lock/venv
 	python3 dev/lock.py install .cache/lock/venv --lock .cache/lock/candidate.lock
-	HF_HUB_OFFLINE=1 .cache/lock/venv/bin/python $(PYTEST)
+	$(TEST_CACHES) HF_HUB_OFFLINE=1 .cache/lock/venv/bin/python $(PYTEST)
 	python3 dev/lock.py adopt .cache/lock/candidate.lock
 
 # Drift seen early: the newest releases the ranges allow, in a throw-away venv, and the suite
@@ -91,7 +91,7 @@ lock:
 test-latest:
 	python3 dev/lock.py latest .cache/latest/venv
 	python3 dev/lock.py diff .cache/latest/venv
-	HF_HUB_OFFLINE=1 .cache/latest/venv/bin/python $(PYTEST)
+	$(TEST_CACHES) HF_HUB_OFFLINE=1 .cache/latest/venv/bin/python $(PYTEST)
 
 # For a GPU node without network: the locked wheels a run imports (not torch, not the model
 # wheel) for its CPython (GPU_PYTHON), into .whl/ (ignored); install there with

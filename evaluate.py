@@ -25,6 +25,7 @@ Run:
     python evaluate.py --model Qwen/Qwen3-4B --bench longbench-v2 --data lb2.jsonl --thinking
 """
 
+import argparse
 import hashlib
 import re
 import time
@@ -282,7 +283,8 @@ def format_longbench_table(table: dict) -> str:
 # command line
 
 def parse_args(argv=None):
-    p = flags.Parser(description="RULER / LongBench v2 evaluation (docstring: choices).")
+    p = flags.Parser(description="RULER / LongBench v2 evaluation (docstring: choices).",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
                    help="embedded name, hub id or local folder (rollout.py)")
     p.add_argument("--bench", choices=("ruler", "longbench-v2"), default="ruler")
@@ -301,7 +303,7 @@ def parse_args(argv=None):
     g.add_argument("--samples", type=int, default=20,
                    help="samples per task and length (official: 500)")
     g.add_argument("--tasks", nargs="+", default=list(ruler.RULER_TASKS),
-                   help="subset of the 13 tasks")
+                   help="any of the 13 tasks: " + ", ".join(ruler.RULER_TASKS))
     g.add_argument("--batch", type=int, default=8, help="prompts per greedy generate call")
     g = p.add_argument_group("LongBench v2")
     g.add_argument("--data", default=None,

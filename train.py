@@ -21,30 +21,20 @@ rather than GRPO/DAPO carry the tag `# [LongAct]`; the bookkeeping is plumbing/r
 Letters: B prompts per step, G completions per prompt, T new tokens.
 """
 
+import sys
 import time
 
-from plumbing import startup
+from plumbing import config, startup  # the standard library only: nothing heavy before parsing
 
 startup.set_allocator()  # before torch loads: CUDA's allocator reads its setting once
-
-import torch
-
-import dapo
-import evaluate
-import grpo
-import masking
-import rollout
-import saliency
-from plumbing import common, config, fsdp, plan, policy, report, runner
-from plumbing.checkpoint import StopFlag
-from tasks import haystack
-from tasks.train_data import draw_samples
 
 # -----------------------------------------------------------------------------
 # config: one block, every default visible. An algorithm or a preset changes the defaults in its
 
 # table, nothing else; a run's saved config.json (--config) comes next; a flag given on the
-# command line always wins. `--show-config` prints the result; every run saves it.
+# command line always wins. `--show-config` prints the result; every run saves it. Plain values
+# only (tests/test_flags.py holds the choices equal to the modules'), so that parsing needs no
+# torch.
 
 ALGORITHMS = {  # GRPO (DeepSeekMath; SOURCES.md §3) vs DAPO (arXiv 2503.14476; SOURCES.md §4)
     "grpo": dict(eps_high=0.2, beta=0.04, aggregation="seq-mean-token-mean", dynamic_sampling=False,
@@ -60,6 +50,7 @@ PRESETS = {
                   prompts_per_step=32, group_size=8, max_new_tokens=1024, lr=1e-6, warmup_steps=10,
                   steps=200, weight_decay=0.1, grad_checkpointing=True, eval_lengths=[16384, 32768],
                   eval_samples=50, eval_every=50, longbench="hub", micro_groups=1, save_every=25,
+                  save_final=True,
                   max_gen_batches=10, gen_groups=-1, eval_batch=-1,  # -1: from the plan
                   # DAPO's recipe: a buffer of a fifth (4096 of 20480 tokens); 16 optimizer steps
                   # per rollout batch (512 prompts, mini-batches of 32): 32 prompts -> 2 a step
@@ -72,31 +63,34 @@ FLAGS = {  # name: (default, help[, choices]); --help shows these groups
         preset=("cpu", "a set of defaults (PRESETS)", sorted(PRESETS)),
         show_config=(False, "print the effective config, exit"),
         plan=(False, "print the memory, disk and time plan (plumbing/plan.py), exit"),
-        gpu=("h200", "the GPU the plan sizes and times (not --device)", sorted(plan.GPUS)),
+        gpu=("h200", "the GPU the plan sizes and times (not --device)", ["a100", "h100", "h200"]),
         force=(False, "start even when the checks before loading say it will not fit")),
     "model and precision": dict(
-        model=(policy.DEFAULT_MODEL, "embedded name, hub id or folder"),
-        device=("cuda" if torch.cuda.is_available() else "cpu", "where the run computes"),
-        precision=("auto", "auto: bf16 where the device computes it natively", common.PRECISIONS),
+        model=("smollm2-135m", "embedded name, hub id or folder"),
+        device=("auto", "where the run computes (auto: cuda if there is one, else cpu)"),
+        precision=("auto", "auto: bf16 where the device computes it natively",
+                   ["auto", "fp32", "bf16"]),
         optimizer=("adamw", "adamw: fp32; bf16-sr: bf16 stochastic rounding", ["adamw", "bf16-sr"]),
         grad_checkpointing=(False, "recompute activations in backward"),
         threads=(0, "torch CPU threads (0 = torch's default)"),
         expected_new_tokens=(0, "the time plan's mean completion (0 = half the budget)"),
-        report_to=("none", "also log live (optional packages)", report.REPORTERS),
+        report_to=("none", "also log live (optional packages)", ["none", "tensorboard", "wandb"]),
         wandb_project=("longact", "with --report-to wandb"),
-        kl_stop=(report.KL_STOP, "stop before an update whose mean KL passes this (0 = never)"),
+        kl_stop=(5.0, "stop before an update whose mean KL passes this (0 = never)"),
         hub_kernels=(False, "let transformers swap in hub kernels (SOURCES.md §9.44)"),
         fsdp=(False, "shard the policy over torchrun's processes (plumbing/fsdp.py)"),
         thinking=(False, "Qwen3 thinking mode for LongBench v2 (training prompts: off)")),
     "LongAct": dict(
-        mask_strategy=("topk", "which q/k rows train: topk is LongAct", masking.STRATEGIES),
+        mask_strategy=("topk", "which q/k rows train: topk is LongAct",
+                       ["topk", "bottomk", "random", "all"]),
         mask_schedule=("step", "step: each step's prompts; static: calibration", ["step","static"]),
-        mask_semantics=("frozen", "frozen: rows outside stay; grad: masked", masking.SEMANTICS),
-        train_scope=("all", "weights that train: all (the paper) or only q/k", masking.SCOPES),
+        mask_semantics=("frozen", "frozen: rows outside stay; grad: masked", ["frozen", "grad"]),
+        train_scope=("all", "weights that train: all (the paper) or only q/k", ["all", "qk"]),
         ratio=(0.3, "share of rows per head that train"),
-        stat=(saliency.STATS[0], "the saliency statistic", saliency.STATS),
+        stat=("seq_l2", "the saliency statistic", ["seq_l2", "mean_abs", "l2", "max_abs"]),
         per_head=(True, "select within each head (else within each whole matrix)"),
         stats=(None, "a saliency.py statistics file (static masks)"),
+        static_overlap=(False, "log step 0's mask overlap with a calibration mask (calibrates)"),
         calib_len=(1024, "tokens per calibration prompt"),
         calib_samples=(8, "number of calibration prompts")),
     "algorithm": dict(
@@ -106,8 +100,9 @@ FLAGS = {  # name: (default, help[, choices]); --help shows these groups
         eps_high=(0.2, "upper clip epsilon (DAPO: 0.28)"),
         beta=(0.04, "KL coefficient (GRPO 0.04, DAPO 0)"),
         kl_clamp=(10.0, "clamp each token's k3 to +-this (0 = off, as TRL)"),
-        aggregation=("seq-mean-token-mean", "loss aggregation", grpo.AGGREGATIONS),
-        adv_scale=("group", "advantage scale", grpo.SCALES),
+        aggregation=("seq-mean-token-mean", "loss aggregation",
+                     ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]),
+        adv_scale=("group", "advantage scale", ["group", "batch", "none"]),
         mu=(1, "passes over each rollout batch (GRPO's mu)"),
         mini_batch_groups=(0, "groups per optimizer step (verl's ppo_mini_batch_size; 0 = all)"),
         dynamic_sampling=(False, "DAPO: keep only groups whose rewards differ"),
@@ -124,7 +119,7 @@ FLAGS = {  # name: (default, help[, choices]); --help shows these groups
         prompts_per_step=(4, "B prompts (groups) per step"),
         gen_groups=(0, "groups per generate call (0 = all, -1 = the most the plan fits)"),
         max_new_tokens=(32, "completion budget"),
-        engine=("fast", "fast: cascade decoding (plumbing/engine.py); hf: plain", rollout.ENGINES),
+        engine=("fast", "fast: cascade decoding (plumbing/engine.py); hf: plain", ["fast", "hf"]),
         temperature=(1.0, "sampling temperature"),
         top_p=(1.0, "nucleus sampling")),
     "optimiser": dict(
@@ -147,20 +142,39 @@ FLAGS = {  # name: (default, help[, choices]); --help shows these groups
         longbench=(None, "also LongBench v2: a file or 'hub'"),
         longbench_max_len=(120000, "LongBench v2 prompts cut in the middle to this"),
         yarn=(0.0, "YaRN factor (Qwen3: 4 for 131k tokens; 0 = off)"),
-        yarn_original=(policy.QWEN3_YARN_ORIGINAL, "YaRN's original window")),
+        yarn_original=(32768, "YaRN's original window")),
     "checkpoints": dict(
         out_dir=("runs", "where run folders go"),
         run_name=(None, "default: <algo>-<strategy>-seed<seed>-<time>"),
-        save_every=(0, "checkpoint every N steps (0 = at the end only)"),
+        save_every=(0, "checkpoint every N steps (0 = none; a signal still saves one)"),
+        save_final=(False, "keep the last step's weights and optimizer state in ckpt/"),
         keep_checkpoints=(1, "checkpoints kept; the old one goes once the new one is complete"),
         resume=(None, "a run folder to continue exactly"),
         seed=(0, "the run's seed")),
 }
 
 
+if __name__ == "__main__":  # --help, an unknown flag, a bad choice: answered before torch loads
+    config.parse(config.build_parser(FLAGS, PRESETS, ALGORITHMS, config.DESCRIPTION,
+                                     config.STEP_HELP), sys.argv[1:], PRESETS, ALGORITHMS,
+                 quiet=True)
+
+import torch  # noqa: E402 -- the heavy imports come after that first parse
+
+import dapo  # noqa: E402
+import evaluate  # noqa: E402
+import grpo  # noqa: E402
+import masking  # noqa: E402
+import rollout  # noqa: E402
+import saliency  # noqa: E402
+from plumbing import common, fsdp, report, runner  # noqa: E402
+from plumbing.checkpoint import StopFlag  # noqa: E402
+from tasks import haystack  # noqa: E402
+from tasks.train_data import draw_samples  # noqa: E402
+
+
 def build_parser():
-    return config.build_parser(FLAGS, PRESETS, ALGORITHMS,
-                               "LongAct RL: saliency-guided sparse q/k updates.")
+    return config.build_parser(FLAGS, PRESETS, ALGORITHMS, config.DESCRIPTION, config.STEP_HELP)
 
 
 def parse_args(argv=None):
@@ -379,9 +393,9 @@ def main(argv=None):
         return runner.show_config_or_plan(args)
     rows = runner.check_before_loading(args)  # data rows, disk, memory: seconds, not hours
     run = runner.setup(args)  # seeds, precision, run folder, policy, reference, optimizer
-    # [LongAct] calibration statistics -> the static mask (and the reference of the per-step ones)
-    stats = runner.statistics(run, calibration_stats)  # timed, saved; or a --stats file
-    run.static_masks = masks_from(stats, run.model, args, seed=common.mix_seed(args.seed, "mask"))
+    if runner.uses_static_mask(args):  # [LongAct] calibration statistics -> the static mask
+        stats = runner.statistics(run, calibration_stats)  # timed, saved; or a --stats file
+        run.static_masks = masks_from(stats, run.model, args, common.mix_seed(args.seed, "mask"))
     runner.start(run, rows)  # the static mask saved; a resume's state; the data; the tracker
     runner.evaluate_at(run, "before")
     with StopFlag() as stop:  # Ctrl-C: a checkpoint at the end of the step, then stop
@@ -389,8 +403,7 @@ def main(argv=None):
             row = runner.guarded(rl_step, run, step)  # steps 1-5 of the box
             runner.log_step(run, row, step)
             runner.evaluate_during(run, step)
-            if runner.save_or_stop(run, step, stop):
-                return run.folder
+            runner.save_or_stop(run, step, stop)  # Ctrl-C: saved, then exit with the resume line
     runner.end(run)  # the last checkpoint, RULER after, the run's summary
     return run.folder
 

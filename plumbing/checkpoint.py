@@ -71,8 +71,10 @@ def prepare_run(args) -> tuple[Path, int]:
     run_dir = Path(args.resume)
     saved = json.loads((run_dir / "config.json").read_text())
     old = {k: saved.get(k, ADDED_LATER.get(k)) for k in RESUME_KEYS}
-    changed = {k: (old[k], getattr(args, k)) for k in RESUME_KEYS if old[k] != getattr(args, k)}
-    if changed:
+    allowed = {a.removeprefix("--").replace("-", "_") for a in getattr(args, "allow_change", [])}
+    changed = {k: (old[k], getattr(args, k)) for k in RESUME_KEYS
+               if old[k] != getattr(args, k) and k not in allowed}
+    if changed:  # (flags given with --resume are checked at parsing: plumbing/config.py)
         raise SystemExit(f"refusing to resume {run_dir}: these settings differ from the saved run "
                          f"(saved -> now): {changed}. Start a new run or pass the same flags.")
     start = saved_step(checkpoint_dir(run_dir))
@@ -84,7 +86,7 @@ def prepare_run(args) -> tuple[Path, int]:
     # flags a resume may change (say --kl-stop, --steps) are kept per resume, old and new value,
     # so that config.json still says what the run's first steps ran with
     changed = {k: [saved[k], v] for k, v in vars(args).items()
-               if k != "resume" and k in saved and saved[k] != v}
+               if k not in ("resume", "allow_change") and k in saved and saved[k] != v}
     common.write_json_atomic(run_dir / "config.json", vars(args) | first | {
         "resumed_at": start, "resumed_with": now,
         "resumes": saved.get("resumes", []) + [{"at": start, "changed": changed}]})

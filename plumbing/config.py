@@ -7,10 +7,12 @@ grouped as the table groups them, so `python train.py --help` reads like the tab
     args = parse(p, argv, PRESETS, ALGORITHMS)
 
 Layers, last wins: the table, the algorithm's defaults, the preset's (and the preset's for this
-algorithm), a saved config.json given with --config, the flags on the command line. The flag's
-type follows its default: a list takes one or more values of its first element's type, a switch
-is `--x` (with `--no-x` where the default is True or a preset or an algorithm sets it), None
-takes a string. `--help` shows the defaults of the chosen --preset and --algo.
+algorithm), a saved config.json given with --config, the flags on the command line. With --resume
+RUN the run's own config.json is that layer, and a flag given with it that differs from the saved
+value is refused unless --allow-change names it: a resume continues the run it saved. The flag's
+type follows its default: a list takes one or more values of its first element's type, a switch is
+`--x` (with `--no-x` where the default is True or a preset or an algorithm sets it), None takes a
+string. `--help` shows the defaults of the chosen --preset and --algo.
 
 Test: .venv/bin/python -m pytest -q tests/test_flags.py tests/test_presets.py
 """
@@ -21,9 +23,19 @@ from pathlib import Path
 
 from plumbing import flags
 
+DESCRIPTION = "LongAct RL: saliency-guided sparse q/k updates (train.py)."
+STEP_HELP = """\
+The step line: reward = mean reward of the step's completions; acc = share scored 1; len = mean
+completion tokens; trunc = share cut at --max-new-tokens; eq-groups = share of groups whose
+rewards are all equal (no learning signal); loss; clip = shares of tokens clipped below / above
+(low/high); kl = mean k3 KL to the reference (max: the largest single token's); gnorm = gradient
+norm before clipping; lr; qk = share of q/k rows that train; J-prev / J-0 = overlap (Jaccard) of
+this step's masks with the previous step's / step 0's; t sample / update = seconds; eta = the
+whole run's time left."""
+
 # keys of a saved config.json that --config does not take back: a new run gets its own name,
-# starts fresh, and runs rather than printing
-NOT_FROM_FILE = ("config", "run_name", "resume", "show_config", "plan")
+# starts fresh, and runs rather than printing (a resume keeps the run's name)
+NOT_FROM_FILE = ("config", "run_name", "resume", "show_config", "plan", "allow_change")
 
 
 def add_flag(g, name: str, default, text: str, choices=None, switch_off: bool = False) -> None:
@@ -40,40 +52,67 @@ def add_flag(g, name: str, default, text: str, choices=None, switch_off: bool = 
         g.add_argument(flag, type=kind, default=default, help=text, choices=choices)
 
 
-def build_parser(table: dict, presets: dict, algorithms: dict,
-                 description: str) -> argparse.ArgumentParser:
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default, and the epilog as written."""
+
+
+def build_parser(table: dict, presets: dict, algorithms: dict, description: str,
+                 epilog: str = "") -> argparse.ArgumentParser:
     """The parser of `table` ({group: {name: (default, help[, choices])}}), plus --config."""
-    p = flags.Parser(description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = flags.Parser(description=description, epilog=epilog, formatter_class=Formatter)
     varied = {k for d in [*presets.values(), *algorithms.values()] for k in d}
     varied |= {k for d in presets.values() for v in d.values() if isinstance(v, dict) for k in v}
     for title, entries in table.items():
         g = p.add_argument_group(title)
         for name, (default, text, *choices) in entries.items():
             add_flag(g, name, default, text, *choices, switch_off=name in varied)
-    p.add_argument("--config", default=None,
-                   help="a run's config.json: its settings as defaults (its name and resume "
-                        "excepted); flags given here still win")
+    g = p.add_argument_group("settings from a file")
+    g.add_argument("--config", default=None,
+                   help="a run's config.json: its settings as defaults for a new run; flags "
+                        "given here still win")
+    g.add_argument("--allow-change", nargs="+", default=[], metavar="FLAG",
+                   help="with --resume: flags that may differ from the saved run (e.g. steps)")
     return p
 
 
-def from_file(path: str, p: argparse.ArgumentParser) -> dict:
+def given(p: argparse.ArgumentParser, argv) -> dict:
+    """{dest: value} of the flags named on the command line, nothing filled in."""
+    defaults = {a: a.default for a in p._actions}
+    try:
+        for a in defaults:
+            a.default = argparse.SUPPRESS
+        named, _ = p.parse_known_args(argv)
+    finally:
+        for a, d in defaults.items():
+            a.default = d
+    return vars(named)
+
+
+def from_file(path, p: argparse.ArgumentParser, flag: str = "--config") -> dict:
     """The settings of a saved config.json that are flags of `p` (derived values, such as the
     precision chosen, are recomputed)."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        flags.die(f"--config {path}: {e}")
+        flags.die(f"{flag} {path}: {e}")
     if not isinstance(saved, dict):
-        flags.die(f"--config {path}: expected a JSON object of settings (a run's config.json)")
+        flags.die(f"{flag} {path}: expected a JSON object of settings (a run's config.json)")
     dests = {a.dest for a in p._actions}
     return {k: v for k, v in saved.items() if k in dests and k not in NOT_FROM_FILE}
 
 
-def parse(p: argparse.ArgumentParser, argv, presets: dict, algorithms: dict):
-    """Flags over --config file over preset over algorithm over the table (module docstring)."""
+def parse(p: argparse.ArgumentParser, argv, presets: dict, algorithms: dict, quiet=False):
+    """Flags over --config file (or the resumed run's) over preset over algorithm over the table
+    (module docstring)."""
     first, _ = p.parse_known_args(argv)
+    if first.config and first.resume:
+        flags.die("--config with --resume: a resume takes its settings from the run's folder")
     saved = from_file(first.config, p) if first.config else {}
+    if first.resume and not (Path(first.resume) / "config.json").exists():
+        flags.die(f"--resume {first.resume}: not a run folder (no config.json in it)")
+    if first.resume:  # the run's own settings, its name included
+        saved = from_file(Path(first.resume) / "config.json", p, "--resume") | {
+            "run_name": json.loads((Path(first.resume) / "config.json").read_text())["run_name"]}
     p.set_defaults(**saved)  # so that the file's --preset and --algo count when none is given
     first, _ = p.parse_known_args(argv)
     preset = dict(presets[first.preset])
@@ -81,4 +120,24 @@ def parse(p: argparse.ArgumentParser, argv, presets: dict, algorithms: dict):
     p.set_defaults(**{k: v for k, v in preset.items() if k not in algorithms})  # ... the preset's
     p.set_defaults(**preset.get(first.algo, {}))  # ... and the preset's for this algorithm
     p.set_defaults(**saved)  # ... and the saved run's
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if first.resume:
+        check_resume_changes(args, saved, given(p, argv), quiet)
+    return args
+
+
+def check_resume_changes(args, saved: dict, named: dict, quiet: bool = False) -> None:
+    """A flag given with --resume that differs from the saved run: refused in one line, or with
+    --allow-change printed (config.json's "resumes" records it)."""
+    allowed = {a.removeprefix("--").replace("-", "_") for a in args.allow_change}
+    changed = {k: (saved[k], v) for k, v in named.items()
+               if k in saved and saved[k] != v and k not in ("resume", "allow_change")}
+    refused = {k: ab for k, ab in changed.items() if k not in allowed}
+    if refused:
+        flags.die(f"--resume {args.resume}: " + "; ".join(
+            f"{flags.name(k)} {new} differs from the saved run's {old}"
+            for k, (old, new) in refused.items())
+            + " (a resume continues the saved settings: drop the flag, or pass --allow-change "
+            + " ".join(sorted(refused)) + ")")
+    for k, (old, new) in changed.items() if not quiet else ():
+        print(f"resume: {flags.name(k)} {old} -> {new} (--allow-change)", flush=True)

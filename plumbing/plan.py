@@ -363,8 +363,10 @@ def settings_for_args(args) -> Settings:
 
 def checkpoints_written(args) -> int:
     """How many checkpoints train.main writes: every --save-every steps, and the last step's."""
-    every = args.save_every or args.steps
-    return len(set(range(every, args.steps + 1, every)) | {args.steps})
+    saves = set(range(args.save_every, args.steps + 1, args.save_every)) if args.save_every \
+        else set()
+    final = {args.steps} if getattr(args, "save_final", True) else set()
+    return max(1, len(saves | final))  # at least the one a signal saves
 
 
 def print_plan(args) -> None:

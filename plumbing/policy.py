@@ -65,9 +65,13 @@ def model_config(name: str):
     return transformers.AutoConfig.from_pretrained(resolve_model_path(name))
 
 
+REPO_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "longact"
+
+
 def cache_dir() -> Path:
-    """Where converted models live: $LONGACT_CACHE, else ~/.cache/longact."""
-    return Path(os.environ.get("LONGACT_CACHE", Path.home() / ".cache" / "longact"))
+    """Where converted models live: $LONGACT_CACHE, else the repository's .cache/longact (the
+    same place with `make` or without)."""
+    return Path(os.environ.get("LONGACT_CACHE", REPO_CACHE))
 
 
 def embedded_dir(name: str) -> Path:

@@ -58,7 +58,9 @@ def check_args(p, args) -> None:
     if args.eval_batch == 0:
         p.error("--eval-batch 0: must be >= 1, or -1 for the most the plan fits")
     if args.mini_batch_groups > args.prompts_per_step:
-        p.error(f"--mini-batch-groups {args.mini_batch_groups}: more than the step's "
+        set_by = " (set by --algo dapo: 2 optimizer steps per batch; pass --mini-batch-groups " \
+            "0 for one)" if args.algo == "dapo" and args.mini_batch_groups == 2 else ""
+        p.error(f"--mini-batch-groups {args.mini_batch_groups}{set_by}: more than the step's "
                 f"--prompts-per-step {args.prompts_per_step} groups")
     if args.fsdp and (args.optimizer == "bf16-sr" or args.adv_scale == "batch"):
         p.error("--fsdp: tested with --optimizer adamw and per-group advantages only")

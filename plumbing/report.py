@@ -245,7 +245,8 @@ def mask_dynamics(masks: dict, refs: dict, static_masks: dict) -> dict:
         refs["step0"] = masks
     out = {"mask_jaccard_prev": (mask_overlap(masks, refs["prev"])
                                  if refs.get("prev") is not None else 1.0),
-           "mask_jaccard_step0": mask_overlap(masks, refs["step0"]),
-           "mask_jaccard_step0_static": mask_overlap(refs["step0"], static_masks)}
+           "mask_jaccard_step0": mask_overlap(masks, refs["step0"])}
+    if static_masks:  # built only where used (--mask-schedule static, --static-overlap)
+        out["mask_jaccard_step0_static"] = mask_overlap(refs["step0"], static_masks)
     refs["prev"] = masks
     return out

@@ -41,6 +41,8 @@ def parse_and_check(p, argv, presets: dict, algorithms: dict):
     """train.parse_args: the layers (config.parse), every value checked against what can work,
     the plan's sizes for -1, the run's default name."""
     args = config.parse(p, argv, presets, algorithms)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     preflight.check_args(p, args)
     preflight.resolve_from_plan(args)
     args.run_name = args.run_name or (f"{args.algo}-{args.mask_strategy}-seed{args.seed}-"
@@ -64,7 +66,7 @@ def start(run, rows: list) -> None:
     evaluations, reference masks, time so far), load the training data, announce, open the
     tracker."""
     args, main_rank = run.args, fsdp.is_main()
-    if main_rank:
+    if main_rank and run.static_masks:
         masking.save_masks(run.folder / "masks.safetensors", run.static_masks, {"role": "static"})
     run.evals, run.masks_ref, earlier = (
         checkpoint.resume_state(run.folder, run.model, run.optimizer, run.scheduler, args)
@@ -114,19 +116,23 @@ def save(run, step: int) -> None:
     run.saved = step
 
 
-def save_or_stop(run, step: int, stop) -> bool:
+def save_or_stop(run, step: int, stop) -> None:
     """A checkpoint every --save-every steps, and one when Ctrl-C asked the run to stop (every
-    rank agrees); True when the run stops here."""
+    rank agrees): then the run ends, non-zero, with the command that resumes it."""
     stopping = bool(fsdp.reduce_numbers([int(stop.set)], "max")[0])
     if stopping or (run.args.save_every and (step + 1) % run.args.save_every == 0):
         save(run, step + 1)
-    return stopping
+    if stopping:
+        if run.reporter:
+            run.reporter.close()
+        raise SystemExit(f"stopped after step {step + 1} of {run.args.steps} (signal); "
+                         f"resume with: python train.py --resume {run.folder}")
 
 
 def end(run) -> None:
     """The last step's checkpoint (unless the loop just wrote it), the policy as a plain Hugging
     Face folder under --fsdp, the "after" evaluations, the run's summary files."""
-    if run.saved != run.args.steps:
+    if run.args.save_final and run.saved != run.args.steps:
         save(run, run.args.steps)
     if run.args.fsdp:  # a plain Hugging Face folder of the trained policy, for evaluation
         fsdp.export_hf(run.model, run.tokenizer, run.folder / "final")
@@ -144,11 +150,20 @@ def guard_update(stats: list, grad_norm: float, args) -> None:
     report.check_update(loss, grad_norm, kl_sum / max(tokens, 1), args)
 
 
-def statistics(run, calibrate) -> dict:
+def uses_static_mask(args) -> bool:
+    """A static mask is built only where something uses it: the static schedule, or the logged
+    overlap of step 0's mask with it (--static-overlap)."""
+    return args.mask_schedule == "static" or args.static_overlap
+
+
+def statistics(run, calibrate) -> dict | None:
     """[LongAct] the calibration statistics, timed: from a --stats file, from a resumed run's
-    folder, or calibrate(run) (saved there as qk_stats.safetensors)."""
+    folder, or calibrate(run) (saved there as qk_stats.safetensors); None for a strategy that
+    reads none (random, all)."""
     args, path = run.args, run.folder / "qk_stats.safetensors"
     t = time.time()
+    if args.mask_strategy not in ("topk", "bottomk"):
+        return None
     if args.stats:
         stats = saliency.load_stats(args.stats, run.model)[0]
     elif args.resume and path.exists():
@@ -426,7 +441,22 @@ def finish(run, phases: dict, t0: float) -> None:
                 f"{k} {v['measured_gb']:.1f} / {v['planned_gb'] or 0:.1f}"
                 for k, v in memory["phases"].items()))
         print("wall time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
-        print(f"run folder {run.folder}")
+        print(pointers(run))
+
+
+def pointers(run) -> str:
+    """The run's last lines: where everything it kept is, and the command that draws it."""
+    a, f = run.args, run.folder
+    ckpt = f / "ckpt" if (f / "ckpt").exists() else None
+    lines = [f"run folder {f} (metrics.jsonl, eval.json, samples.jsonl, config.json)",
+             f"picture:   python -m experiments.curves {f}",
+             f"weights:   {ckpt} (and the optimizer state: --resume continues from it)" if ckpt
+             else "weights:   not kept (--save-final keeps them, --save-every N as it goes)"]
+    if a.report_to == "tensorboard":
+        lines.append(f"live logs: tensorboard --logdir {f / 'tensorboard'}")
+    elif a.report_to == "wandb":
+        lines.append(f"live logs: {f / 'wandb'} (offline unless WANDB_MODE; wandb sync uploads)")
+    return "\n".join(lines)
 
 
 def write_evals(run_dir: Path, evals: dict) -> None:

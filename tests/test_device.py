@@ -24,7 +24,7 @@ from fake_device import FAKE, DeviceTensor, fake_device
 def run_args(tiny_dir, qa_file, out, name, steps, *extra):
     return ["--model", tiny_dir, "--train-data", qa_file, "--train-len", "128",
             "--calib-len", "32", "--calib-samples", "2", "--prompts-per-step", "2",
-            "--group-size", "4", "--max-new-tokens", "6", "--steps", str(steps),
+            "--group-size", "4", "--max-new-tokens", "6", "--steps", str(steps), "--save-final",
             "--precision", "fp32", "--out-dir", str(out), "--run-name", name,
             "--lr", "1e-3", "--device", str(FAKE), *extra]
 
@@ -51,7 +51,8 @@ def test_a_whole_run_stays_on_the_policy_device(tiny_dir, qa_file, tmp_path, alg
               "512", "--eval-samples", "1") if algo == "grpo" else ("--algo", "dapo", "--no-eval"))
     with fake_device():
         run = train.main(run_args(tiny_dir, qa_file, tmp_path, algo, 2, *extra))
-        train.main(run_args(tiny_dir, qa_file, tmp_path, algo, 3, *extra, "--resume", str(run)))
+        train.main(run_args(tiny_dir, qa_file, tmp_path, algo, 3, *extra, "--allow-change",
+                            "steps", "--resume", str(run)))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(r["drift_outside_mask"] == 0.0 for r in rows)

@@ -8,6 +8,7 @@ Run: .venv/bin/python -m pytest -q tests/test_flags.py
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +183,33 @@ def test_a_runs_saved_config_gives_the_same_settings_back(tmp_path, qa_file, tin
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(SystemExit):
         train.parse_args(["--config", str(tmp_path / "bad.json")])
+
+
+def test_the_config_tables_plain_values_match_the_modules():
+    # the table holds plain values so that --help needs no torch; they must stay the modules'
+    import grpo
+    import masking
+    import rollout
+    from plumbing import common, plan, policy, report
+    f = {k: v for group in train.FLAGS.values() for k, v in group.items()}
+    assert f["gpu"][2] == sorted(plan.GPUS) and f["model"][0] == policy.DEFAULT_MODEL
+    assert f["yarn_original"][0] == policy.QWEN3_YARN_ORIGINAL and f["kl_stop"][0] == report.KL_STOP
+    assert list(f["stat"][2]) == list(saliency.STATS) and f["stat"][0] == saliency.STATS[0]
+    for name, values in (("precision", common.PRECISIONS), ("report_to", report.REPORTERS),
+                         ("mask_strategy", masking.STRATEGIES), ("train_scope", masking.SCOPES),
+                         ("mask_semantics", masking.SEMANTICS), ("engine", rollout.ENGINES),
+                         ("aggregation", grpo.AGGREGATIONS), ("adv_scale", grpo.SCALES)):
+        assert list(f[name][2]) == list(values), name
+
+
+def test_help_and_a_bad_choice_are_answered_before_torch_loads(tmp_path):
+    import subprocess
+    import sys
+    code = ("import runpy, sys\nsys.argv = ['train.py'] + sys.argv[1:]\ntry:\n"
+            "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, 'torch' in sys.modules)\n")
+    root = str(Path(train.__file__).parent)
+    for argv, code_ in ((["--help"], 0), (["--algo", "ppo"], 2)):
+        out = subprocess.run([sys.executable, "-c", code, *argv], cwd=root, capture_output=True,
+                             text=True).stdout
+        assert out.strip().splitlines()[-1] == f"exit {code_} False", out

@@ -99,7 +99,7 @@ def test_a_run_records_versions_and_a_resume_under_others_warns(tiny_dir, qa_fil
     args = ["--model", tiny_dir, "--train-data", qa_file, "--train-len", "128", "--calib-len",
             "32", "--calib-samples", "2", "--prompts-per-step", "2", "--group-size", "2",
             "--max-new-tokens", "4", "--beta", "0", "--precision", "fp32", "--no-eval",
-            "--out-dir", str(tmp_path), "--run-name", "v"]
+            "--out-dir", str(tmp_path), "--run-name", "v", "--save-final"]
     run = train.main(args + ["--steps", "1"])
     saved = json.loads((run / "config.json").read_text())
     assert saved["versions"]["lock"] == common.lock_hash()
@@ -107,7 +107,7 @@ def test_a_run_records_versions_and_a_resume_under_others_warns(tiny_dir, qa_fil
     capsys.readouterr()
     real = common.versions()
     monkeypatch.setattr(common, "versions", lambda: dict(real, transformers="9.9.9"))
-    train.main(args + ["--steps", "2", "--resume", str(run)])
+    train.main(args + ["--steps", "2", "--allow-change", "steps", "--resume", str(run)])
     warned = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
     assert len(warned) == 1 and f"transformers {real['transformers']} -> 9.9.9" in warned[0]
     resumed = json.loads((run / "config.json").read_text())

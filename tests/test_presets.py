@@ -85,7 +85,7 @@ def spies(monkeypatch) -> dict:
 def mini(preset, model, data, lb, out, steps, *extra):
     return ["--preset", preset, "--model", model, "--train-data", data, "--train-len", "256",
             "--calib-len", "64", "--calib-samples", "2", "--prompts-per-step", "4",
-            "--group-size", "4", "--max-new-tokens", "6", "--steps", str(steps),
+            "--group-size", "4", "--max-new-tokens", "6", "--steps", str(steps), "--save-final",
             "--eval-tasks", "niah_single_1", "--eval-lengths", "512", "--eval-samples", "1",
             "--longbench", lb,
             "--longbench-max-len", "600", "--save-every", "1", "--keep-checkpoints", "1",
@@ -109,7 +109,8 @@ def test_paper_8b_in_miniature(tiny_qwen3, qa_file, longbench_file, tmp_path, mo
     with fake_device():
         run = train.main(argv + ["--no-eval"])
         train.main(mini("paper-8b", tiny_qwen3, qa_file, longbench_file, tmp_path, 3,
-                        "--resume", str(run), "--before-eval", before))
+                        "--resume", str(run), "--before-eval", before, "--eval",
+                        "--allow-change", "steps", "eval", "before_eval"))
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["optimizer"] == "bf16-sr" and seen["bf16_sr_steps"] >= 3
     assert all(m.is_activation_checkpointing for m in seen["models"])

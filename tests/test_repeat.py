@@ -37,6 +37,17 @@ def test_the_committed_repeat_on_another_cpu_is_equal_to_the_grid_run(capsys):
     assert "items/after.jsonl" in c["files"]
 
 
+def test_the_demo_repeats_across_the_move_of_the_files():
+    # `python train.py --algo grpo` at aec01c4 (before plumbing/, experiments/runs/, the config
+    # table and plumbing/runner.py) and after: every per-step value, evaluation and item equal
+    moved = RUNS / "move-repeat"
+    c = repeat.compare(moved / "before-demo", moved / "after-demo")
+    assert c["steps"] == 6 and c["differences"] == [] and all(c["files"].values())
+    before, after = (json.loads((moved / r / "config.json").read_text())["code_version"]
+                     for r in ("before-demo", "after-demo"))
+    assert before.startswith("aec01c4") and not after.startswith("aec01c4")
+
+
 def test_clocks_differ_freely_but_one_metric_or_one_item_does_not(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(GRID_RUN, a)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def args_for(tiny_dir, qa_file, out, name, steps, *extra):
     return ["--model", tiny_dir, "--train-data", qa_file, "--train-len", "128", "--calib-len",
             "32", "--calib-samples", "2", "--prompts-per-step", "2", "--group-size", "4",
-            "--max-new-tokens", "6", "--steps", str(steps), "--precision", "fp32",
+            "--max-new-tokens", "6", "--steps", str(steps), "--save-final", "--precision", "fp32",
             "--lr", "1e-3", "--out-dir", str(out), "--run-name", name, *extra]
 
 
@@ -177,7 +177,8 @@ def test_wandb_runs_offline_by_default_and_a_resume_continues_its_run(tiny_dir, 
     run = train.main(args_for(tiny_dir, qa_file, tmp_path, "wb", 1, "--report-to", "wandb",
                               "--no-eval", "--beta", "0"))
     train.main(args_for(tiny_dir, qa_file, tmp_path, "wb", 2, "--report-to", "wandb",
-                        "--no-eval", "--beta", "0", "--resume", str(run)))
+                        "--no-eval", "--beta", "0", "--allow-change", "steps",
+                        "--resume", str(run)))
     assert [k["mode"] for k in inits] == ["offline", "offline"]
     assert [k["id"] for k in inits] == ["abc123", "abc123"] and inits[1]["resume"] == "allow"
 

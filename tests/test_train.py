@@ -8,6 +8,7 @@ Run: .venv/bin/python -m pytest -q tests/test_train.py
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from plumbing import checkpoint, common, preflight
 
 def args_for(tiny_dir, qa_file, out, name, steps, *extra):
     return ["--model", tiny_dir, "--train-data", qa_file, "--train-len", "128", "--calib-len", "32",
-            "--calib-samples", "2", "--prompts-per-step", "2", "--group-size", "4",
+            "--calib-samples", "2", "--prompts-per-step", "2", "--group-size", "4", "--save-final",
             "--max-new-tokens", "6", "--steps", str(steps), "--no-eval", "--precision", "fp32",
             "--out-dir", str(out), "--run-name", name, "--threads", "2", "--lr", "1e-3",
             "--warmup-steps", "2", *extra]
@@ -42,7 +43,7 @@ def test_resume_gives_identical_weights(tiny_dir, qa_file, tmp_path):
     kept = torch.load(half / "ckpt" / "trainer_state.pt", weights_only=False)["phases"]
     assert kept["training"] == first["training"] and kept["total"] <= first["total"]
     resumed = train.main(args_for(tiny_dir, qa_file, tmp_path, "half", 4, *extra,
-                                  "--resume", str(half)))
+                                  "--allow-change", "steps", "--resume", str(half)))
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -66,7 +67,7 @@ def test_resume_gives_identical_weights(tiny_dir, qa_file, tmp_path):
 
 def test_resume_refuses_changed_mask_config(tiny_dir, qa_file, tmp_path):
     run = train.main(args_for(tiny_dir, qa_file, tmp_path, "r", 1, "--beta", "0"))
-    with pytest.raises(SystemExit, match="mask_strategy"):
+    with pytest.raises(SystemExit, match="--mask-strategy random differs"):
         train.main(args_for(tiny_dir, qa_file, tmp_path, "r", 2, "--beta", "0",
                             "--mask-strategy", "random", "--resume", str(run)))
     with pytest.raises(SystemExit, match="already holds a checkpoint"):
@@ -148,14 +149,13 @@ def test_qk_scope_trains_only_the_qk_projections(tiny_dir, qa_file, tmp_path):
     qk = [n for n in start if n.rsplit(".", 1)[0].endswith(("q_proj", "k_proj"))]
     assert qk and all(not torch.equal(start[n], after[n]) for n in qk)
     assert all(torch.equal(start[n], after[n]) for n in start if n not in qk)
-    with pytest.raises(SystemExit, match="train_scope"):  # a resume keeps the scope
-        train.main(args_for(tiny_dir, qa_file, tmp_path, "qk", 3, "--weight-decay", "0.1",
-                            "--mask-strategy", "all", "--beta", "0", "--resume", str(run)))
+    resumed = train.main(["--resume", str(run), "--steps", "3", "--allow-change", "steps"])
+    assert json.loads((resumed / "config.json").read_text())["train_scope"] == "qk"  # kept
 
 
 def test_resume_refuses_changed_optimisation_settings(tiny_dir, qa_file, tmp_path):
     run = train.main(args_for(tiny_dir, qa_file, tmp_path, "lr", 1, "--beta", "0"))
-    with pytest.raises(SystemExit, match=r"'lr': \(0\.001, 0\.002\)"):
+    with pytest.raises(SystemExit, match=r"--lr 0\.002 differs from the saved run's 0\.001"):
         train.main(args_for(tiny_dir, qa_file, tmp_path, "lr", 2, "--beta", "0", "--lr", "2e-3",
                             "--resume", str(run)))
 
@@ -167,7 +167,7 @@ def test_resume_after_a_crash_does_not_duplicate_rows(tiny_dir, qa_file, tmp_pat
         with open(run / name, "a") as f:
             f.write(json.dumps({"step": 2, "stale": True}) + "\n")
     train.main(args_for(tiny_dir, qa_file, tmp_path, "crash", 3, "--beta", "0",
-                        "--resume", str(run)))
+                        "--allow-change", "steps", "--resume", str(run)))
     rows = rows_of(run)
     assert [r["step"] for r in rows] == [0, 1, 2] and not any("stale" in r for r in rows)
     assert not any("stale" in r for r in rows_of(run, "samples.jsonl"))
@@ -224,7 +224,7 @@ def test_fsdp_two_ranks_train_like_one_process_and_resume(tiny_dir, qa_file, tmp
     one = train.main(args_for(tiny_dir, qa_file, tmp_path, "one", 2, *extra))
     torchrun(args_for(tiny_dir, qa_file, tmp_path, "two", 2, *extra), tmp_path)
     torchrun(args_for(tiny_dir, qa_file, tmp_path, "half", 1, *extra), tmp_path)
-    torchrun(args_for(tiny_dir, qa_file, tmp_path, "half", 2, *extra,
+    torchrun(args_for(tiny_dir, qa_file, tmp_path, "half", 2, *extra, "--allow-change", "steps",
                       "--resume", str(tmp_path / "half")), tmp_path)
     a = weights(one)
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
@@ -331,3 +331,48 @@ def test_a_bad_longbench_file_fails_before_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(train.runner, "setup", lambda a: pytest.fail("the model must not load"))
     with pytest.raises(ValueError, match="lb.json"):
         train.main(["--longbench", str(bad), "--out-dir", str(tmp_path)])
+
+
+CLOCKS = ("t_sample", "t_score", "t_update", "elapsed")
+
+
+def test_ctrl_c_then_resume_with_the_run_alone_equals_an_uninterrupted_run(
+        tiny_dir, qa_file, tmp_path, monkeypatch, capsys):
+    # a user's JSONL, GRPO with a reference; the run is stopped by a signal during step 1 and
+    # resumed with `--resume RUN` and nothing else: data, lengths, evaluation all come back
+    argv = args_for(tiny_dir, qa_file, tmp_path, "straight", 4, "--beta", "0.04")
+    straight = train.main(argv)
+    real = train.rl_step
+
+    def interrupted(run, step):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C: finish the step, save, stop
+        return real(run, step)
+    monkeypatch.setattr(train, "rl_step", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        train.main(args_for(tiny_dir, qa_file, tmp_path, "cut", 4, "--beta", "0.04"))
+    cut = tmp_path / "cut"
+    assert stop.value.code != 0 and str(stop.value).endswith(
+        f"resume with: python train.py --resume {cut}")
+    monkeypatch.setattr(train, "rl_step", real)
+    resumed = train.main(["--resume", str(cut)])
+    a = [{k: v for k, v in r.items() if k not in CLOCKS} for r in rows_of(straight)]
+    b = [{k: v for k, v in r.items() if k not in CLOCKS} for r in rows_of(resumed)]
+    assert a == b and len(a) == 4 and all(r["grad_norm"] > 0 for r in a)
+    wa, wb = weights(straight), weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    config = json.loads((resumed / "config.json").read_text())
+    assert config["train_data"] == qa_file and config["resumes"] == [{"at": 2, "changed": {}}]
+
+
+def test_a_flag_given_with_resume_must_match_or_be_allowed(tiny_dir, qa_file, tmp_path, capsys):
+    run = train.main(args_for(tiny_dir, qa_file, tmp_path, "r", 1, "--beta", "0"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run), "--max-new-tokens", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert "--max-new-tokens 8 differs from the saved run's 6" in err[0]
+    assert "--allow-change max_new_tokens" in err[0]
+    train.main(["--resume", str(run), "--steps", "2", "--allow-change", "steps"])
+    assert "resume: --steps 1 -> 2 (--allow-change)" in capsys.readouterr().out
+    assert [r["step"] for r in rows_of(run)] == [0, 1]
