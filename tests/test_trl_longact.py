@@ -8,6 +8,7 @@ Run: .venv/bin/python -m pytest -q tests/test_trl_longact.py
 """
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -185,6 +186,39 @@ def test_hold_and_put_back_are_masked_step_in_two_halves():
                 assert masking.masked_step(opt, model, masks) == 0.0
         results.append(copy.deepcopy(model.state_dict()))
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_the_callback_alone_clips_the_masked_gradient():
+    """Its events called by hand, as a Trainer would with max_grad_norm=0: the clip factor comes
+    from the masked gradient (SOURCES.md §8.2), and the step keeps the rows outside."""
+    model = tiny_model("llama")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    cb, args, st = LongActCallback(max_grad_norm=1e-3), SimpleNamespace(max_grad_norm=0), \
+        SimpleNamespace(global_step=0)
+    cb.on_train_begin(args, st, None, model=model)
+    ids = torch.arange(3, 19).view(2, 8)  # (B, T)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+    with torch.no_grad():
+        model(input_ids=ids)  # no gradients: not read
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    before = qk_snapshot(model, opt)
+    cb.on_pre_optimizer_step(args, st, None, model=model, optimizer=opt)
+    assert cb.counts == {"forwards": 1, "sequences": 2, "tokens": 16}
+    for name, m in cb.masks.items():
+        grads[f"{name}.weight"][~m] = 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                 for g in grads.values()]))
+    coef = 1e-3 / (norm + 1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n] * coef)
+    opt.step()
+    cb.on_optimizer_step(args, st, None, model=model, optimizer=opt)
+    check_rows(before, qk_snapshot(model, opt), cb.masks)
+    cb.on_train_end(args, st, None)
+    with pytest.raises(ValueError, match="max_grad_norm=0"):  # two clips: refused
+        LongActCallback(max_grad_norm=1.0).on_train_begin(SimpleNamespace(max_grad_norm=1.0),
+                                                          st, None, model=model)
 
 
 def test_bad_arguments_are_refused():
