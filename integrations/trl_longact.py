@@ -22,7 +22,7 @@ step's own training forwards over prompt + completion (TRL samples with `generat
 not from the sampling prefill over the prompt alone; and the Trainer clips the gradient before
 on_pre_optimizer_step, so its clip sees the rows outside the mask unless the callback clips
 (LongActCallback(max_grad_norm=1.0) with GRPOConfig(max_grad_norm=0)). One process or DDP (the
-statistics are summed over ranks); FSDP and DeepSpeed shard the rows and are refused.
+statistics summed over ranks); not FSDP or DeepSpeed, which shard rows or optimizer state.
 
 Shapes: H heads, D head dim, C = H*D output channels (rows) of one q/k matrix.
 Test: .venv/bin/python -m pytest -q tests/test_trl_longact.py
