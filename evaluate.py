@@ -287,14 +287,16 @@ def parse_args(argv=None):
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
                    help="embedded name, hub id or local folder (rollout.py)")
-    p.add_argument("--bench", choices=("ruler", "longbench-v2"), default="ruler")
+    p.add_argument("--bench", choices=("ruler", "longbench-v2"), default="ruler",
+                   help="which benchmark")
     p.add_argument("--seed", type=int, default=0,
                    help=f"evaluation seed, < {TRAIN_SEED_START} (training uses the seeds above)")
     p.add_argument("--out", default=None,
                    help="results JSON (default runs/eval/<bench>_<model>_s<seed>.json)")
     p.add_argument("--precision", choices=common.PRECISIONS, default="auto",
                    help="bf16 or fp32 weights; auto = bf16 where the device has it natively")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     g = p.add_argument_group("RULER")

@@ -5,8 +5,7 @@ train.py -- LongAct end to end: `main()` is the algorithm box (arXiv 2604.14922;
     python train.py --algo dapo --mask-strategy all # the uniform-update baseline, under DAPO
     python train.py --preset paper                  # Qwen3-4B, 16k-token prompts, one large GPU
     python train.py --preset paper-8b --plan        # memory, disk and time plan of Qwen3-8B, exit
-    python train.py --show-config [--algo dapo]     # print every effective setting and exit
-    python train.py --config runs/RUN/config.json   # a run's settings again (a new run)
+    python train.py --show-config [--config runs/RUN/config.json]  # every setting, exit
 
 Per RL step (`rl_step`), as the paper describes it:
   1. sample     G completions for each of B long-context prompts; the prefill that sampling does
@@ -30,11 +29,9 @@ startup.set_allocator()  # before torch loads: CUDA's allocator reads its settin
 
 # -----------------------------------------------------------------------------
 # config: one block, every default visible. An algorithm or a preset changes the defaults in its
-
 # table, nothing else; a run's saved config.json (--config) comes next; a flag given on the
 # command line always wins. `--show-config` prints the result; every run saves it. Plain values
-# only (tests/test_flags.py holds the choices equal to the modules'), so that parsing needs no
-# torch.
+# (tests/test_flags.py holds them equal to the modules'): parsing needs no torch.
 
 ALGORITHMS = {  # GRPO (DeepSeekMath; SOURCES.md §3) vs DAPO (arXiv 2503.14476; SOURCES.md §4)
     "grpo": dict(eps_high=0.2, beta=0.04, aggregation="seq-mean-token-mean", dynamic_sampling=False,
@@ -68,8 +65,7 @@ FLAGS = {  # name: (default, help[, choices]); --help shows these groups
     "model and precision": dict(
         model=("smollm2-135m", "embedded name, hub id or folder"),
         device=("auto", "where the run computes (auto: cuda if there is one, else cpu)"),
-        precision=("auto", "auto: bf16 where the device computes it natively",
-                   ["auto", "fp32", "bf16"]),
+        precision=("auto", "auto: bf16 where computed natively", ["auto", "fp32", "bf16"]),
         optimizer=("adamw", "adamw: fp32; bf16-sr: bf16 stochastic rounding", ["adamw", "bf16-sr"]),
         grad_checkpointing=(False, "recompute activations in backward"),
         threads=(0, "torch CPU threads (0 = torch's default)"),
@@ -81,8 +77,8 @@ FLAGS = {  # name: (default, help[, choices]); --help shows these groups
         fsdp=(False, "shard the policy over torchrun's processes (plumbing/fsdp.py)"),
         thinking=(False, "Qwen3 thinking mode for LongBench v2 (training prompts: off)")),
     "LongAct": dict(
-        mask_strategy=("topk", "which q/k rows train: topk is LongAct",
-                       ["topk", "bottomk", "random", "all"]),
+        mask_strategy=("topk", "rows that train (LongAct: topk)", ["topk", "bottomk", "random",
+                                                                   "all"]),
         mask_schedule=("step", "step: each step's prompts; static: calibration", ["step","static"]),
         mask_semantics=("frozen", "frozen: rows outside stay; grad: masked", ["frozen", "grad"]),
         train_scope=("all", "weights that train: all (the paper) or only q/k", ["all", "qk"]),
@@ -154,10 +150,12 @@ FLAGS = {  # name: (default, help[, choices]); --help shows these groups
 }
 
 
+def build_parser():
+    return config.build_parser(FLAGS, PRESETS, ALGORITHMS, config.DESCRIPTION, config.STEP_HELP)
+
+
 if __name__ == "__main__":  # --help, an unknown flag, a bad choice: answered before torch loads
-    config.parse(config.build_parser(FLAGS, PRESETS, ALGORITHMS, config.DESCRIPTION,
-                                     config.STEP_HELP), sys.argv[1:], PRESETS, ALGORITHMS,
-                 quiet=True)
+    config.parse(build_parser(), sys.argv[1:], PRESETS, ALGORITHMS, quiet=True)
 
 import torch  # noqa: E402 -- the heavy imports come after that first parse
 
@@ -171,10 +169,6 @@ from plumbing import common, fsdp, report, runner  # noqa: E402
 from plumbing.checkpoint import StopFlag  # noqa: E402
 from tasks import haystack  # noqa: E402
 from tasks.train_data import draw_samples  # noqa: E402
-
-
-def build_parser():
-    return config.build_parser(FLAGS, PRESETS, ALGORITHMS, config.DESCRIPTION, config.STEP_HELP)
 
 
 def parse_args(argv=None):
@@ -210,10 +204,9 @@ def masks_from(stats: dict | None, model, args, seed: int) -> dict:
 def sample_and_score(run, samples: list, seed: int, prefill_hook, offset: int = 0):
     """G completions per sample, --gen-groups groups per generate call (all by default); scores
     from evaluate.py's scorer. `offset`: the global index of samples[0] (a rank's share)."""
-    args, model, tokenizer = run.args, run.model, run.tokenizer
+    args, model, tokenizer, G = run.args, run.model, run.tokenizer, run.args.group_size
     prompts = [evaluate.prompt_ids(tokenizer, s) for s in samples]
-    size = args.gen_groups or len(prompts)
-    parts = []
+    size, parts = args.gen_groups or len(prompts), []
     with run.autocast():
         for i in range(0, len(prompts), size):
             parts.append(rollout.sample_groups(
@@ -221,7 +214,6 @@ def sample_and_score(run, samples: list, seed: int, prefill_hook, offset: int = 
                 args.temperature, args.top_p, seed=common.mix_seed(seed, "generate", offset + i),
                 prefill_hook=prefill_hook, engine=args.engine))
     r = rollout.concat_rollouts(parts, tokenizer.pad_token_id)
-    G = args.group_size
     scores = torch.tensor([evaluate.score(samples[i // G], t) for i, t in enumerate(r.texts)],
                           device=r.completion_ids.device)  # (B*G,) on the policy's device
     rewards = scores.clone()  # (B*G,)
@@ -240,10 +232,9 @@ def collect_batch(run, step: int, prefill_hook):
     parts, seen, all_equal = [], 0, 0
     for attempt in range(args.max_gen_batches if args.dynamic_sampling else 1):
         seed = common.mix_seed(args.seed, "step", step, attempt)
-        samples = fsdp.my_share(draw_samples(run.data, tokenizer, args, seed,
-                                             args.prompts_per_step))
-        r, rewards, scores = sample_and_score(run, samples, seed, prefill_hook,
-                                              offset=fsdp.rank() * B)
+        drawn = draw_samples(run.data, tokenizer, args, seed, args.prompts_per_step)
+        samples = fsdp.my_share(drawn)
+        r, rewards, scores = sample_and_score(run, samples, seed, prefill_hook, fsdp.rank() * B)
         informative, _ = dapo.keep_informative_groups(scores, G)  # (B,) on the task score
         seen, all_equal = seen + B, all_equal + int((~informative).sum())
         keep = informative if args.dynamic_sampling else torch.ones_like(informative)  # (B,)
@@ -274,8 +265,7 @@ def loss_fn(logp, old_logp, ref_logp, adv, mask, counts, args):
                               eps_high=args.eps_high, num_tokens=num_tokens)
     return grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=args.clip_eps,
                           beta=args.beta, aggregation=args.aggregation, max_len=args.max_new_tokens,
-                          num_tokens=num_tokens, num_seqs=num_seqs,
-                          kl_clamp=args.kl_clamp or None)
+                          num_tokens=num_tokens, num_seqs=num_seqs, kl_clamp=args.kl_clamp or None)
 
 
 def mini_batches(num_groups: int, args) -> list:
@@ -309,9 +299,8 @@ def accumulate_gradients(model, r, groups, adv, mask, old, ref, args, autocast) 
 def policy_update(run, r, adv, masks) -> dict:
     """mu passes x mini-batches, one masked optimizer step each; the scheduler steps once."""
     args, model, optimizer, autocast = run.args, run.model, run.optimizer, run.autocast
-    mask = r.completion_mask  # (B, T)
-    if args.filter_truncated:
-        mask, _ = dapo.truncation_mask(mask, r.truncated)
+    mask = (dapo.truncation_mask(r.completion_mask, r.truncated)[0] if args.filter_truncated
+            else r.completion_mask)  # (B, T)
     batches = mini_batches(len(r.prompt_ids), args)
     model.train()
     with torch.no_grad(), autocast():  # sampling policy's and reference's log-probs, once per batch
@@ -359,8 +348,7 @@ def rl_step(run, step: int) -> dict | None:
         return None
     t = time.time()
     adv, _ = grpo.group_advantages(rewards, args.group_size, scale=args.adv_scale)  # (B*G,)
-    t_score = time.time() - t
-    t = time.time()
+    t_score, t = time.time() - t, time.time()
     with report.phase_memory(args.device, run.peaks, "update"):
         upd = policy_update(run, r, adv, masks)  # 5. the masked update
     runner.log_samples(run, step, r, samples, scores)  # two completions into samples.jsonl

@@ -330,7 +330,7 @@ def check(device, dry: bool, work: Path, out: Path) -> dict:
         result["measured"] = measured(run)  # before the resume rewrites phases.json
         release(device)  # the run's cached blocks: the resume's preflight sees them free
         part(result, out, "resume from its checkpoint (train.main --resume)", train.main,
-             run_argv + ["--resume", str(run), "--no-eval"])
+             ["--resume", str(run), "--no-eval", "--allow-change", "eval"])
     return result
 
 

@@ -31,7 +31,11 @@ rewards are all equal (no learning signal); loss; clip = shares of tokens clippe
 (low/high); kl = mean k3 KL to the reference (max: the largest single token's); gnorm = gradient
 norm before clipping; lr; qk = share of q/k rows that train; J-prev / J-0 = overlap (Jaccard) of
 this step's masks with the previous step's / step 0's; t sample / update = seconds; eta = the
-whole run's time left."""
+whole run's time left.
+
+RULER tasks (--train-task, --eval-tasks): niah_single_1, niah_single_2, niah_single_3,
+niah_multikey_1, niah_multikey_2, niah_multikey_3, niah_multivalue, niah_multiquery, vt, cwe,
+fwe, qa_1, qa_2."""
 
 # keys of a saved config.json that --config does not take back: a new run gets its own name,
 # starts fresh, and runs rather than printing (a resume keeps the run's name)

@@ -213,3 +213,28 @@ def test_help_and_a_bad_choice_are_answered_before_torch_loads(tmp_path):
         out = subprocess.run([sys.executable, "-c", code, *argv], cwd=root, capture_output=True,
                              text=True).stdout
         assert out.strip().splitlines()[-1] == f"exit {code_} False", out
+
+
+def test_help_explains_the_step_line_and_names_the_tasks(capsys):
+    from tasks import ruler
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for word in ("eq-groups =", "J-prev / J-0 =", "trunc =", "gnorm =", "qk ="):
+        assert word in out, word
+    assert ", ".join(ruler.RULER_TASKS) + "." in out
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: ruler)" in out and ", ".join(ruler.RULER_TASKS) in out
+
+
+def test_dapos_mini_batch_error_says_dapo_set_it(no_model, capsys, tmp_path):
+    err = one_line_error(train.main, ["--algo", "dapo", "--prompts-per-step", "1",
+                                      "--out-dir", str(tmp_path)], capsys)
+    assert "--mini-batch-groups 2 (set by --algo dapo" in err
+
+
+def test_converted_models_live_in_the_repositorys_cache_without_make(monkeypatch):
+    monkeypatch.delenv("LONGACT_CACHE", raising=False)
+    assert policy.cache_dir() == Path(train.__file__).resolve().parent / ".cache" / "longact"

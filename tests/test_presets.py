@@ -108,6 +108,7 @@ def test_paper_8b_in_miniature(tiny_qwen3, qa_file, longbench_file, tmp_path, mo
     before = before_file(argv, tmp_path / "before.json")
     with fake_device():
         run = train.main(argv + ["--no-eval"])
+        first = json.loads((run / "config.json").read_text())  # the plan's sizes, resolved
         train.main(mini("paper-8b", tiny_qwen3, qa_file, longbench_file, tmp_path, 3,
                         "--resume", str(run), "--before-eval", before, "--eval",
                         "--allow-change", "steps", "eval", "before_eval"))
@@ -115,8 +116,9 @@ def test_paper_8b_in_miniature(tiny_qwen3, qa_file, longbench_file, tmp_path, mo
     assert cfg["optimizer"] == "bf16-sr" and seen["bf16_sr_steps"] >= 3
     assert all(m.is_activation_checkpointing for m in seen["models"])
     assert seen["prefill_hooks"] == 3  # one per step: the per-step masks read the prefill
-    assert cfg["gen_groups"] == 2 and "2 call(s) for 4" in cfg["plan_reasons"]["gen_groups"]
-    assert cfg["eval_batch"] == 1 and "eval_batch" in cfg["plan_reasons"]
+    assert first["gen_groups"] == 2 and "2 call(s) for 4" in first["plan_reasons"]["gen_groups"]
+    assert first["eval_batch"] == 1 and "eval_batch" in first["plan_reasons"]
+    assert (cfg["gen_groups"], cfg["eval_batch"]) == (2, 1)  # the resume keeps them
     evals = json.loads((run / "eval.json").read_text())
     assert "longbench_v2/overall" in evals["after"]  # LongBench v2 through run_eval
     items = [json.loads(x)["id"] for x in (run / "items" / "after.jsonl").read_text().splitlines()]
