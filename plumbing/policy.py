@@ -65,6 +65,11 @@ def model_config(name: str):
     return transformers.AutoConfig.from_pretrained(resolve_model_path(name))
 
 
+def offline_config(name: str) -> bool:
+    """Whether model_config has `name`'s config without the network (no conversion either)."""
+    return HUB_NAMES.get(name, name.lower()) in QWEN3
+
+
 def cache_dir() -> Path:
     """Where converted models live: $LONGACT_CACHE, else ~/.cache/longact."""
     return Path(os.environ.get("LONGACT_CACHE", Path.home() / ".cache" / "longact"))

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from plumbing import checkpoint, common, preflight
+from plumbing import checkpoint, common, flags, preflight
 
 
 def args_for(tiny_dir, qa_file, out, name, steps, *extra):
@@ -319,6 +319,7 @@ def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch):
 def test_a_plan_larger_than_the_free_gpu_memory_stops_with_the_phase(monkeypatch, capsys):
     monkeypatch.setattr(train.torch.cuda, "mem_get_info", lambda d: (40e9, 141e9))
     monkeypatch.setattr(train.runner, "setup", lambda a: pytest.fail("the model must not load"))
+    monkeypatch.setattr(flags, "hub_reachable", lambda: True)  # a GPU node: the weights come
     with pytest.raises(SystemExit):
         train.main(["--preset", "paper-8b", "--device", "cuda", "--longbench", ""])
     err = capsys.readouterr().err
