@@ -1,6 +1,6 @@
 """Bad flags and bad data rows fail in about a second, before any model loads, with one line on
 stderr that names the flag (or file, line and field), the value and what is allowed; exit code 2.
-So does a hub name the hub cannot give (offline, or no answer).
+So do a hub name the hub cannot give (offline, or no answer) and a model LongAct cannot mask.
 A good command still gets past the checks.
 
 Each case runs the script's main() in this process with the model loader replaced by a function
@@ -300,3 +300,40 @@ def test_the_probe_reads_the_endpoint_and_a_proxy(monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "proxy.lan:3128")
     assert flags.hub_address() == ("proxy.lan", 3128)
 
+
+# ------------------------------------------------------------ models LongAct cannot mask
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A 2-layer GPT-2 (fused c_attn, no q_proj / k_proj) with the embedded model's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    tok = AutoTokenizer.from_pretrained(policy.resolve_model_path("smollm2-135m"))
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=1024,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    path = tmp_path_factory.mktemp("gpt2")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("extra", [[], ["--force"], ["--plan"], ["--show-config"]])
+def test_a_model_without_q_proj_and_k_proj_fails_before_the_plan(extra, gpt2_dir, no_model,
+                                                                 monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(train.runner.preflight, "resolve_from_plan",
+                        lambda args: pytest.fail("the plan was reached"))
+    err = one_line_error(train.main, ["--model", gpt2_dir, "--out-dir", str(tmp_path)] + extra,
+                         capsys)
+    assert "model type gpt2 (GPT2LMHeadModel) has no q_proj or k_proj linear module" in err
+    assert "Llama, Qwen2/Qwen3, Mistral, SmolLM2" in err
+
+
+def test_a_q_k_model_without_the_plans_fields_says_which(no_model, capsys, tmp_path):
+    from transformers import OPTConfig  # q_proj / k_proj, but ffn_dim and no grouped KV heads
+    OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+              vocab_size=128, max_position_embeddings=1024).save_pretrained(tmp_path / "opt")
+    err = one_line_error(train.main, ["--model", str(tmp_path / "opt"), "--plan"], capsys)
+    assert "model type opt has q_proj and k_proj, but its config lacks intermediate_size, " \
+           "num_key_value_heads, which the memory plan reads" in err
+    (tmp_path / "empty").mkdir()
+    err = one_line_error(train.main, ["--model", str(tmp_path / "empty"), "--plan"], capsys)
+    assert f"--model {tmp_path / 'empty'}: its config cannot be read" in err

@@ -299,7 +299,7 @@ def test_free_disk_reads_the_file_system_of_the_folder(tmp_path):
                                                          abs=512 * 2 ** 20)  # others write
 
 
-def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch):
+def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch, tiny_dir):
     # paper-8b: 98.3 GB of checkpoints fit 100 GB free, the 16.4 GB download on top does not
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache: not downloaded
     monkeypatch.setattr(preflight, "free_disk", lambda folder: 100e9)
@@ -312,7 +312,7 @@ def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch):
     problem, = preflight.disk_problems(args, rows, config)
     assert "checkpoints (the plan's disk peak, --keep-checkpoints 1) 98.3 GB + the download " \
            "of Qwen/Qwen3-8B into the hub cache 16.4 GB need 114.7 GB more" in problem
-    local = train.parse_args(["--model", str(tmp_path), "--device", "cpu"])  # a folder: none
+    local = train.parse_args(["--model", tiny_dir, "--device", "cpu"])  # a folder: none
     assert preflight.plan.download_bytes(local.model, config) == 0
 
 
