@@ -342,7 +342,7 @@ def check_args(p, args) -> None:
     (plumbing/flags.py)."""
     flags.at_least(p, args, 1, "lengths", "samples", "batch", "max_len", "limit", "threads")
     flags.at_least(p, args, 0, "seed")
-    flags.local_or_hub(p, "model", args.model, "model folder")
+    flags.model_source(p, "model", args.model)  # a hub id: reachable or cached, else one line
     flags.existing(p, "data", args.data, "file")
     if args.bench == "ruler":
         flags.known(p, "tasks", args.tasks, ruler.RULER_TASKS)
@@ -356,6 +356,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.bench == "ruler":
         check_ruler_args(args.tasks, args.lengths)  # fail before loading anything
+    elif args.data is None:  # the hub's copy: reachable or cached, else one line now
+        hub = longbench.LONGBENCH_HUB_ID
+        flags.from_hub(flags.die, f"--bench longbench-v2 without --data: {hub} is not a local path",
+                       flags.dataset_in_cache(hub),
+                       flags.local_dataset_hint("data", hub, "DIR/data.json"))
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()

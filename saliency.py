@@ -338,7 +338,7 @@ def parse_args(argv=None):
     flags.at_least(p, args, 2, "seq_len")  # (B, T) with T >= 2: a statistic over positions
     flags.at_least(p, args, 1, "num_samples", "batch_size")
     flags.between(p, args, "ratio", 0, 1, low_open=True)
-    flags.local_or_hub(p, "model", args.model, "model folder")
+    flags.model_source(p, "model", args.model)  # a hub id: reachable or cached, else one line
     flags.within(p, "seq_len", args.seq_len, flags.model_window(args.model), "a prompt")
     folder = Path(args.out).expanduser().resolve().parent
     if not folder.is_dir():

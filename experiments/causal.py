@@ -264,7 +264,7 @@ def parse_args(argv=None):
     flags.at_least(p, args, 1, "lengths", "samples", "ns", "calib_samples")
     flags.at_least(p, args, 0, "seed")
     flags.at_least(p, args, 2, "calib_len")
-    flags.local_or_hub(p, "model", args.model, "model folder")
+    flags.model_source(p, "model", args.model)  # a hub id: reachable or cached, else one line
     flags.known(p, "tasks", args.tasks, ruler.RULER_TASKS)
     window = flags.model_window(args.model)
     flags.within(p, "calib_len", args.calib_len, window, "a calibration text")

@@ -85,6 +85,12 @@ class Settings:
 # -----------------------------------------------------------------------------
 # sizes (pure arithmetic on the config)
 
+# the config fields dims() reads (head_dim may be absent: hidden / heads); a model without one
+# fails at parse time (preflight.check_architecture), not in this arithmetic
+CONFIG_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size")
+
+
 def dims(config) -> dict:
     """The widths the plan needs, read once from a Llama/Qwen-style config."""
     H = config.num_attention_heads

@@ -33,7 +33,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from plumbing.common import head_dim_of, package_dir, swap_folder_in
+from plumbing.common import QK_SUFFIXES, head_dim_of, package_dir, swap_folder_in
 
 # Names that resolve offline: (python package holding the file, file name inside it, pip spec).
 EMBEDDED = {
@@ -62,7 +62,29 @@ def model_config(name: str):
     key = HUB_NAMES.get(name, name.lower())
     if key in QWEN3:
         return transformers.Qwen3Config(**QWEN3[key])
-    return transformers.AutoConfig.from_pretrained(resolve_model_path(name))
+    return transformers.AutoConfig.from_pretrained(resolve_model_path(name),
+                                                   trust_remote_code=False)
+
+
+def offline_config(name: str) -> bool:
+    """Whether model_config has `name`'s config without the network (no conversion either)."""
+    return HUB_NAMES.get(name, name.lower()) in QWEN3
+
+
+QK_COUNTS = {}  # a config's JSON -> qk_projections' answer (the tests parse the same ones often)
+
+
+def qk_projections(config) -> dict:
+    """{"q_proj": n, "k_proj": n}: the linear modules whose names end so (common.QK_SUFFIXES) in
+    the model `config` builds, built on the meta device: no memory, no weights, any architecture
+    this transformers has (no remote code). Raises ValueError when it has none for the config."""
+    key = config.to_json_string()
+    if key not in QK_COUNTS:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        QK_COUNTS[key] = {s: sum(isinstance(m, torch.nn.Linear) and n.endswith(s)
+                                 for n, m in model.named_modules()) for s in QK_SUFFIXES}
+    return QK_COUNTS[key]
 
 
 REPO_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "longact"

@@ -5,6 +5,7 @@ evaluation.
 
     check_args(p, args)       every flag: ranges, combinations, paths, task names, the window
     resolve_from_plan(args)   --gen-groups / --eval-batch -1: the most the plan fits on --gpu
+    check_sources(args)       what the run loads from the hub: reachable, or cached
     preflight(args)           disk, free GPU memory, LongBench v2, one RULER sample per cell
 
 Each failure is one line on stderr and exit code 2 (flags.py); `--force` lets the disk and memory
@@ -70,8 +71,11 @@ def check_args(p, args) -> None:
 
 
 def check_paths(p, args) -> None:
-    """Files that must exist, names that must be known, lengths within the model's window."""
-    flags.local_or_hub(p, "model", args.model, "model folder")
+    """Files that must exist, names that must be known, a model LongAct can mask, lengths within
+    the model's window. A hub id needs only its config here (--plan, --show-config); what a run
+    loads from the hub is check_sources'."""
+    flags.model_source(p, "model", args.model, weights=False)
+    check_architecture(p, args.model)
     if args.train_data != "builtin":
         flags.local_or_hub(p, "train_data", args.train_data, "file")
     if args.longbench not in (None, "", "hub"):
@@ -98,6 +102,62 @@ def check_paths(p, args) -> None:
                      f"{args.train_len} + --max-new-tokens {args.max_new_tokens}")
     for L in args.eval_lengths if args.eval else ():
         flags.within(p, "eval_lengths", L, window, "a RULER length (answer included)")
+
+
+ARCHITECTURES = "Llama, Qwen2/Qwen3, Mistral, SmolLM2"  # decoders LongAct masks as they are
+
+
+def check_architecture(p, model: str) -> None:
+    """Decoder layers with the q_proj and k_proj linear modules whose rows LongAct masks, and the
+    config fields the memory plan reads, decided from the config alone (no weights) before the
+    plan uses it, --force or not (SOURCES.md §9.61). The embedded model before its first
+    conversion has no config yet: a Llama, nothing to check."""
+    try:
+        if model in policy.EMBEDDED:
+            folder = policy.embedded_dir(model)
+            if not (folder / "config.json").exists():
+                return
+            config = policy.transformers.AutoConfig.from_pretrained(folder)
+        else:
+            config = policy.model_config(model)
+    except Exception as e:  # noqa: BLE001 -- no config.json, bad JSON, an unknown model_type...
+        p.error(f"--model {model}: its config cannot be read ({type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0]})")
+    kind = f"model type {config.model_type}" + (
+        f" ({', '.join(config.architectures)})" if getattr(config, "architectures", None) else "")
+    try:
+        counts = policy.qk_projections(config)
+    except ValueError as e:
+        p.error(f"--model {model}: {kind} has no causal-LM class in transformers "
+                f"{policy.transformers.__version__} ({str(e).splitlines()[0]})")
+    missing = [s for s, n in counts.items() if not n]
+    if missing:
+        p.error(f"--model {model}: {kind} has no {' or '.join(missing)} linear module; "
+                "LongAct masks rows of the q_proj and k_proj of every decoder layer: pass a model "
+                f"built that way ({ARCHITECTURES})")
+    lacking = [f for f in plan.CONFIG_FIELDS if getattr(config, f, None) is None]
+    if lacking:
+        p.error(f"--model {model}: {kind} has q_proj and k_proj, but its config lacks "
+                f"{', '.join(lacking)}, which the memory plan reads (plumbing/plan.py): pass a "
+                f"model configured as {ARCHITECTURES} are")
+
+
+def check_sources(args) -> None:
+    """What a run loads from the hub (the model's weights, --train-data, --longbench hub): with
+    the hub out of reach and no cached copy, one line in seconds, before any data or model loads
+    (flags.from_hub)."""
+    if args.model not in policy.EMBEDDED and not Path(args.model).expanduser().exists():
+        flags.from_hub(flags.die, f"--model {args.model}: not a local path",
+                       flags.model_in_cache(args.model), flags.local_model_hint(args.model))
+    data = args.train_data
+    if data != "builtin" and not Path(data).expanduser().exists():
+        flags.from_hub(flags.die, f"--train-data {data}: not a local path",
+                       flags.dataset_in_cache(data), flags.local_dataset_hint("train_data", data))
+    if args.eval and args.longbench == "hub":
+        hub = longbench.LONGBENCH_HUB_ID
+        flags.from_hub(flags.die, f"--longbench hub: {hub} is not a local path",
+                       flags.dataset_in_cache(hub),
+                       flags.local_dataset_hint("longbench", hub, "DIR/data.json"))
 
 
 def resolve_from_plan(args) -> None:

@@ -51,10 +51,11 @@ def parse_and_check(p, argv, presets: dict, algorithms: dict):
 
 
 def check_before_loading(args) -> list:
-    """Everything that can fail in seconds, before minutes of loading: the torch version, the
-    allocator's setting (before CUDA starts), every training row, disk, memory, LongBench v2
-    and RULER lengths. Returns the training rows."""
+    """Everything that can fail in seconds, before minutes of loading: the torch version, what
+    comes from the hub, the allocator's setting (before CUDA starts), every training row, disk,
+    memory, LongBench v2 and RULER lengths. Returns the training rows."""
     common.check_torch()
+    preflight.check_sources(args)  # a hub out of reach: one line now, not retries, tracebacks
     args.alloc_conf = report.configure_allocator(args.device)
     rows = read_train_rows(args)
     preflight.preflight(args)

@@ -1,5 +1,6 @@
 """Bad flags and bad data rows fail in about a second, before any model loads, with one line on
 stderr that names the flag (or file, line and field), the value and what is allowed; exit code 2.
+So do a hub name the hub cannot give (offline, or no answer) and a model LongAct cannot mask.
 A good command still gets past the checks.
 
 Each case runs the script's main() in this process with the model loader replaced by a function
@@ -8,6 +9,8 @@ Run: .venv/bin/python -m pytest -q tests/test_flags.py
 """
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ import evaluate
 import saliency
 import train
 from experiments import causal
-from plumbing import policy
+from plumbing import flags, policy
 
 
 @pytest.fixture
@@ -238,3 +241,153 @@ def test_dapos_mini_batch_error_says_dapo_set_it(no_model, capsys, tmp_path):
 def test_converted_models_live_in_the_repositorys_cache_without_make(monkeypatch):
     monkeypatch.delenv("LONGACT_CACHE", raising=False)
     assert policy.cache_dir() == Path(train.__file__).resolve().parent / ".cache" / "longact"
+# ------------------------------------------------------------ names that go to the hub
+
+@pytest.fixture
+def empty_caches(monkeypatch, tmp_path):
+    """Hub and datasets caches that hold nothing (the host's may hold anything)."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    return tmp_path
+
+
+def silent_host(*args, **kwargs):
+    time.sleep(1)  # past the probe's 0.1 s
+    raise TimeoutError("timed out")
+
+
+@pytest.fixture(params=["offline", "no answer"])
+def hub_out_of_reach(request, monkeypatch, empty_caches):
+    """The hub turned off (HF_HUB_OFFLINE=1), or on but silent: every connection hangs past the
+    probe's time (no network used: the connection is replaced)."""
+    for var in ("TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    if request.param == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(flags, "HUB_PROBE_SECONDS", 0.1)
+        monkeypatch.setattr(flags.socket, "create_connection", silent_host)
+    flags.answers.cache_clear()
+    yield request.param
+    flags.answers.cache_clear()
+
+
+HUB = [  # (flags, what the message starts with)
+    (["--train-data", "mydata"], "--train-data mydata: not a local path"),
+    (["--model", "Qwen/Qwen3-0.6B"], "--model Qwen/Qwen3-0.6B: not a local path"),
+    (["--longbench", "hub"], "--longbench hub: THUDM/LongBench-v2 is not a local path"),
+]
+
+
+@pytest.mark.parametrize("extra, message", HUB, ids=[" ".join(c[0]) for c in HUB])
+def test_a_hub_name_out_of_reach_says_how_to_pass_a_local_copy(extra, message, hub_out_of_reach,
+                                                               no_model, capsys, tmp_path):
+    err = one_line_error(train.main, ["--out-dir", str(tmp_path / "runs")] + extra, capsys)
+    assert message in err
+    assert "local folder" in err or "local file" in err
+    assert "--local-dir DIR" in err
+    why = "offline: HF_HUB_OFFLINE=1" if hub_out_of_reach == "offline" else \
+        "no answer from huggingface.co:443 within 0.1 s"
+    assert why in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_other_scripts_say_so_too(hub_out_of_reach, no_model, capsys):
+    err = one_line_error(evaluate.main, ["--model", "Qwen/Qwen3-0.6B"], capsys)
+    assert "--model Qwen/Qwen3-0.6B: not a local path" in err
+    err = one_line_error(evaluate.main, ["--bench", "longbench-v2"], capsys)
+    assert "THUDM/LongBench-v2 is not a local path" in err and "--data DIR/data.json" in err
+    err = one_line_error(saliency.main, ["--model", "Qwen/Qwen3-0.6B"], capsys)
+    assert "--model Qwen/Qwen3-0.6B: not a local path" in err
+
+
+def test_the_plan_needs_only_a_config_the_paper_models_have_offline(hub_out_of_reach, capsys):
+    train.main(["--preset", "paper-8b", "--plan", "--train-data", "mydata"])  # no data needed
+    assert "sampling" in capsys.readouterr().out
+    err = one_line_error(train.main, ["--model", "Qwen/Qwen3-0.6B", "--plan"], capsys)
+    assert "--model Qwen/Qwen3-0.6B: not a local path" in err  # its config is on the hub
+
+
+def test_a_cached_hub_model_runs_offline_without_retries(hub_out_of_reach, empty_caches,
+                                                         qa_file, monkeypatch, tmp_path):
+    from transformers import Qwen3Config
+    repo = empty_caches / "hub" / "models--Qwen--Qwen3-0.6B"
+    snapshot = repo / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                max_position_embeddings=1024).save_pretrained(snapshot)
+    for name in ("tokenizer_config.json", "model.safetensors"):
+        (snapshot / name).write_text("{}")
+    import huggingface_hub.constants  # go_offline sets it: restored after the test
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE",
+                        huggingface_hub.constants.HF_HUB_OFFLINE)
+    reached = []
+    monkeypatch.setattr(train.runner, "setup", lambda args: reached.append(args) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.main(["--model", "Qwen/Qwen3-0.6B", "--train-data", qa_file, "--train-len", "128",
+                    "--max-new-tokens", "6", "--no-eval", "--out-dir", str(tmp_path / "runs")])
+    assert reached  # past every check, to the load
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE
+
+
+def test_what_the_caches_hold(empty_caches, monkeypatch):
+    from datasets.naming import camelcase_to_snakecase
+    assert not flags.dataset_in_cache("THUDM/LongBench-v2")
+    name = "THUDM___" + camelcase_to_snakecase("LongBench-v2")  # datasets' own folder name
+    (empty_caches / "datasets" / name / "default" / "0.0.0" / "f00").mkdir(parents=True)
+    assert flags.dataset_in_cache("THUDM/LongBench-v2")
+    assert not flags.model_in_cache("Qwen/Qwen3-0.6B")
+
+
+def test_the_probe_reads_the_endpoint_and_a_proxy(monkeypatch):
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    assert flags.hub_address() == ("huggingface.co", 443)
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.lan:8080")
+    assert flags.hub_address() == ("mirror.lan", 8080)
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.lan:3128")
+    assert flags.hub_address() == ("proxy.lan", 3128)
+
+
+# ------------------------------------------------------------ models LongAct cannot mask
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A 2-layer GPT-2 (fused c_attn, no q_proj / k_proj) with the embedded model's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    tok = AutoTokenizer.from_pretrained(policy.resolve_model_path("smollm2-135m"))
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=1024,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    path = tmp_path_factory.mktemp("gpt2")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("extra", [[], ["--force"], ["--plan"], ["--show-config"]])
+def test_a_model_without_q_proj_and_k_proj_fails_before_the_plan(extra, gpt2_dir, no_model,
+                                                                 monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(train.runner.preflight, "resolve_from_plan",
+                        lambda args: pytest.fail("the plan was reached"))
+    err = one_line_error(train.main, ["--model", gpt2_dir, "--out-dir", str(tmp_path)] + extra,
+                         capsys)
+    assert "model type gpt2 (GPT2LMHeadModel) has no q_proj or k_proj linear module" in err
+    assert "Llama, Qwen2/Qwen3, Mistral, SmolLM2" in err
+
+
+def test_a_q_k_model_without_the_plans_fields_says_which(no_model, capsys, tmp_path):
+    from transformers import OPTConfig  # q_proj / k_proj, but ffn_dim and no grouped KV heads
+    OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+              vocab_size=128, max_position_embeddings=1024).save_pretrained(tmp_path / "opt")
+    err = one_line_error(train.main, ["--model", str(tmp_path / "opt"), "--plan"], capsys)
+    assert "model type opt has q_proj and k_proj, but its config lacks intermediate_size, " \
+           "num_key_value_heads, which the memory plan reads" in err
+    (tmp_path / "empty").mkdir()
+    err = one_line_error(train.main, ["--model", str(tmp_path / "empty"), "--plan"], capsys)
+    assert f"--model {tmp_path / 'empty'}: its config cannot be read" in err

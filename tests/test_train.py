@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from plumbing import checkpoint, common, preflight
+from plumbing import checkpoint, common, flags, preflight
 
 
 def args_for(tiny_dir, qa_file, out, name, steps, *extra):
@@ -304,7 +304,7 @@ def test_free_disk_reads_the_file_system_of_the_folder(tmp_path):
                                                          abs=512 * 2 ** 20)  # others write
 
 
-def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch):
+def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch, tiny_dir):
     # paper-8b: 98.3 GB of checkpoints fit 100 GB free, the 16.4 GB download on top does not
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache: not downloaded
     monkeypatch.setattr(preflight, "free_disk", lambda folder: 100e9)
@@ -317,13 +317,14 @@ def test_the_disk_check_counts_the_model_download(tmp_path, monkeypatch):
     problem, = preflight.disk_problems(args, rows, config)
     assert "checkpoints (the plan's disk peak, --keep-checkpoints 1) 98.3 GB + the download " \
            "of Qwen/Qwen3-8B into the hub cache 16.4 GB need 114.7 GB more" in problem
-    local = train.parse_args(["--model", str(tmp_path), "--device", "cpu"])  # a folder: none
+    local = train.parse_args(["--model", tiny_dir, "--device", "cpu"])  # a folder: none
     assert preflight.plan.download_bytes(local.model, config) == 0
 
 
 def test_a_plan_larger_than_the_free_gpu_memory_stops_with_the_phase(monkeypatch, capsys):
     monkeypatch.setattr(train.torch.cuda, "mem_get_info", lambda d: (40e9, 141e9))
     monkeypatch.setattr(train.runner, "setup", lambda a: pytest.fail("the model must not load"))
+    monkeypatch.setattr(flags, "hub_reachable", lambda: True)  # a GPU node: the weights come
     with pytest.raises(SystemExit):
         train.main(["--preset", "paper-8b", "--device", "cuda", "--longbench", ""])
     err = capsys.readouterr().err
