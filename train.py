@@ -154,8 +154,8 @@ def build_parser():
     return config.build_parser(FLAGS, PRESETS, ALGORITHMS, config.DESCRIPTION, config.STEP_HELP)
 
 
-if __name__ == "__main__":  # --help, an unknown flag, a bad choice: answered before torch loads
-    config.parse(build_parser(), sys.argv[1:], PRESETS, ALGORITHMS, quiet=True)
+if __name__ == "__main__":  # --help and a bad flag are answered before torch loads
+    config.early(build_parser(), sys.argv[1:], PRESETS, ALGORITHMS)
 
 import torch  # noqa: E402 -- the heavy imports come after that first parse
 

@@ -130,6 +130,36 @@ def parse(p: argparse.ArgumentParser, argv, presets: dict, algorithms: dict, qui
     return args
 
 
+def early(p: argparse.ArgumentParser, argv, presets: dict, algorithms: dict) -> None:
+    """train.py's first look, before torch loads: --help, an unknown flag, a bad choice or type,
+    a value out of range or a resume's changed flag each end here in one line, in well under a
+    second. The full parse and every check that needs a model's config come after the imports."""
+    args = parse(p, argv, presets, algorithms, quiet=True)
+    flags.check_ranges(p, args)
+    if not (args.show_config or args.plan):  # a hub name out of reach: one line, now
+        hub_names_early(args)
+
+
+LONGBENCH_HUB_ID = "THUDM/LongBench-v2"  # tasks/longbench.py's (a test holds them equal)
+
+
+def hub_names_early(args) -> None:
+    """preflight.check_sources for what can be told without torch: a --model of the form
+    owner/name (embedded names have no slash), --train-data and --longbench hub, each neither a
+    local path nor in the hub cache while the hub is out of reach."""
+    if "/" in args.model and not Path(args.model).expanduser().exists():
+        flags.from_hub(flags.die, f"--model {args.model}: not a local path",
+                       flags.model_in_cache(args.model), flags.local_model_hint(args.model))
+    data = args.train_data
+    if data != "builtin" and not Path(data).expanduser().exists():
+        flags.from_hub(flags.die, f"--train-data {data}: not a local path",
+                       flags.dataset_in_cache(data), flags.local_dataset_hint("train_data", data))
+    if args.eval and args.longbench == "hub":
+        flags.from_hub(flags.die, f"--longbench hub: {LONGBENCH_HUB_ID} is not a local path",
+                       flags.dataset_in_cache(LONGBENCH_HUB_ID),
+                       flags.local_dataset_hint("longbench", LONGBENCH_HUB_ID, "DIR/data.json"))
+
+
 def check_resume_changes(args, saved: dict, named: dict, quiet: bool = False) -> None:
     """A flag given with --resume that differs from the saved run: refused in one line, or with
     --allow-change printed (config.json's "resumes" records it)."""

@@ -252,3 +252,35 @@ def local_model_hint(value: str) -> str:
 def local_dataset_hint(dest: str, value: str, file: str = "a .jsonl file in DIR") -> str:
     return (f"pass a local file: download it where the hub answers with `hf download "
             f"--repo-type dataset {value} --local-dir DIR` and pass {name(dest)} {file}")
+
+
+def check_ranges(p, args) -> None:
+    """Every numeric flag within what can work and the combinations that cannot: plain values
+    only, so train.py checks them before torch loads (and again in preflight.check_args)."""
+    between(p, args, "ratio", 0, 1, low_open=True)
+    at_least(p, args, 1, "steps", "prompts_per_step", "max_new_tokens", "train_len",
+                   "calib_samples", "eval_samples", "eval_lengths", "micro_groups", "mu",
+                   "max_gen_batches", "keep_checkpoints", "longbench_max_len")
+    at_least(p, args, 0, "warmup_steps", "weight_decay", "beta", "kl_clamp", "eps_high",
+                   "overlong_factor", "eval_every", "save_every", "threads", "mini_batch_groups")
+    at_least(p, args, -1, "gen_groups", "eval_batch")
+    at_least(p, args, 2, "calib_len")
+    if args.group_size < 2:  # one completion is its own group mean: every advantage is 0
+        p.error(f"--group-size {args.group_size}: must be >= 2 (group-relative advantages "
+                "compare completions of one prompt)")
+    for dest in ("lr", "grad_clip", "temperature"):
+        if getattr(args, dest) <= 0:
+            p.error(f"{name(dest)} {getattr(args, dest)}: must be > 0")
+    between(p, args, "clip_eps", 0, 1, low_open=True, high_open=True)
+    between(p, args, "top_p", 0, 1, low_open=True)
+    between(p, args, "overlong_buffer", 0, 1, high_open=True)
+    at_least(p, args, 0, "val_samples", "kl_stop", "expected_new_tokens")
+    if args.eval_batch == 0:
+        p.error("--eval-batch 0: must be >= 1, or -1 for the most the plan fits")
+    if args.mini_batch_groups > args.prompts_per_step:
+        set_by = " (set by --algo dapo: 2 optimizer steps per batch; pass --mini-batch-groups " \
+            "0 for one)" if args.algo == "dapo" and args.mini_batch_groups == 2 else ""
+        p.error(f"--mini-batch-groups {args.mini_batch_groups}{set_by}: more than the step's "
+                f"--prompts-per-step {args.prompts_per_step} groups")
+    if args.fsdp and (args.optimizer == "bf16-sr" or args.adv_scale == "batch"):
+        p.error("--fsdp: tested with --optimizer adamw and per-group advantages only")

@@ -30,24 +30,7 @@ from tasks.train_data import parse_field_map
 
 def check_args(p, args) -> None:
     """Every flag against what can work, before any weights, data or run folder (flags.py)."""
-    flags.between(p, args, "ratio", 0, 1, low_open=True)
-    flags.at_least(p, args, 1, "steps", "prompts_per_step", "max_new_tokens", "train_len",
-                   "calib_samples", "eval_samples", "eval_lengths", "micro_groups", "mu",
-                   "max_gen_batches", "keep_checkpoints", "longbench_max_len")
-    flags.at_least(p, args, 0, "warmup_steps", "weight_decay", "beta", "kl_clamp", "eps_high",
-                   "overlong_factor", "eval_every", "save_every", "threads", "mini_batch_groups")
-    flags.at_least(p, args, -1, "gen_groups", "eval_batch")
-    flags.at_least(p, args, 2, "calib_len")
-    if args.group_size < 2:  # one completion is its own group mean: every advantage is 0
-        p.error(f"--group-size {args.group_size}: must be >= 2 (group-relative advantages "
-                "compare completions of one prompt)")
-    for dest in ("lr", "grad_clip", "temperature"):
-        if getattr(args, dest) <= 0:
-            p.error(f"{flags.name(dest)} {getattr(args, dest)}: must be > 0")
-    flags.between(p, args, "clip_eps", 0, 1, low_open=True, high_open=True)
-    flags.between(p, args, "top_p", 0, 1, low_open=True)
-    flags.between(p, args, "overlong_buffer", 0, 1, high_open=True)
-    flags.at_least(p, args, 0, "val_samples", "kl_stop", "expected_new_tokens")
+    flags.check_ranges(p, args)  # the plain ranges, also checked before torch loads
     if args.report_to != "none":  # an optional package: missing is one line, before the model
         try:
             report.import_tracker(args.report_to)
@@ -56,15 +39,6 @@ def check_args(p, args) -> None:
     if args.val_samples and not 0 < args.val_seed < TRAIN_SEED_START:
         p.error(f"--val-seed {args.val_seed}: must be > 0 (seed 0 holds the reported cells) and "
                 f"< {TRAIN_SEED_START} (training seeds start there)")
-    if args.eval_batch == 0:
-        p.error("--eval-batch 0: must be >= 1, or -1 for the most the plan fits")
-    if args.mini_batch_groups > args.prompts_per_step:
-        set_by = " (set by --algo dapo: 2 optimizer steps per batch; pass --mini-batch-groups " \
-            "0 for one)" if args.algo == "dapo" and args.mini_batch_groups == 2 else ""
-        p.error(f"--mini-batch-groups {args.mini_batch_groups}{set_by}: more than the step's "
-                f"--prompts-per-step {args.prompts_per_step} groups")
-    if args.fsdp and (args.optimizer == "bf16-sr" or args.adv_scale == "batch"):
-        p.error("--fsdp: tested with --optimizer adamw and per-group advantages only")
     if args.engine == "fast" and rollout.fast_engine is None:
         p.error("--engine fast: plumbing/engine.py is missing; pass --engine hf")
     check_paths(p, args)

@@ -391,3 +391,9 @@ def test_a_q_k_model_without_the_plans_fields_says_which(no_model, capsys, tmp_p
     (tmp_path / "empty").mkdir()
     err = one_line_error(train.main, ["--model", str(tmp_path / "empty"), "--plan"], capsys)
     assert f"--model {tmp_path / 'empty'}: its config cannot be read" in err
+
+
+def test_the_early_checks_name_the_same_hub_dataset():
+    from plumbing import config
+    from tasks import longbench
+    assert config.LONGBENCH_HUB_ID == longbench.LONGBENCH_HUB_ID
