@@ -28,19 +28,94 @@ Run:
 import argparse
 import hashlib
 import re
+import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+from plumbing import flags
+from tasks import TRAIN_SEED_START, is_training_seed
 
-from plumbing import common, flags
-from plumbing.common import mix_seed, write_json_atomic
-from plumbing.policy import load_policy
-from rollout import sample_groups
-from tasks import TRAIN_SEED_START, is_training_seed, longbench, ruler
-from tasks.sample import (Sample, build_prompt_ids, longbench_sample, prompt_ids,  # noqa: F401
-                          ruler_sample, ruler_samples, template_tokens)
+# -----------------------------------------------------------------------------
+# the command line: plain values only, so that `python evaluate.py --help` and a bad flag are
+# answered before torch loads (tests/test_flags.py holds them equal to the modules')
+
+RULER_TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
+               "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt",
+               "cwe", "fwe", "qa_1", "qa_2"]  # tasks/ruler.py's
+LONGBENCH_HUB_ID, LONGBENCH_MAX_LEN, LONGBENCH_THINKING_TOKENS = "THUDM/LongBench-v2", 120_000, 8192
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = flags.Parser(description="RULER / LongBench v2 evaluation (docstring: choices).",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded name, hub id or local folder (rollout.py)")
+    p.add_argument("--bench", choices=("ruler", "longbench-v2"), default="ruler",
+                   help="which benchmark")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"evaluation seed, < {TRAIN_SEED_START} (training uses the seeds above)")
+    p.add_argument("--out", default=None,
+                   help="results JSON (default runs/eval/<bench>_<model>_s<seed>.json)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16 or fp32 weights; auto = bf16 where the device has it natively")
+    p.add_argument("--device", default="auto", help="where to run (auto: cuda if there is one)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("RULER")
+    g.add_argument("--lengths", type=int, nargs="+", default=[4096],
+                   help="target lengths in the model's tokens (prompt + generation budget)")
+    g.add_argument("--samples", type=int, default=20,
+                   help="samples per task and length (official: 500)")
+    g.add_argument("--tasks", nargs="+", default=list(RULER_TASKS),
+                   help="any of the 13 tasks: " + ", ".join(RULER_TASKS))
+    g.add_argument("--batch", type=int, default=8, help="prompts per greedy generate call")
+    g = p.add_argument_group("LongBench v2")
+    g.add_argument("--data", default=None,
+                   help=f"local .json/.jsonl in the {LONGBENCH_HUB_ID} schema "
+                        f"(else the hub)")
+    g.add_argument("--max-len", type=int, default=LONGBENCH_MAX_LEN,
+                   help="middle-truncate prompts to this many tokens")
+    g.add_argument("--cot", action="store_true",
+                   help="chain-of-thought prompt, then the answer call")
+    g.add_argument("--thinking", action="store_true",
+                   help=f"Qwen3 thinking mode: enable_thinking=True in the chat template, a "
+                        f"{LONGBENCH_THINKING_TOKENS}-token budget, the answer read "
+                        f"after </think>")
+    g.add_argument("--limit", type=int, default=None, help="only the first N items")
+    g.add_argument("--yarn", type=float, default=0.0,
+                   help="YaRN rope scaling factor (Qwen3's cards: 4 for 131k tokens; 0 = off)")
+    g.add_argument("--yarn-original", type=int, default=32768,
+                   help="YaRN's original_max_position_embeddings (Qwen3's cards: 32768)")
+    return p
+
+
+def check_plain(p, args) -> None:
+    """What needs no model: ranges and combinations."""
+    flags.at_least(p, args, 1, "lengths", "samples", "batch", "max_len", "limit", "threads")
+    flags.at_least(p, args, 0, "seed")
+    if is_training_seed(args.seed):
+        p.error(f"--seed {args.seed} is a training seed; evaluation seeds are below "
+                f"{TRAIN_SEED_START}")
+    if args.thinking and args.bench == "ruler":
+        p.error("--thinking is for longbench-v2: RULER's answer prefix follows the assistant "
+                "header (SOURCES.md §9.19)")
+    if args.thinking and args.cot:
+        p.error("--thinking and --cot are exclusive: the reasoning block is the chain of thought")
+
+
+if __name__ == "__main__":
+    check_plain(parser := build_parser(), parser.parse_args(sys.argv[1:]))
+
+import torch  # noqa: E402 -- the heavy imports come after that first parse
+from tqdm import tqdm  # noqa: E402
+
+from plumbing import common  # noqa: E402
+from plumbing.common import mix_seed, write_json_atomic  # noqa: E402
+from plumbing.policy import load_policy  # noqa: E402
+from rollout import sample_groups  # noqa: E402
+from tasks import longbench, ruler  # noqa: E402
+from tasks.sample import (Sample, build_prompt_ids, longbench_sample,  # noqa: F401,E402
+                          prompt_ids, ruler_sample, ruler_samples, template_tokens)
 
 # what the model is asked -- Sample, build_prompt_ids, prompt_ids, ruler_sample(s),
 # longbench_sample -- is tasks/sample.py's (imported above: evaluate.Sample names the same class)
@@ -283,56 +358,13 @@ def format_longbench_table(table: dict) -> str:
 # command line
 
 def parse_args(argv=None):
-    p = flags.Parser(description="RULER / LongBench v2 evaluation (docstring: choices).",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m",
-                   help="embedded name, hub id or local folder (rollout.py)")
-    p.add_argument("--bench", choices=("ruler", "longbench-v2"), default="ruler",
-                   help="which benchmark")
-    p.add_argument("--seed", type=int, default=0,
-                   help=f"evaluation seed, < {TRAIN_SEED_START} (training uses the seeds above)")
-    p.add_argument("--out", default=None,
-                   help="results JSON (default runs/eval/<bench>_<model>_s<seed>.json)")
-    p.add_argument("--precision", choices=common.PRECISIONS, default="auto",
-                   help="bf16 or fp32 weights; auto = bf16 where the device has it natively")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where to run")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
-    g = p.add_argument_group("RULER")
-    g.add_argument("--lengths", type=int, nargs="+", default=[4096],
-                   help="target lengths in the model's tokens (prompt + generation budget)")
-    g.add_argument("--samples", type=int, default=20,
-                   help="samples per task and length (official: 500)")
-    g.add_argument("--tasks", nargs="+", default=list(ruler.RULER_TASKS),
-                   help="any of the 13 tasks: " + ", ".join(ruler.RULER_TASKS))
-    g.add_argument("--batch", type=int, default=8, help="prompts per greedy generate call")
-    g = p.add_argument_group("LongBench v2")
-    g.add_argument("--data", default=None,
-                   help=f"local .json/.jsonl in the {longbench.LONGBENCH_HUB_ID} schema "
-                        f"(else the hub)")
-    g.add_argument("--max-len", type=int, default=longbench.LONGBENCH_MAX_LEN,
-                   help="middle-truncate prompts to this many tokens")
-    g.add_argument("--cot", action="store_true",
-                   help="chain-of-thought prompt, then the answer call")
-    g.add_argument("--thinking", action="store_true",
-                   help=f"Qwen3 thinking mode: enable_thinking=True in the chat template, a "
-                        f"{longbench.LONGBENCH_THINKING_TOKENS}-token budget, the answer read "
-                        f"after </think>")
-    g.add_argument("--limit", type=int, default=None, help="only the first N items")
-    g.add_argument("--yarn", type=float, default=0.0,
-                   help="YaRN rope scaling factor (Qwen3's cards: 4 for 131k tokens; 0 = off)")
-    g.add_argument("--yarn-original", type=int, default=32768,
-                   help="YaRN's original_max_position_embeddings (Qwen3's cards: 32768)")
+    """Every flag checked: the plain ones (check_plain), then files, task names and the model's
+    window (check_args)."""
+    p = build_parser()
     args = p.parse_args(argv)
-    if is_training_seed(args.seed):
-        p.error(f"--seed {args.seed} is a training seed; evaluation seeds are below "
-                f"{TRAIN_SEED_START}")
-    if args.thinking and args.bench == "ruler":
-        p.error("--thinking is for longbench-v2: RULER's answer prefix follows the assistant "
-                "header (SOURCES.md §9.19)")
-    if args.thinking and args.cot:
-        p.error("--thinking and --cot are exclusive: the reasoning block is the chain of thought")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_plain(p, args)
     check_args(p, args)
     return args
 
@@ -340,8 +372,6 @@ def parse_args(argv=None):
 def check_args(p, args) -> None:
     """Ranges, files, task names and the model's window, before the model loads
     (plumbing/flags.py)."""
-    flags.at_least(p, args, 1, "lengths", "samples", "batch", "max_len", "limit", "threads")
-    flags.at_least(p, args, 0, "seed")
     flags.model_source(p, "model", args.model)  # a hub id: reachable or cached, else one line
     flags.existing(p, "data", args.data, "file")
     if args.bench == "ruler":

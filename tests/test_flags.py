@@ -212,10 +212,13 @@ def test_help_and_a_bad_choice_are_answered_before_torch_loads(tmp_path):
             "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n"
             "    print('exit', e.code, 'torch' in sys.modules)\n")
     root = str(Path(train.__file__).parent)
-    for argv, code_ in ((["--help"], 0), (["--algo", "ppo"], 2)):
-        out = subprocess.run([sys.executable, "-c", code, *argv], cwd=root, capture_output=True,
-                             text=True).stdout
-        assert out.strip().splitlines()[-1] == f"exit {code_} False", out
+    for script, argv, code_ in (("train.py", ["--help"], 0), ("train.py", ["--algo", "ppo"], 2),
+                                ("train.py", ["--steps", "-3"], 2),
+                                ("evaluate.py", ["--help"], 0),
+                                ("evaluate.py", ["--samples", "0"], 2)):
+        out = subprocess.run([sys.executable, "-c", code.replace("train.py", script), *argv],
+                             cwd=root, capture_output=True, text=True).stdout
+        assert out.strip().splitlines()[-1] == f"exit {code_} False", (script, argv, out)
 
 
 def test_help_explains_the_step_line_and_names_the_tasks(capsys):
@@ -393,7 +396,12 @@ def test_a_q_k_model_without_the_plans_fields_says_which(no_model, capsys, tmp_p
     assert f"--model {tmp_path / 'empty'}: its config cannot be read" in err
 
 
-def test_the_early_checks_name_the_same_hub_dataset():
-    from plumbing import config
-    from tasks import longbench
-    assert config.LONGBENCH_HUB_ID == longbench.LONGBENCH_HUB_ID
+def test_the_early_checks_name_the_same_hub_dataset_and_tasks():
+    from plumbing import common, config
+    from tasks import longbench, ruler
+    assert config.LONGBENCH_HUB_ID == longbench.LONGBENCH_HUB_ID == evaluate.LONGBENCH_HUB_ID
+    assert evaluate.RULER_TASKS == list(ruler.RULER_TASKS)
+    assert evaluate.LONGBENCH_MAX_LEN == longbench.LONGBENCH_MAX_LEN
+    assert evaluate.LONGBENCH_THINKING_TOKENS == longbench.LONGBENCH_THINKING_TOKENS
+    precision = next(a for a in evaluate.build_parser()._actions if a.dest == "precision")
+    assert list(precision.choices) == list(common.PRECISIONS)
