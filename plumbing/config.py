@@ -147,17 +147,7 @@ def hub_names_early(args) -> None:
     """preflight.check_sources for what can be told without torch: a --model of the form
     owner/name (embedded names have no slash), --train-data and --longbench hub, each neither a
     local path nor in the hub cache while the hub is out of reach."""
-    if "/" in args.model and not Path(args.model).expanduser().exists():
-        flags.from_hub(flags.die, f"--model {args.model}: not a local path",
-                       flags.model_in_cache(args.model), flags.local_model_hint(args.model))
-    data = args.train_data
-    if data != "builtin" and not Path(data).expanduser().exists():
-        flags.from_hub(flags.die, f"--train-data {data}: not a local path",
-                       flags.dataset_in_cache(data), flags.local_dataset_hint("train_data", data))
-    if args.eval and args.longbench == "hub":
-        flags.from_hub(flags.die, f"--longbench hub: {LONGBENCH_HUB_ID} is not a local path",
-                       flags.dataset_in_cache(LONGBENCH_HUB_ID),
-                       flags.local_dataset_hint("longbench", LONGBENCH_HUB_ID, "DIR/data.json"))
+    flags.check_sources(args, lambda m: "/" in m, LONGBENCH_HUB_ID)
 
 
 def check_resume_changes(args, saved: dict, named: dict, quiet: bool = False) -> None:

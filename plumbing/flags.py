@@ -254,6 +254,23 @@ def local_dataset_hint(dest: str, value: str, file: str = "a .jsonl file in DIR"
             f"--repo-type dataset {value} --local-dir DIR` and pass {name(dest)} {file}")
 
 
+def check_sources(args, may_be_hub_id, longbench_id: str) -> None:
+    """What a run loads from the hub (a --model that may_be_hub_id(name) says could be one,
+    --train-data, --longbench hub): with the hub out of reach and no cached copy, one line in
+    seconds (from_hub)."""
+    if may_be_hub_id(args.model) and not Path(args.model).expanduser().exists():
+        from_hub(die, f"--model {args.model}: not a local path",
+                 model_in_cache(args.model), local_model_hint(args.model))
+    data = args.train_data
+    if data != "builtin" and not Path(data).expanduser().exists():
+        from_hub(die, f"--train-data {data}: not a local path", dataset_in_cache(data),
+                 local_dataset_hint("train_data", data))
+    if args.eval and args.longbench == "hub":
+        from_hub(die, f"--longbench hub: {longbench_id} is not a local path",
+                 dataset_in_cache(longbench_id),
+                 local_dataset_hint("longbench", longbench_id, "DIR/data.json"))
+
+
 def check_ranges(p, args) -> None:
     """Every numeric flag within what can work and the combinations that cannot: plain values
     only, so train.py checks them before torch loads (and again in preflight.check_args)."""

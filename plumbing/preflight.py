@@ -120,18 +120,7 @@ def check_sources(args) -> None:
     """What a run loads from the hub (the model's weights, --train-data, --longbench hub): with
     the hub out of reach and no cached copy, one line in seconds, before any data or model loads
     (flags.from_hub)."""
-    if args.model not in policy.EMBEDDED and not Path(args.model).expanduser().exists():
-        flags.from_hub(flags.die, f"--model {args.model}: not a local path",
-                       flags.model_in_cache(args.model), flags.local_model_hint(args.model))
-    data = args.train_data
-    if data != "builtin" and not Path(data).expanduser().exists():
-        flags.from_hub(flags.die, f"--train-data {data}: not a local path",
-                       flags.dataset_in_cache(data), flags.local_dataset_hint("train_data", data))
-    if args.eval and args.longbench == "hub":
-        hub = longbench.LONGBENCH_HUB_ID
-        flags.from_hub(flags.die, f"--longbench hub: {hub} is not a local path",
-                       flags.dataset_in_cache(hub),
-                       flags.local_dataset_hint("longbench", hub, "DIR/data.json"))
+    flags.check_sources(args, lambda m: m not in policy.EMBEDDED, longbench.LONGBENCH_HUB_ID)
 
 
 def resolve_from_plan(args) -> None:
