@@ -19,6 +19,7 @@ Each training step (train.py):
     mask_grads(model, masks)                    # the masked gradient of the paper
     clip_grad_norm_(model.parameters(), 1.0)    # the norm sees zeros outside the mask
     drift = masked_step(optimizer, model, masks, "frozen")   # max |delta| outside the mask
+A trainer that calls optimizer.step() itself: hold_rows before it, put_back_rows after it.
 
 Shapes: H heads, D head dim, C = H*D output channels (rows) of one q/k matrix, I input features.
 Run:  python masking.py qk_stats.safetensors --ratio 0.3 --strategy topk [--out masks.safetensors]
@@ -234,9 +235,19 @@ def masked_step(optimizer, model: torch.nn.Module, masks: dict[str, Tensor],
     same-shape optimizer state tensor. "grad": the plain step (after mask_grads). Both require the
     gradients to be masked already (mask_grads), so that clipping saw the masked gradient.
     """
+    held = hold_rows(optimizer, model, masks, semantics)
+    optimizer.step()
+    return put_back_rows(optimizer, held, semantics)
+
+
+@torch.no_grad()
+def hold_rows(optimizer, model: torch.nn.Module, masks: dict[str, Tensor],
+              semantics: str = "frozen") -> list:
+    """masked_step's first half, before optimizer.step() (also for a trainer that calls the step
+    itself): [(parameter, (C,) rows outside, their values, {state key: their values})]."""
     if semantics not in SEMANTICS:
         raise ValueError(f"unknown semantics {semantics!r}; choose one of {SEMANTICS}")
-    saved = []  # (parameter, rows outside, its rows before, {state key: its rows before})
+    held = []
     for name, p, rows in masked_params(model, masks):
         out = ~rows  # (C,)
         if p.grad is not None and bool(p.grad[out].any()):
@@ -244,10 +255,16 @@ def masked_step(optimizer, model: torch.nn.Module, masks: dict[str, Tensor],
                              "call mask_grads(model, masks) before clipping and masked_step")
         keys = _state_keys(optimizer, p) if semantics == "frozen" else []
         state = {k: optimizer.state[p][k][out] for k in keys}  # boolean indexing copies the rows
-        saved.append((p, out, p[out], state))
-    optimizer.step()
+        held.append((p, out, p[out], state))
+    return held
+
+
+@torch.no_grad()
+def put_back_rows(optimizer, held: list, semantics: str = "frozen") -> float:
+    """masked_step's second half, after optimizer.step(): under "frozen" the held rows written
+    back; returns the max |delta| over rows outside the mask."""
     drift = 0.0
-    for p, out, before, state in saved:
+    for p, out, before, state in held:
         if semantics == "frozen":
             p[out] = before  # index_put: whole rows back, bit for bit
             for k, rows in state.items():  # looked up again: the optimizer may have replaced them

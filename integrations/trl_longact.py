@@ -33,48 +33,13 @@ from transformers import TrainerCallback
 
 import masking
 import saliency
+from masking import hold_rows, put_back_rows  # noqa: F401 -- named here for users and tests
 from plumbing.common import head_dim_of, mix_seed
 from plumbing.fsdp import reduce_qk_state
 
 
-# -----------------------------------------------------------------------------
-# masking.masked_step cut in two, for a loop whose optimizer.step() someone else calls
-
-
-@torch.no_grad()
-def hold_rows(optimizer, model: torch.nn.Module, masks: dict, semantics: str = "frozen") -> list:
-    """Before optimizer.step(): [(parameter, (C,) rows outside, their values, {state key: their
-    values})] for every masked q/k weight and bias. The gradients must be masked already
-    (masking.mask_grads), as masked_step requires. "grad" holds the values only to measure drift.
-    On the first step AdamW has no state yet: it creates zeros, which masked gradients keep zero.
-    """
-    if semantics not in masking.SEMANTICS:
-        raise ValueError(f"unknown semantics {semantics!r}; choose one of {masking.SEMANTICS}")
-    held = []
-    for name, p, rows in masking.masked_params(model, masks):
-        out = ~rows  # (C,)
-        if p.grad is not None and bool(p.grad[out].any()):
-            raise ValueError(f"{name}: gradient rows outside the mask are not zero; "
-                             "call masking.mask_grads(model, masks) first")
-        # the same-shape state tensors (exp_avg, exp_avg_sq): masking.py's rule, one place
-        keys = masking._state_keys(optimizer, p) if semantics == "frozen" else []
-        state = {k: optimizer.state[p][k][out] for k in keys}  # boolean indexing copies
-        held.append((p, out, p[out], state))
-    return held
-
-
-@torch.no_grad()
-def put_back_rows(optimizer, held: list, semantics: str = "frozen") -> float:
-    """After optimizer.step(): the held rows written back ("frozen"); returns the max |delta|
-    over rows outside the mask (0.0 under "frozen", the weight decay's shrink under "grad")."""
-    drift = 0.0
-    for p, out, before, state in held:
-        if semantics == "frozen":
-            p[out] = before  # index_put: whole rows back, bit for bit
-            for k, rows in state.items():  # looked up again: the optimizer may have replaced them
-                optimizer.state[p][k][out] = rows
-        drift = max(drift, (p[out].float() - before.float()).abs().max().item())
-    return drift
+# masking.masked_step's two halves (masking.hold_rows, masking.put_back_rows) serve here: the
+# Trainer calls optimizer.step() itself, between the two events below.
 
 
 # -----------------------------------------------------------------------------
