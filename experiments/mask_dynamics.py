@@ -29,8 +29,9 @@ def table(runs: dict) -> str:
              "| --- | ---: | " + " | ".join("---:" for _ in KEYS) + " |"]
     for name, rows in runs.items():
         later = rows[1:] or rows  # step 0 compares with itself
-        means = [sum(r[k] for r in later) / len(later) for k in KEYS]
-        lines.append(f"| {name} | {len(rows)} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+        means = [sum(r[k] for r in later) / len(later) if k in later[0] else None for k in KEYS]
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(
+            "-" if m is None else f"{m:.3f}" for m in means) + " |")  # static: --static-overlap
     return "\n".join(lines)
 
 
@@ -42,6 +43,8 @@ def plot(runs: dict, out: Path, ratio: float) -> None:
     for name, rows in runs.items():
         steps = [r["step"] for r in rows]
         for key, style in zip(KEYS, ("-", "--", ":")):
+            if key not in rows[0]:  # the static overlap is logged with --static-overlap only
+                continue
             ax.plot(steps, [r[key] for r in rows], style, label=f"{name}: {key[13:]}")
     ax.axhline(random_overlap(ratio), color="grey", lw=0.8, label="two random masks")
     ax.set(xlabel="step", ylabel="Jaccard overlap (mean over q/k matrices)", ylim=(0, 1.02),
