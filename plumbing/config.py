@@ -81,20 +81,22 @@ def build_parser(table: dict, presets: dict, algorithms: dict, description: str,
 
 def given(p: argparse.ArgumentParser, argv) -> dict:
     """{dest: value} of the flags named on the command line, nothing filled in."""
-    defaults = {a: a.default for a in p._actions}
-    try:
+    defaults, layers = {a: a.default for a in p._actions}, p._defaults
+    try:  # no action default and no layer (set_defaults) may fill a flag that was not given
+        p._defaults = {}
         for a in defaults:
             a.default = argparse.SUPPRESS
         named, _ = p.parse_known_args(argv)
     finally:
+        p._defaults = layers
         for a, d in defaults.items():
             a.default = d
     return vars(named)
 
 
-def from_file(path, p: argparse.ArgumentParser, flag: str = "--config") -> dict:
+def from_file(path, p: argparse.ArgumentParser, flag: str = "--config", keep=()) -> dict:
     """The settings of a saved config.json that are flags of `p` (derived values, such as the
-    precision chosen, are recomputed)."""
+    precision chosen, are recomputed); `keep`: names of NOT_FROM_FILE taken all the same."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -102,7 +104,8 @@ def from_file(path, p: argparse.ArgumentParser, flag: str = "--config") -> dict:
     if not isinstance(saved, dict):
         flags.die(f"{flag} {path}: expected a JSON object of settings (a run's config.json)")
     dests = {a.dest for a in p._actions}
-    return {k: v for k, v in saved.items() if k in dests and k not in NOT_FROM_FILE}
+    return {k: v for k, v in saved.items()
+            if k in dests and (k not in NOT_FROM_FILE or k in keep)}
 
 
 def parse(p: argparse.ArgumentParser, argv, presets: dict, algorithms: dict, quiet=False):
@@ -115,8 +118,7 @@ def parse(p: argparse.ArgumentParser, argv, presets: dict, algorithms: dict, qui
     if first.resume and not (Path(first.resume) / "config.json").exists():
         flags.die(f"--resume {first.resume}: not a run folder (no config.json in it)")
     if first.resume:  # the run's own settings, its name included
-        saved = from_file(Path(first.resume) / "config.json", p, "--resume") | {
-            "run_name": json.loads((Path(first.resume) / "config.json").read_text())["run_name"]}
+        saved = from_file(Path(first.resume) / "config.json", p, "--resume", keep=("run_name",))
     p.set_defaults(**saved)  # so that the file's --preset and --algo count when none is given
     first, _ = p.parse_known_args(argv)
     preset = dict(presets[first.preset])
